@@ -1,0 +1,187 @@
+"""The pass manager: runs rewrite patterns over an FX graph in a fixed order, reports, cleans up, verifies.
+
+The engine knows nothing of any single pattern. A pattern is an object with a ``name`` and an
+``apply(gm, report) -> int`` method that rewrites ``gm.graph`` in place, records each rewrite with
+:meth:`Report.add_match` (and each place it declined to rewrite, with the reason, with :meth:`Report.add_skip`),
+and returns its match count. The catalogue lives in ``kvpass.patterns``.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from typing import Iterable, Protocol, Sequence
+
+import torch
+import torch.fx
+
+from .errors import PatternError, RewriteMismatch, user_source_line
+
+__all__ = ["Pattern", "Match", "Skip", "Report", "rewrite", "resolve_patterns", "cleanup", "is_side_effect"]
+
+
+class Pattern(Protocol):
+    """What the engine needs of a pattern (see ``kvpass.patterns``)."""
+
+    name: str
+
+    def apply(self, gm: torch.fx.GraphModule, report: "Report") -> int: ...
+
+
+@dataclasses.dataclass
+class Match:
+    """One rewrite: the pattern, the nodes it replaced (by name, before the rewrite) and the user's line."""
+
+    pattern: str
+    nodes: list[str]
+    source: str
+    detail: str = ""
+
+
+@dataclasses.dataclass
+class Skip:
+    """A candidate the pattern left unchanged, and why (it could not prove the rewrite safe)."""
+
+    pattern: str
+    node: str
+    source: str
+    reason: str
+
+
+@dataclasses.dataclass
+class Report:
+    """What :func:`rewrite` did: ``matches`` (one per rewrite), ``skips`` (candidates left alone, with reasons),
+    ``counts`` (matches per pattern, every pattern that ran has an entry)."""
+
+    matches: list[Match] = dataclasses.field(default_factory=list)
+    skips: list[Skip] = dataclasses.field(default_factory=list)
+    counts: dict[str, int] = dataclasses.field(default_factory=dict)
+
+    def add_match(self, pattern: str, nodes: Iterable[torch.fx.Node], anchor: torch.fx.Node | None = None,
+                  detail: str = "") -> None:
+        nodes = list(nodes)
+        anchor = anchor if anchor is not None else (nodes[0] if nodes else None)
+        self.matches.append(Match(pattern, [n.name for n in nodes], user_source_line(anchor), detail))
+
+    def add_skip(self, pattern: str, node: torch.fx.Node, reason: str) -> None:
+        self.skips.append(Skip(pattern, node.name, user_source_line(node), reason))
+
+    def extend(self, other: "Report") -> None:
+        self.matches += other.matches
+        self.skips += other.skips
+        for k, v in other.counts.items():
+            self.counts[k] = self.counts.get(k, 0) + v
+
+    def __bool__(self) -> bool:
+        return bool(self.matches)
+
+    def format(self) -> str:
+        """A readable table of matches and skips."""
+        if not self.matches and not self.skips:
+            return "kvpass: no host round trips found"
+        rows = [f"{m.pattern:<18} {m.source}" + (f"  [{m.detail}]" if m.detail else "") for m in self.matches]
+        rows += [f"{'skipped ' + s.pattern:<18} {s.source}: {s.reason}" for s in self.skips]
+        return "\n".join(rows)
+
+
+def _catalogue() -> list:
+    from . import patterns  # kvpass.patterns, shipped from the top-level patterns/ directory
+
+    return list(patterns.PATTERNS)
+
+
+def resolve_patterns(patterns: Sequence | None) -> list:
+    """Turn ``None`` (the whole catalogue, in its fixed order), names, or pattern objects into pattern objects."""
+    catalogue = _catalogue()
+    if patterns is None:
+        return catalogue
+    if isinstance(patterns, str):
+        patterns = [patterns]
+    by_name = {p.name: p for p in catalogue}
+    out = []
+    for p in patterns:
+        if isinstance(p, str):
+            if p not in by_name:
+                raise PatternError(f"patterns: unknown pattern {p!r}; valid names: {', '.join(sorted(by_name)) or '(none)'}")
+            out.append(by_name[p])
+        elif callable(getattr(p, "apply", None)) and isinstance(getattr(p, "name", None), str):
+            out.append(p)
+        else:
+            raise PatternError(f"patterns: {p!r} is neither a pattern name nor an object with .name and .apply(gm, report)")
+    return out
+
+
+def is_side_effect(node: torch.fx.Node) -> bool:
+    """Conservative impurity for dead-code elimination: torch's own notion, plus what Dynamo graphs hide from it
+    (numpy ``__setitem__`` wrappers, in-place methods like ``copy_``, ``operator.setitem``)."""
+    if node.is_impure():
+        return True
+    t = node.target
+    if node.op == "call_method":
+        return isinstance(t, str) and t.endswith("_") and not t.startswith("__")
+    if node.op == "call_function":
+        inner = getattr(t, "op", t)  # unwrap Dynamo's numpy wrappers
+        name = getattr(inner, "__name__", "") or getattr(t, "__name__", "")
+        if name in ("setitem", "__setitem__", "wrapped___setitem__", "delitem", "__delitem__"):
+            return True
+        if isinstance(t, torch._ops.OpOverload) and t._schema.is_mutable:
+            return True
+        return name.endswith("_") and not name.startswith("_") and name not in ("and_", "or_", "not_")
+    return False
+
+
+def cleanup(gm: torch.fx.GraphModule) -> None:
+    """Dead-code elimination that keeps side effects (the cache writes a later step reads), lint, recompile.
+
+    Patterns insert new nodes before their first user, so the graph stays topologically sorted.
+    """
+    gm.graph.eliminate_dead_code(is_impure_node=is_side_effect)
+    gm.graph.lint()
+    gm.recompile()
+
+
+def _run(gm, inputs):
+    with torch.no_grad():
+        return gm(*copy.deepcopy(list(inputs)))
+
+
+def _compare(before, after, where="output") -> str | None:
+    if isinstance(before, torch.Tensor):
+        if not isinstance(after, torch.Tensor) or before.shape != after.shape or before.dtype != after.dtype:
+            return f"{where}: {type(before).__name__}{tuple(getattr(before, 'shape', ()))} vs {type(after).__name__}{tuple(getattr(after, 'shape', ()))}"
+        if not torch.allclose(before, after, rtol=1e-5, atol=1e-6, equal_nan=True):
+            return f"{where}: max abs difference {(before - after).abs().max().item():.3g}"
+        return None
+    if isinstance(before, (list, tuple)):
+        if not isinstance(after, (list, tuple)) or len(before) != len(after):
+            return f"{where}: structure differs"
+        for i, (x, y) in enumerate(zip(before, after)):
+            msg = _compare(x, y, f"{where}[{i}]")
+            if msg:
+                return msg
+        return None
+    return None if before == after else f"{where}: {before!r} vs {after!r}"
+
+
+def rewrite(gm: torch.fx.GraphModule, patterns: Sequence | None = None, example_inputs: Sequence | None = None,
+            verify: bool = False):
+    """Rewrite host/buffer round trips of K/V in ``gm`` into functional history; see ``kvpass.rewrite``."""
+    if not isinstance(gm, torch.fx.GraphModule):
+        raise TypeError(f"gm: expected a torch.fx.GraphModule, got {type(gm).__name__}")
+    selected = resolve_patterns(patterns)
+    if verify and example_inputs is None:
+        raise ValueError("example_inputs: verify=True needs example inputs to run the graph before and after")
+    reference = None
+    if verify:
+        reference = _run(copy.deepcopy(gm), example_inputs)
+    report = Report()
+    for pattern in selected:
+        report.counts[pattern.name] = report.counts.get(pattern.name, 0) + int(pattern.apply(gm, report) or 0)
+    if report.matches:
+        cleanup(gm)
+    if verify:
+        msg = _compare(reference, _run(gm, example_inputs))
+        if msg:
+            names = ", ".join(sorted({m.pattern for m in report.matches})) or "(none)"
+            raise RewriteMismatch(f"rewrite changed the graph's result ({msg}); patterns that matched: {names}")
+    return gm, report

@@ -1,0 +1,41 @@
+"""The kvpass console script."""
+
+import subprocess
+import sys
+
+import kvpass
+from kvpass.cli import main
+
+
+def test_version(capsys):
+    try:
+        main(["--version"])
+    except SystemExit as e:
+        assert e.code == 0
+    assert capsys.readouterr().out.strip() == f"kvpass {kvpass.__version__}"
+
+
+def test_help_lists_commands():
+    out = subprocess.run([sys.executable, "-m", "kvpass.cli", "--help"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0
+    assert "demo" in out.stdout
+
+
+def test_no_command_prints_help_and_fails(capsys):
+    assert main([]) == 2
+    assert "usage: kvpass" in capsys.readouterr().out
+
+
+def test_demo_runs_and_compares_with_functional_twin(capsys):
+    assert main(["demo", "--steps", "3"]) == 0
+    out = capsys.readouterr().out
+    assert "readonly follower of layer 1" in out
+    assert "identical" in out
+
+
+def test_demo_rejects_negative_steps(capsys):
+    try:
+        main(["demo", "--steps", "-1"])
+    except SystemExit as e:
+        assert e.code == 2
+    assert "--steps must be >= 0" in capsys.readouterr().err
