@@ -13,10 +13,12 @@ from __future__ import annotations
 
 from importlib import metadata as _metadata
 
-from .dynamo_backend import backend, compile, kvpass_backend
+from .dynamo_backend import KVPassWarning, backend, compile, kvpass_backend
 from .graph_diff import diff, graph_text
 from .engine import Match, Report, Skip
+from .fidelity import Finding, check
 from .errors import KVPassError, PatternError, RewriteMismatch
+from .ops import store_paged_kv, store_paged_single
 
 try:
     __version__ = _metadata.version("kvpass")
@@ -46,6 +48,8 @@ def rewrite(gm, patterns=None, example_inputs=None, verify=False):
 
 
 __all__ = [
-    "__version__", "rewrite", "diff", "graph_text", "backend", "compile", "kvpass_backend",
+    "__version__", "rewrite", "diff", "graph_text", "backend", "compile", "kvpass_backend", "KVPassWarning",
     "Report", "Match", "Skip", "KVPassError", "PatternError", "RewriteMismatch",
+    "store_paged_kv", "store_paged_single",
+    "check", "Finding",
 ]

@@ -1,4 +1,4 @@
-"""The ``kvpass`` command line: ``kvpass demo``, ``kvpass --version``."""
+"""The ``kvpass`` command line: ``kvpass demo``, ``kvpass check FILE.pt2``, ``kvpass --version``."""
 
 from __future__ import annotations
 
@@ -38,6 +38,27 @@ def _demo(args) -> int:
     return 0 if torch.equal(tokens, twin_tokens) else 1
 
 
+def _check(args) -> int:
+    """``kvpass check FILE.pt2 ...``: exit 0 when every file is clean, 1 with findings, 2 when one is unreadable."""
+    from .fidelity import ProgramLoadError, check, format_findings
+
+    status = 0
+    for path in args.files:
+        try:
+            findings = check(path)
+        except ProgramLoadError as e:
+            print(f"kvpass check: error: cannot read {e.path!r}: {e.reason}", file=sys.stderr)
+            status = 2
+            continue
+        if not findings:
+            print(f"{path}: clean: every attention key/value comes from the computation")
+            continue
+        status = max(status, 1)
+        print(f"{path}: {len(findings)} finding(s): K/V that the capture baked or disconnected")
+        print(format_findings(findings))
+    return status
+
+
 def main(argv=None) -> int:
     """Entry point of the ``kvpass`` console script."""
     from . import __version__
@@ -51,6 +72,12 @@ def main(argv=None) -> int:
     demo = sub.add_parser("demo", help="run the story on the bundled reference model")
     demo.add_argument("--steps", type=int, default=16, help="decode steps after an 8-token prefill (default 16)")
     demo.add_argument("--seed", type=int, default=0, help="random seed for weights and prompt (default 0)")
+    chk = sub.add_parser(
+        "check", help="find K/V that an exported program baked as constants (exit 1 if any, 0 if clean)",
+        description="Check .pt2 files written by torch.export.save for K/V values that do not come from the "
+                    "computation. Exit status: 0 clean, 1 findings, 2 a file is missing or unreadable.",
+    )
+    chk.add_argument("files", nargs="+", metavar="FILE.pt2", help="exported program(s) to check")
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help()
@@ -59,6 +86,8 @@ def main(argv=None) -> int:
         if args.steps < 0:
             parser.error(f"--steps must be >= 0, got {args.steps}")
         return _demo(args)
+    if args.command == "check":
+        return _check(args)
     return 2
 
 

@@ -176,9 +176,10 @@ def rewrite(gm: torch.fx.GraphModule, patterns: Sequence | None = None, example_
         reference = _run(copy.deepcopy(gm), example_inputs)
     report = Report()
     for pattern in selected:
-        report.counts[pattern.name] = report.counts.get(pattern.name, 0) + int(pattern.apply(gm, report) or 0)
-    if report.matches:
-        cleanup(gm)
+        n = int(pattern.apply(gm, report) or 0)
+        report.counts[pattern.name] = report.counts.get(pattern.name, 0) + n
+        if n:
+            cleanup(gm)  # the next pattern sees no dead round-trip remnants
     if verify:
         msg = _compare(reference, _run(gm, example_inputs))
         if msg:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import torch.fx
 
 
@@ -43,6 +45,8 @@ def user_source_line(node: torch.fx.Node | None) -> str:
         rest = loc.split('"', 2)[2]  # ', line 12, in fn'
         lineno = rest.split("line ")[1].split(",")[0]
         fn = rest.split(" in ", 1)[1] if " in " in rest else "?"
+        # Dynamo names the code after a graph break torch_dynamo_resume_in_<fn>_at_<line>
+        fn = re.sub(r"^torch_dynamo_resume_in_(.+)_at_\d+$", r"\1", fn)
         short = "/".join(path.split("/")[-2:])
         text = f"{short}:{lineno} in {fn}"
     except IndexError:

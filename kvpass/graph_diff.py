@@ -45,10 +45,12 @@ def target_name(node: torch.fx.Node) -> str:
         return f"{t._qualified_op_name.replace('::', '.')}"
     if isinstance(t, torch._ops.HigherOrderOperator):
         return f"hop.{t.__name__}"
-    inner = getattr(t, "op", None)  # Dynamo's numpy_operator_wrapper / numpy method wrapper
     name = getattr(t, "__name__", None) or type(t).__name__
-    if name.startswith("wrapped_") and inner is not None:
-        return f"numpy.{getattr(inner, '__name__', inner)}"
+    if name.startswith("wrapped_") and any(hasattr(t, a) for a in ("f", "method", "op")):
+        # Dynamo's numpy wrappers: name what they wrap
+        inner = getattr(t, "f", None) or getattr(t, "method", None) or getattr(t, "op", None)
+        inner = inner if isinstance(inner, str) else getattr(inner, "__name__", str(inner))
+        return f"numpy.{inner.strip('_')}"
     mod = getattr(t, "__module__", None) or ""
     if mod in ("_operator", "operator"):
         return f"operator.{name}"
@@ -72,12 +74,15 @@ def _base_name(node: torch.fx.Node) -> str:
     return re.sub(r"\W", "_", base).strip("_") or "node"
 
 
-def graph_text(obj: GraphLike) -> str:
-    """Render a graph one node per line with stable names: ``name = target(args, key=value)``."""
-    graph = _as_graph(obj)
+def _stable_names(graph: torch.fx.Graph, known: dict[str, str] | None = None, counts: dict[str, int] | None = None):
+    """Name nodes ``base``, ``base_1`` ... in order. Nodes whose FX name is in ``known`` keep that stable name
+    (a rewritten graph keeps its unchanged nodes' names); new ones continue the counters in ``counts``."""
     names: dict[torch.fx.Node, str] = {}
-    counts: dict[str, int] = {}
+    counts = dict(counts or {})
     for node in graph.nodes:
+        if known is not None and node.name in known and node.op != "output":
+            names[node] = known[node.name]
+            continue
         base = _base_name(node)
         if node.op == "placeholder":
             names[node] = base
@@ -85,6 +90,13 @@ def graph_text(obj: GraphLike) -> str:
         n = counts.get(base, 0)
         counts[base] = n + 1
         names[node] = base if n == 0 else f"{base}_{n}"
+    return names, counts
+
+
+def graph_text(obj: GraphLike, _names: dict | None = None) -> str:
+    """Render a graph one node per line with stable names: ``name = target(args, key=value)``."""
+    graph = _as_graph(obj)
+    names = _names if _names is not None else _stable_names(graph)[0]
 
     def fmt(a) -> str:
         if isinstance(a, torch.fx.Node):
@@ -125,8 +137,14 @@ def diff(before: GraphLike, after: GraphLike, context: int = 2) -> str:
     Returns ``""`` when the graphs print the same. Hunk headers are bare ``@@`` so that the text does not move
     when an unrelated part of the graph grows.
     """
-    a = graph_text(before).splitlines()
-    b = graph_text(after).splitlines()
+    g_before, g_after = _as_graph(before), _as_graph(after)
+    names_before, counts = _stable_names(g_before)
+    # Nodes of `after` that carry a node name of `before` are the same nodes (a rewrite keeps them): same names,
+    # so that only what the rewrite touched shows in the diff.
+    known = {n.name: names_before[n] for n in g_before.nodes}
+    names_after, _ = _stable_names(g_after, known, counts)
+    a = graph_text(g_before, names_before).splitlines()
+    b = graph_text(g_after, names_after).splitlines()
     out = []
     for line in difflib.unified_diff(a, b, "before", "after", n=context, lineterm=""):
         if line.startswith("@@"):

@@ -20,3 +20,15 @@ def rng():
 
     name = os.environ.get("PYTEST_CURRENT_TEST", "kvpass")
     return torch.Generator().manual_seed(zlib.crc32(name.encode()))
+
+
+@pytest.fixture
+def stock_numpy_tracing():
+    """Dynamo's own np.pad handling for this test (``backend="kvpass"`` installs a traceable one process-wide)."""
+    from kvpass.tracing import install_traceable_numpy, traceable_numpy_installed, uninstall_traceable_numpy
+
+    was = traceable_numpy_installed()
+    uninstall_traceable_numpy()
+    yield
+    if was:
+        install_traceable_numpy()

@@ -14,6 +14,9 @@ from kvpass.examples.shared_kv_model import READONLY, SHARED, SharedKVConfig, re
 
 NO_PAD = SharedKVConfig(follower_caches=[SHARED, SHARED, READONLY])
 
+# Stock behaviour: Dynamo's own np.pad, whatever an earlier backend="kvpass" in this process installed.
+pytestmark = pytest.mark.usefixtures("stock_numpy_tracing")
+
 
 class Step(torch.nn.Module):
     """One model step as a module (what a user hands to torch.export)."""

@@ -61,7 +61,7 @@ def test_wheel_ships_patterns_inside_kvpass(wheel):
     assert not [n for n in names if n.startswith(("patterns/", "examples/"))], "no top-level patterns package"
     (ep,) = [n for n in names if n.endswith("entry_points.txt")]
     text = zipfile.ZipFile(wheel).read(ep).decode()
-    assert "[torch_dynamo_backends]" in text and "kvpass = kvpass.dynamo_backend:kvpass_backend" in text
+    assert "[torch_dynamo_backends]" in text and "kvpass = kvpass.registered_backend:kvpass_backend" in text
     assert "[console_scripts]" in text and "kvpass = kvpass.cli:main" in text
     (meta,) = [n for n in names if n.endswith("METADATA")]
     assert "Requires-Dist: torch>=2.6" in zipfile.ZipFile(wheel).read(meta).decode()

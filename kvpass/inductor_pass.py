@@ -1,0 +1,50 @@
+"""kvpass inside Inductor: the pattern catalogue as a post-grad ``CustomGraphPass`` on the ATen graph.
+
+Inductor caches compiled graphs (the FX graph cache) under a key that includes each custom pass's ``uuid()``.
+A raw callable has no uuid and makes Inductor bypass the cache; a uuid that did not change with the patterns would
+serve code compiled by an older catalogue. Ours hashes the source of the engine, the pattern API and every
+pattern module, plus the selected pattern names.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from typing import Callable, Sequence
+
+import torch
+from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_files
+
+from . import engine, pattern_api
+
+__all__ = ["KVPassInductorPass", "catalogue_files"]
+
+
+def catalogue_files(patterns: Sequence) -> tuple[str, ...]:
+    """The source files whose contents decide what the pass does."""
+    files = {inspect.getsourcefile(engine), inspect.getsourcefile(pattern_api)}
+    for p in patterns:
+        files.add(inspect.getsourcefile(type(p)))
+    return tuple(sorted(f for f in files if f))
+
+
+@functools.lru_cache(maxsize=None)
+def _hash(files: tuple[str, ...], names: tuple[str, ...]) -> str:
+    return get_hash_for_files(files, extra="kvpass:" + ",".join(names)).hex()
+
+
+class KVPassInductorPass(CustomGraphPass):
+    """Runs ``kvpass.rewrite`` on Inductor's post-grad ATen graph (``post_grad_custom_pre_pass``)."""
+
+    def __init__(self, patterns: Sequence | None = None, on_report: Callable | None = None):
+        self.patterns = engine.resolve_patterns(patterns)
+        self.on_report = on_report
+
+    def __call__(self, graph: torch.fx.Graph) -> None:
+        gm = graph.owning_module
+        _, report = engine.rewrite(gm, patterns=self.patterns)
+        if self.on_report is not None and (report.matches or report.skips):
+            self.on_report(report)
+
+    def uuid(self) -> str:
+        return _hash(catalogue_files(self.patterns), tuple(p.name for p in self.patterns))

@@ -1,0 +1,554 @@
+"""Paged KV store ops: ``torch.ops.kvpass.store_paged_kv`` and ``torch.ops.kvpass.store_paged_single``.
+
+Semantics (DESIGN section 5; upstream ``MojoStorePagedKVCache`` / ``MojoStorePagedSingleCache``)
+-----------------------------------------------------------------------------------------------
+New states are ``(tokens, kv_heads, head_dim)``. A cache is ``(num_blocks, kv_heads, block_size, head_dim)``
+(``layout="HND"``, the default) or ``(num_blocks, block_size, kv_heads, head_dim)`` (``layout="NHD"``, the
+vLLM/FlashInfer layout, selected explicitly). Two addressing modes:
+
+* ``block_table (B, W)`` + ``cu_q_lens (B+1,)`` (``None``: decode, token ``i`` is row ``i``'s only token) +
+  ``context_kv_lens (B,)``: token ``t`` of row ``b`` goes to position ``p = ctx[b] + t``, physical block
+  ``block_table[b, p // block_size]``, offset ``p % block_size``. Padding rows (``ctx = -1``), zero-length
+  rows, ``-1`` blocks and tokens whose logical block is past the table width ``W`` are skipped. Tokens outside
+  ``[cu_q_lens[0], cu_q_lens[B])`` belong to no row and are not written.
+* ``chunk_metadata (C, 4)`` rows ``(src_token_start, dst_block, dst_offset, length)``: tokens
+  ``[src, src+length)`` go to block ``dst_block`` at offsets ``[dst_offset, dst_offset+length)`` (a chunk never
+  crosses a block); a chunk whose ``dst_block`` is ``-1`` is skipped. Chunks may come in any order; the stored
+  chunks (``dst_block >= 0``) may not add up to more than ``tokens`` elements (so a source token can be stored
+  twice only by giving up another one: the compiled path sizes its work by ``tokens``).
+
+Every other slot of the cache is left exactly as it was. Which write wins when two valid tokens target the same
+slot is unspecified (as in vLLM's ``reshape_and_cache``); the upstream loop happens to keep the last one.
+
+Implementation
+--------------
+Both modes reduce to one *plan*: for each of ``tokens`` elements ``e``, ``src[e]`` (the token to read),
+``blk[e]``/``off[e]`` (the slot to write) and ``valid[e]``: pure index arithmetic on the small int32 tensors
+(``searchsorted`` of the token index into ``cu_q_lens`` or into the cumulative chunk lengths, a gather from
+``block_table``), with no Python loop over tokens, chunks or rows and no ``.tolist()``.
+
+* **Eager** (the registered kernel): validates everything, including the data-dependent facts (block ids in
+  ``[-1, num_blocks)``, monotone ``cu_q_lens``, chunk bounds), with one host sync, *before* writing; then builds
+  the plan and writes the valid elements with one ``index_put_`` per cache.
+* **Compile** (``torch.compile``, ``torch.export``, ``make_fx``): the op has a Python
+  ``CompositeImplicitAutograd`` kernel, so functionalization (``FunctionalTensorMode``) decomposes it instead of
+  wrapping it in ``auto_functionalized``: the graph Inductor sees is the plan's index arithmetic plus one
+  ``index_put`` per cache (re-inplaced by Inductor into the cache), which Inductor turns into a generated
+  scatter kernel and fuses with the producers of the states (RMSNorm, RoPE). Only metadata (ranks, dtypes,
+  devices, shapes) is validated at trace time; the data-dependent checks cannot run without a host sync.
+
+Masking under compile (the choice, and why)
+-------------------------------------------
+An ``index_put`` has no per-element mask, and neither Inductor's C++ nor its Triton scatter has a masked store.
+Redirecting a skipped element to some clamped slot and writing that slot's old value back would race with a
+valid element writing the same slot. The compiled path therefore picks a **free slot**: a slot that no valid
+element writes in this call. It marks which of the flat slots ``0..tokens`` are valid targets (a scatter into a
+``tokens+2`` scratch vector: one more candidate than there can be valid elements, so one of them is free
+whenever the cache has more slots than ``tokens``), takes the first unmarked one with ``argmin``, snapshots that
+slot's current contents into a small ``(1, kv_heads, head_dim)`` buffer, and sends every skipped element there
+with the snapshot as its value. The write is race-free and a no-op, so the compiled op matches eager exactly,
+including on inputs eager would reject (block ids ``>= num_blocks`` or ``< -1``, chunks past the block or the
+token range, non-monotone ``cu_q_lens``): every index is range-checked or clamped before it addresses memory,
+and out-of-range elements are masked like padding. The cost is a few tiny kernels on ``tokens``-sized metadata;
+the states flow straight into the one scatter that writes the cache. Only when the cache has no more slots
+than ``tokens`` (decided at trace time from the shapes) may no slot be free; then a skipped element copies the
+write of the valid element that owns the chosen slot (exact, but that read of the states at another index can
+keep Inductor from fusing a reduction producer such as RMSNorm into the scatter).
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+
+from ..errors import KVPassError
+
+__all__ = [
+    "store_paged_kv", "store_paged_single", "LAYOUTS",
+    "PagedStoreError", "PagedStoreValueError", "PagedStoreTypeError",
+]
+
+LAYOUTS = ("HND", "NHD")
+"""Cache layouts: ``"HND"`` is ``(num_blocks, kv_heads, block_size, head_dim)``, ``"NHD"`` is
+``(num_blocks, block_size, kv_heads, head_dim)``."""
+
+
+class PagedStoreError(KVPassError):
+    """A paged store op rejected its arguments; nothing was written. ``argument`` names the offending one."""
+
+    def __init__(self, op: str, argument: str, message: str):
+        self.op = op
+        self.argument = argument
+        super().__init__(f"{op}: {argument}: {message}")
+
+
+class PagedStoreValueError(PagedStoreError, ValueError):
+    """A shape, rank, device, layout, index value or addressing-mode error (also a ``ValueError``)."""
+
+
+class PagedStoreTypeError(PagedStoreError, TypeError):
+    """A dtype error: states and cache dtypes differ, or an index tensor is not int32 (also a ``TypeError``)."""
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Validation
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _cache_geometry(cache: torch.Tensor, layout: str) -> tuple[int, int, int, int]:
+    """``(num_blocks, kv_heads, block_size, head_dim)`` of a cache in ``layout``."""
+    if layout == "HND":
+        nb, h, bs, d = cache.shape
+    else:
+        nb, bs, h, d = cache.shape
+    return nb, h, bs, d
+
+
+def _validate_static(op: str, pairs: Sequence[tuple[str, torch.Tensor, str, torch.Tensor]],
+                     block_table, cu_q_lens, context_kv_lens, chunk_metadata, layout) -> None:
+    """Checks that need only metadata (ranks, dtypes, devices, shapes, argument combinations).
+
+    Runs in eager and at trace time. ``pairs`` is ``[(states_name, states, cache_name, cache), ...]``.
+    """
+    def bad(arg, msg):
+        raise PagedStoreValueError(op, arg, msg)
+
+    def bad_type(arg, msg):
+        raise PagedStoreTypeError(op, arg, msg)
+
+    if not isinstance(layout, str) or layout not in LAYOUTS:
+        bad("layout", f"expected one of {LAYOUTS} (HND: (num_blocks, kv_heads, block_size, head_dim); "
+                      f"NHD: (num_blocks, block_size, kv_heads, head_dim)), got {layout!r}")
+    shape_name = ("(num_blocks, kv_heads, block_size, head_dim)" if layout == "HND"
+                  else "(num_blocks, block_size, kv_heads, head_dim)")
+    for s_name, states, c_name, cache in pairs:
+        for name, t in ((s_name, states), (c_name, cache)):
+            if not isinstance(t, torch.Tensor):
+                bad_type(name, f"expected a torch.Tensor, got {type(t).__name__}")
+        if states.dim() != 3:
+            bad(s_name, f"expected rank 3 (tokens, kv_heads, head_dim), got shape {tuple(states.shape)}")
+        if cache.dim() != 4:
+            bad(c_name, f"expected rank 4 {shape_name} for layout={layout!r}, got shape {tuple(cache.shape)}")
+        if states.dtype != cache.dtype:
+            bad_type(c_name, f"dtype {cache.dtype} differs from {s_name}'s dtype {states.dtype}")
+        if states.device != cache.device:
+            bad(c_name, f"is on {cache.device} but {s_name} is on {states.device}")
+        nb, h, bs, d = _cache_geometry(cache, layout)
+        if states.shape[1] != h or states.shape[2] != d:
+            bad(s_name, f"shape {tuple(states.shape)} does not match {c_name} {tuple(cache.shape)} "
+                        f"(layout={layout!r}: kv_heads={h}, head_dim={d})")
+    first_states, first_cache = pairs[0][1], pairs[0][3]
+    geometry = _cache_geometry(first_cache, layout)
+    for s_name, states, c_name, cache in pairs[1:]:
+        if states.shape[0] != first_states.shape[0]:
+            bad(s_name, f"has {states.shape[0]} tokens but {pairs[0][0]} has {first_states.shape[0]}")
+        if states.device != first_states.device:
+            bad(s_name, f"is on {states.device} but {pairs[0][0]} is on {first_states.device}")
+        g = _cache_geometry(cache, layout)
+        if g[:3] != geometry[:3]:
+            bad(c_name, f"shape {tuple(cache.shape)} does not match {pairs[0][2]} {tuple(first_cache.shape)} "
+                        f"(num_blocks, kv_heads and block_size must agree)")
+        if _overlaps(cache, first_cache):
+            bad(c_name, f"shares memory with {pairs[0][2]}; use store_paged_single for a cache that serves as "
+                        f"both K and V")
+    device = first_states.device
+
+    def index(name, t, rank):
+        if t is None:
+            return
+        if not isinstance(t, torch.Tensor):
+            bad_type(name, f"expected an int32 torch.Tensor or None, got {type(t).__name__}")
+        if t.dtype != torch.int32:
+            bad_type(name, f"expected dtype torch.int32, got {t.dtype}")
+        if t.dim() != rank:
+            bad(name, f"expected rank {rank}, got shape {tuple(t.shape)}")
+        if t.device != device:
+            bad(name, f"is on {t.device} but the states are on {device}")
+
+    if chunk_metadata is not None:
+        mixed = [n for n, t in (("block_table", block_table), ("cu_q_lens", cu_q_lens),
+                                ("context_kv_lens", context_kv_lens)) if t is not None]
+        if mixed:
+            bad("chunk_metadata", f"cannot be combined with {', '.join(mixed)}: give either chunk_metadata or "
+                                  f"block_table + cu_q_lens + context_kv_lens")
+        index("chunk_metadata", chunk_metadata, 2)
+        if chunk_metadata.shape[1] != 4:
+            bad("chunk_metadata", f"expected shape (num_chunks, 4) with rows (src_token_start, dst_block, "
+                                  f"dst_offset, length), got {tuple(chunk_metadata.shape)}")
+        return
+    if block_table is None:
+        bad("block_table", "required unless chunk_metadata is given")
+    if context_kv_lens is None:
+        bad("context_kv_lens", "required with block_table (tokens already cached per row, -1 for a padding row)")
+    index("block_table", block_table, 2)
+    index("context_kv_lens", context_kv_lens, 1)
+    index("cu_q_lens", cu_q_lens, 1)
+    rows = context_kv_lens.shape[0]
+    if block_table.shape[0] != rows:
+        bad("block_table", f"has {block_table.shape[0]} rows but context_kv_lens has {rows} entries")
+    if cu_q_lens is not None:
+        if cu_q_lens.shape[0] != rows + 1:
+            bad("cu_q_lens", f"expected {rows + 1} entries (rows + 1), got {cu_q_lens.shape[0]}")
+    elif first_states.shape[0] != rows:
+        bad("context_kv_lens", f"decode mode (cu_q_lens=None) needs one token per row, but there are {rows} rows "
+                               f"and {first_states.shape[0]} tokens")
+
+
+def _overlaps(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """True when ``a`` and ``b`` are the same memory viewed the same way (the one aliasing a store can detect
+    cheaply). Disjoint views of one buffer, such as ``kv[:, 0]`` and ``kv[:, 1]``, are fine."""
+    if a is b:
+        return True
+    from torch._subclasses.fake_tensor import is_fake
+
+    if is_fake(a) or is_fake(b) or a.device.type == "meta":  # no data pointer under tracing
+        return False
+    try:
+        return (a.data_ptr() == b.data_ptr() and a.device == b.device and a.shape == b.shape
+                and a.stride() == b.stride())
+    except RuntimeError:  # other wrapper tensors without storage
+        return False
+
+
+def _validate_data(op: str, num_tokens: int, num_blocks: int, block_size: int,
+                   block_table, cu_q_lens, context_kv_lens, chunk_metadata) -> None:
+    """Data-dependent checks (eager only): evaluated on device, one host sync, messages name the argument."""
+    checks: list[tuple[str, torch.Tensor, str]] = []
+    if chunk_metadata is not None:
+        src, blk, off, ln = chunk_metadata.to(torch.int64).unbind(1)
+        checks += [
+            ("chunk_metadata", (blk < -1) | (blk >= num_blocks), f"dst_block (column 1) outside [-1, {num_blocks})"),
+            ("chunk_metadata", ln < 0, "negative length (column 3)"),
+            ("chunk_metadata", (src < 0) | (src + ln > num_tokens),
+             f"source tokens [src_token_start, src_token_start + length) outside [0, {num_tokens})"),
+            ("chunk_metadata", (off < 0) | (off + ln > block_size),
+             f"destination [dst_offset, dst_offset + length) outside the block [0, {block_size})"),
+            ("chunk_metadata", torch.where(blk >= 0, ln.clamp_min(0), 0).sum() > num_tokens,
+             f"total length of the stored chunks (dst_block >= 0) exceeds the {num_tokens} tokens"),
+        ]
+    else:
+        checks += [
+            ("block_table", (block_table < -1) | (block_table >= num_blocks),
+             f"block ids must lie in [-1, {num_blocks}) (-1 marks an unused entry)"),
+            ("context_kv_lens", context_kv_lens < -1, "entries must be >= 0, or -1 for a padding row"),
+        ]
+        if cu_q_lens is not None:
+            checks += [
+                ("cu_q_lens", cu_q_lens[:1] < 0, "cu_q_lens[0] must be >= 0"),
+                ("cu_q_lens", cu_q_lens[1:] < cu_q_lens[:-1], "must be non-decreasing (cumulative token counts)"),
+                ("cu_q_lens", cu_q_lens[-1:] > num_tokens, f"last entry exceeds the {num_tokens} tokens"),
+            ]
+    if not checks:
+        return
+    flags = torch.stack([c.any() for _, c, _ in checks])
+    if bool(flags.any()):  # the one host sync of a valid call
+        i = int(flags.to(torch.int8).argmax())
+        arg, cond, msg = checks[i]
+        where = cond.nonzero()
+        at = f" (first at index {tuple(int(x) for x in where[0])})" if where.dim() == 2 and where.shape[1] else ""
+        raise PagedStoreValueError(op, arg, msg + at)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The plan: per element, which token to read and which slot to write
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _plan(num_tokens, num_blocks: int, block_size: int, device,
+          block_table, cu_q_lens, context_kv_lens, chunk_metadata):
+    """``(src, blk, off, valid, src_is_identity)`` for ``num_tokens`` elements, or ``None`` if nothing can be written.
+
+    Pure, shape-static index arithmetic (no host sync): usable in eager and under tracing. Every index used to
+    address memory here is clamped into range first, so garbage metadata cannot read out of bounds; ``valid`` is
+    False for padding rows, ``-1`` blocks, tokens past the table, and any out-of-range target.
+    """
+    i64 = torch.int64
+    e = torch.arange(num_tokens, device=device, dtype=i64)
+    if chunk_metadata is not None:
+        num_chunks = chunk_metadata.shape[0]
+        if num_chunks == 0:
+            return None
+        src0, dblk, doff, ln = chunk_metadata.to(i64).unbind(1)
+        ln = torch.where((dblk >= 0) & (dblk < num_blocks), ln.clamp_min(0), 0)  # skipped chunks take no element
+        ends = torch.cumsum(ln, 0)
+        c = torch.searchsorted(ends, e, right=True)  # chunk of element e: the number of chunk ends <= e
+        cc = c.clamp(max=num_chunks - 1)
+        j = e - (ends[cc] - ln[cc])  # position inside the chunk
+        src = src0[cc] + j
+        blk = dblk[cc]
+        off = doff[cc] + j
+        valid = ((c < num_chunks) & (src >= 0) & (src < num_tokens) & (off >= 0) & (off < block_size)
+                 & (blk >= 0) & (blk < num_blocks))
+        return src.clamp(0, num_tokens - 1), blk, off, valid, False
+
+    rows, width = block_table.shape
+    if rows == 0 or width == 0:
+        return None
+    ctx = context_kv_lens.to(i64)
+    if cu_q_lens is None:  # decode: element e is the single new token of row e
+        b = e
+        t = torch.zeros_like(e)
+        in_row = torch.ones_like(e, dtype=torch.bool)
+    else:
+        cu = cu_q_lens.to(i64)
+        b = torch.searchsorted(cu[1:], e, right=True)  # row of token e: the number of row ends <= e
+        b = b.clamp(max=rows - 1)
+        start = cu[b]
+        t = e - start
+        in_row = (t >= 0) & (e < cu[b + 1])
+    ctx_b = ctx[b]
+    pos = ctx_b + t
+    lb = torch.div(pos, block_size, rounding_mode="floor")
+    off = pos - lb * block_size
+    blk = block_table[b, lb.clamp(0, width - 1)].to(i64)
+    valid = in_row & (ctx_b >= 0) & (lb < width) & (blk >= 0) & (blk < num_blocks)
+    return e, blk, off, valid, True
+
+
+def _cache_index(layout: str, blk, off, kv_heads: int):
+    """Advanced-index tuple addressing ``(element, head)`` of a cache; the value tensor is ``(n, kv_heads, D)``."""
+    if layout == "HND":
+        h = torch.arange(kv_heads, device=blk.device)
+        return blk[:, None], h[None, :], off[:, None]
+    return blk, off
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Eager kernel and the decomposition used under tracing
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _eager_store(op, pairs, block_table, cu_q_lens, context_kv_lens, chunk_metadata, layout):
+    _validate_static(op, pairs, block_table, cu_q_lens, context_kv_lens, chunk_metadata, layout)
+    states0, cache0 = pairs[0][1], pairs[0][3]
+    nb, h, bs, _ = _cache_geometry(cache0, layout)
+    T = states0.shape[0]
+    _validate_data(op, T, nb, bs, block_table, cu_q_lens, context_kv_lens, chunk_metadata)
+    if T == 0 or nb == 0:
+        return
+    plan = _plan(T, nb, bs, states0.device, block_table, cu_q_lens, context_kv_lens, chunk_metadata)
+    if plan is None:
+        return
+    src, blk, off, valid, identity = plan
+    sel = valid.nonzero().squeeze(1)  # free on CPU; on GPU the second sync of the call (after validation)
+    n = sel.shape[0]
+    if n == 0:
+        return
+    dense = identity and n == T
+    if not dense:
+        blk, off, src = blk[sel], off[sel], src[sel]
+    idx = rows = None
+    with torch.no_grad():
+        for _, states, _, cache in pairs:
+            values = states if dense else states.index_select(0, src)
+            if layout == "HND" and cache.is_contiguous():
+                # rows of head_dim: index_copy_ on the (num_blocks*kv_heads*block_size, head_dim) view is the
+                # fastest ATen scatter on CPU for this layout
+                if rows is None:
+                    heads = torch.arange(h, device=blk.device)
+                    rows = ((blk[:, None] * h + heads) * bs + off[:, None]).reshape(-1)
+                cache.view(-1, cache.shape[-1]).index_copy_(0, rows, values.reshape(-1, cache.shape[-1]))
+            else:
+                if idx is None:
+                    idx = _cache_index(layout, blk, off, h)
+                cache.index_put_(idx, values)
+
+
+def _slot_snapshot(cache, layout, sb, so):
+    """The current ``(1, kv_heads, head_dim)`` contents of slot ``(sb, so)`` (1-element index tensors), copied
+    into a buffer of its own (a scatter into fresh zeros, which Inductor always materializes) so that the
+    main scatter reads the snapshot rather than the cache it writes."""
+    snap = cache[sb, :, so, :] if layout == "HND" else cache[sb, so, :, :]  # (1, H, D) either way
+    out = torch.zeros_like(snap)
+    return out.scatter(0, torch.zeros_like(snap, dtype=torch.int64), snap)
+
+
+def _traced_store(op, pairs, block_table, cu_q_lens, context_kv_lens, chunk_metadata, layout):
+    """The decomposition: functional index arithmetic + one ``index_put_`` per cache, masked exactly."""
+    _validate_static(op, pairs, block_table, cu_q_lens, context_kv_lens, chunk_metadata, layout)
+    states0, cache0 = pairs[0][1], pairs[0][3]
+    nb, h, bs, _ = _cache_geometry(cache0, layout)
+    T = states0.shape[0]
+    if T == 0 or nb == 0:
+        return
+    device = states0.device
+    plan = _plan(T, nb, bs, device, block_table, cu_q_lens, context_kv_lens, chunk_metadata)
+    if plan is None:
+        return
+    src, blk, off, valid, identity = plan
+    nslots = nb * bs
+    # A free slot: mark the flat slots 0..T that valid elements write (the rest go to the trash entry T+1),
+    # then take the first unmarked one. There are T+1 candidates and at most T valid elements.
+    flat = blk * bs + off
+    cand = torch.where(valid & (flat <= T), flat, T + 1)
+    marks = torch.zeros(T + 2, dtype=torch.int8, device=device).scatter(0, cand, 1)[: T + 1]
+    marks = marks | (torch.arange(T + 1, device=device) >= nslots).to(torch.int8)
+    free = torch.argmin(marks).view(1)
+    # Every element's target slot, skipped ones sent to the free slot. Materialized once per element so that
+    # the scatter loads one index per row instead of redoing the whole plan for every vector of head_dim.
+    slot = _materialize(torch.where(valid, flat, free))
+    sink = (slot == free)[:, None, None]  # exactly the skipped elements: no valid element targets a free slot
+    sb = torch.div(slot, bs, rounding_mode="floor")
+    idx = _cache_index(layout, sb, slot - sb * bs, h)
+    free_blk = torch.div(free, bs, rounding_mode="floor")
+    free_off = free - free_blk * bs
+    owner = None
+    if T >= nslots:  # trace-time decision: every slot might be written, so the chosen one might not be free
+        owner = torch.argmax((valid & (flat == free)).to(torch.int8)).view(1)
+        taken = marks[free].bool()[:, None, None]
+    if not identity:
+        src = _materialize(src)
+    for _, states, _, cache in pairs:
+        values = states if identity else states[src]
+        fill = _slot_snapshot(cache, layout, free_blk, free_off)
+        if owner is not None:  # the free slot may be a valid target: then copy its owner's write instead
+            fill = torch.where(taken, states[src[owner]], fill)
+        cache.index_put_(idx, torch.where(sink, fill, values))
+
+
+def _materialize(x: torch.Tensor) -> torch.Tensor:
+    """``x`` (1-D), as a buffer of its own in Inductor's output (a scatter is never inlined into its users)."""
+    return torch.zeros_like(x).scatter(0, torch.arange(x.shape[0], device=x.device), x)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Registration
+# ----------------------------------------------------------------------------------------------------------
+# Op schemas (custom_op rejects keyword-only Tensor arguments, so chunk_metadata is the 8th/6th positional
+# argument of the op and may be passed by keyword; the Python wrappers below make it keyword-only):
+#   kvpass::store_paged_kv(Tensor key, Tensor value, Tensor(a2!) key_cache, Tensor(a3!) value_cache,
+#       Tensor? block_table=None, Tensor? cu_q_lens=None, Tensor? context_kv_lens=None,
+#       Tensor? chunk_metadata=None, *, str layout="HND") -> ()
+#   kvpass::store_paged_single(Tensor states, Tensor(a1!) cache, Tensor? block_table=None,
+#       Tensor? cu_q_lens=None, Tensor? context_kv_lens=None, Tensor? chunk_metadata=None, *,
+#       str layout="HND") -> ()
+
+
+@torch.library.custom_op("kvpass::store_paged_kv", mutates_args=("key_cache", "value_cache"))
+def _store_paged_kv_op(
+    key: torch.Tensor,
+    value: torch.Tensor,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    block_table: Optional[torch.Tensor] = None,
+    cu_q_lens: Optional[torch.Tensor] = None,
+    context_kv_lens: Optional[torch.Tensor] = None,
+    chunk_metadata: Optional[torch.Tensor] = None,
+    *,
+    layout: str = "HND",
+) -> None:
+    """Eager kernel of ``kvpass::store_paged_kv`` (see :func:`store_paged_kv`)."""
+    _eager_store("store_paged_kv", [("key", key, "key_cache", key_cache), ("value", value, "value_cache", value_cache)],
+                 block_table, cu_q_lens, context_kv_lens, chunk_metadata, layout)
+
+
+@torch.library.custom_op("kvpass::store_paged_single", mutates_args=("cache",))
+def _store_paged_single_op(
+    states: torch.Tensor,
+    cache: torch.Tensor,
+    block_table: Optional[torch.Tensor] = None,
+    cu_q_lens: Optional[torch.Tensor] = None,
+    context_kv_lens: Optional[torch.Tensor] = None,
+    chunk_metadata: Optional[torch.Tensor] = None,
+    *,
+    layout: str = "HND",
+) -> None:
+    """Eager kernel of ``kvpass::store_paged_single`` (see :func:`store_paged_single`)."""
+    _eager_store("store_paged_single", [("states", states, "cache", cache)],
+                 block_table, cu_q_lens, context_kv_lens, chunk_metadata, layout)
+
+
+@_store_paged_kv_op.register_fake
+def _store_paged_kv_fake(key, value, key_cache, value_cache, block_table=None, cu_q_lens=None,
+                         context_kv_lens=None, chunk_metadata=None, *, layout="HND"):
+    _validate_static("store_paged_kv", [("key", key, "key_cache", key_cache), ("value", value, "value_cache", value_cache)],
+                     block_table, cu_q_lens, context_kv_lens, chunk_metadata, layout)
+
+
+@_store_paged_single_op.register_fake
+def _store_paged_single_fake(states, cache, block_table=None, cu_q_lens=None, context_kv_lens=None,
+                             chunk_metadata=None, *, layout="HND"):
+    _validate_static("store_paged_single", [("states", states, "cache", cache)],
+                     block_table, cu_q_lens, context_kv_lens, chunk_metadata, layout)
+
+
+def _store_paged_kv_decomposition(key, value, key_cache, value_cache, block_table=None, cu_q_lens=None,
+                                  context_kv_lens=None, chunk_metadata=None, *, layout="HND"):
+    _traced_store("store_paged_kv", [("key", key, "key_cache", key_cache), ("value", value, "value_cache", value_cache)],
+                  block_table, cu_q_lens, context_kv_lens, chunk_metadata, layout)
+
+
+def _store_paged_single_decomposition(states, cache, block_table=None, cu_q_lens=None, context_kv_lens=None,
+                                      chunk_metadata=None, *, layout="HND"):
+    _traced_store("store_paged_single", [("states", states, "cache", cache)],
+                  block_table, cu_q_lens, context_kv_lens, chunk_metadata, layout)
+
+
+# A Python CompositeImplicitAutograd kernel is consulted only by OpOverload.decompose(): by FunctionalTensorMode
+# (AOTAutograd under torch.compile, torch.export) and FakeTensorMode. Eager calls dispatch in C++ to the
+# custom_op kernels above (CompositeExplicitAutograd + Autograd registrations win over it), so eager keeps its
+# validation and compiled graphs get index arithmetic + index_put instead of an opaque auto_functionalized call.
+_DK = torch._C.DispatchKey.CompositeImplicitAutograd
+torch.ops.kvpass.store_paged_kv.default.py_impl(_DK)(_store_paged_kv_decomposition)
+torch.ops.kvpass.store_paged_single.default.py_impl(_DK)(_store_paged_single_decomposition)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Public wrappers
+# ----------------------------------------------------------------------------------------------------------
+
+
+def store_paged_kv(key, value, key_cache, value_cache, block_table=None, cu_q_lens=None, context_kv_lens=None,
+                   *, chunk_metadata=None, layout="HND"):
+    """Write new K and V tokens into paged caches, in place (``torch.ops.kvpass.store_paged_kv``).
+
+    Args:
+        key, value: ``(tokens, kv_heads, head_dim)`` new states (``value`` may have its own head_dim).
+        key_cache, value_cache: ``(num_blocks, kv_heads, block_size, head_dim)`` (``layout="HND"``) or
+            ``(num_blocks, block_size, kv_heads, head_dim)`` (``layout="NHD"``), same dtype and device as the
+            states; written in place; must not share memory (use :func:`store_paged_single` for one cache).
+        block_table: ``(B, max_blocks)`` int32 physical block ids, ``-1`` for unused entries.
+        cu_q_lens: ``(B+1,)`` int32 cumulative new-token counts; ``None`` means decode (token ``i`` is row
+            ``i``'s only new token, so ``tokens == B``).
+        context_kv_lens: ``(B,)`` int32 tokens already cached per row (the write start), ``-1`` for a padding row.
+        chunk_metadata: ``(num_chunks, 4)`` int32 rows ``(src_token_start, dst_block, dst_offset, length)``,
+            each within one block; exclusive with ``block_table``/``cu_q_lens``/``context_kv_lens``.
+        layout: ``"HND"`` (default) or ``"NHD"``.
+
+    Returns:
+        ``(key_cache, value_cache)``, the same tensors, for parity with the upstream op.
+
+    Raises:
+        PagedStoreValueError / PagedStoreTypeError (``kvpass.KVPassError`` and ``ValueError``/``TypeError``),
+        naming the argument, before anything is written. Under ``torch.compile`` only the metadata checks run (at
+        trace time); out-of-range targets are skipped like padding (see the module docstring).
+    """
+    # Metadata checks before the dispatcher sees the arguments, so a wrong type gets kvpass's message too (under
+    # Dynamo the op's fake/decomposition kernels run the same checks on the traced tensors).
+    if not torch.compiler.is_compiling():
+        _validate_static("store_paged_kv", [("key", key, "key_cache", key_cache),
+                                            ("value", value, "value_cache", value_cache)],
+                         block_table, cu_q_lens, context_kv_lens, chunk_metadata, layout)
+    torch.ops.kvpass.store_paged_kv(key, value, key_cache, value_cache, block_table, cu_q_lens, context_kv_lens,
+                                    chunk_metadata, layout=layout)
+    return key_cache, value_cache
+
+
+def store_paged_single(states, cache, block_table=None, cu_q_lens=None, context_kv_lens=None, *,
+                       chunk_metadata=None, layout="HND"):
+    """Write new K *or* V tokens into one paged cache, in place (``torch.ops.kvpass.store_paged_single``).
+
+    The same addressing, layouts, validation and compile behaviour as :func:`store_paged_kv` for one
+    ``(states, cache)`` pair: V-only stores, or ``attention_k_eq_v`` layers whose one cache serves as K and V.
+    ``store_paged_single(k, k_cache, ...)`` writes exactly what ``store_paged_kv`` writes into ``key_cache``.
+
+    Returns:
+        ``cache``, the same tensor.
+    """
+    if not torch.compiler.is_compiling():
+        _validate_static("store_paged_single", [("states", states, "cache", cache)],
+                         block_table, cu_q_lens, context_kv_lens, chunk_metadata, layout)
+    torch.ops.kvpass.store_paged_single(states, cache, block_table, cu_q_lens, context_kv_lens, chunk_metadata,
+                                        layout=layout)
+    return cache

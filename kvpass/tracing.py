@@ -1,0 +1,121 @@
+"""What must be in force while Dynamo traces a model with host round trips.
+
+A backend callback runs only after Dynamo has traced, so anything that changes *how* Dynamo traces has to be
+entered around the call of the compiled model (:func:`kvpass.compile` does that) or installed before the first
+trace (``torch.compile(..., backend="kvpass")`` imports the backend before tracing, see ``dynamo_backend``).
+
+- ``allow_unspec_int_on_nn_module``: a cache position stored as an int attribute reached from the module
+  (``self.caches[i].pos``) is specialized by default: one graph per decode position. Unspecialized, it becomes a
+  SymInt after the first change, and one decode graph serves every position.
+- ``np.pad`` of a traced array: Dynamo maps it to ``torch._numpy.pad``, which turns ``pad_width`` into a tensor and
+  reads it back (a data-dependent graph break on every call). :func:`traceable_np_pad` keeps a constant
+  ``pad_width`` in Python and lowers to ``F.pad`` (``constant_pad_nd``); anything else goes to the original.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+__all__ = ["traceable_np_pad", "install_traceable_numpy", "uninstall_traceable_numpy", "traceable_numpy_installed",
+           "tracing_context", "DYNAMO_CONFIG"]
+
+# Dynamo config kvpass.compile puts in force while tracing.
+DYNAMO_CONFIG = {"allow_unspec_int_on_nn_module": True}
+
+
+def _tnp_map() -> dict:
+    from torch._dynamo.variables.misc import get_np_to_tnp_map
+
+    return get_np_to_tnp_map()
+
+
+def _const_pad_width(pad_width, ndim):
+    """Normalize a constant numpy ``pad_width`` to ``[(before, after)] * ndim``; ``None`` if not constant ints."""
+    def as_int(x):
+        return x if isinstance(x, int) and not isinstance(x, bool) else None
+
+    if as_int(pad_width) is not None:
+        return [(pad_width, pad_width)] * ndim
+    if not isinstance(pad_width, (tuple, list)):
+        return None
+    if len(pad_width) == 2 and all(as_int(x) is not None for x in pad_width):
+        return [tuple(pad_width)] * ndim
+    rows = []
+    for row in pad_width:
+        if as_int(row) is not None:
+            rows.append((row, row))
+        elif isinstance(row, (tuple, list)) and len(row) == 2 and all(as_int(x) is not None for x in row):
+            rows.append(tuple(row))
+        elif isinstance(row, (tuple, list)) and len(row) == 1 and as_int(row[0]) is not None:
+            rows.append((row[0], row[0]))
+        else:
+            return None
+    if len(rows) == 1:
+        rows = rows * ndim
+    return rows if len(rows) == ndim else None
+
+
+def traceable_np_pad(array, pad_width, mode="constant", **kwargs):
+    """``np.pad`` for Dynamo-traced arrays: constant mode with constant ``pad_width`` becomes ``F.pad``.
+
+    Same values as ``np.pad``; other modes or a non-constant ``pad_width`` use ``torch._numpy.pad``.
+    """
+    import torch._numpy as tnp
+
+    original = _ORIGINAL.get("pad") or tnp.pad
+    # Dynamo hands over the traced array as a (fake) tensor; eager callers may pass a torch._numpy ndarray.
+    tensor = array.tensor if isinstance(array, tnp.ndarray) else array if isinstance(array, torch.Tensor) else None
+    extra = set(kwargs) - {"constant_values"}
+    value = kwargs.get("constant_values", 0)
+    rows = _const_pad_width(pad_width, tensor.ndim) if tensor is not None else None
+    if mode != "constant" or extra or rows is None or not isinstance(value, (int, float)) or any(
+            b < 0 or a < 0 for b, a in rows):
+        return original(array, pad_width, mode, **kwargs)
+    flat = [x for row in reversed(rows) for x in row]
+    return tnp.ndarray(F.pad(tensor, flat, value=value))
+
+
+# Dynamo only accepts torch._numpy functions in its numpy map (it asserts on the module name); this function is a
+# drop-in for torch._numpy.pad, so it says so.
+traceable_np_pad.__module__ = "torch._numpy._funcs"
+
+_ORIGINAL: dict = {}
+
+
+def install_traceable_numpy() -> None:
+    """Make Dynamo trace ``np.pad`` through :func:`traceable_np_pad` (idempotent, process-wide).
+
+    Safe to leave installed: it computes what ``np.pad`` computes and defers to the original otherwise.
+    """
+    m = _tnp_map()
+    if m.get(np.pad) is not traceable_np_pad:
+        _ORIGINAL.setdefault("pad", m.get(np.pad))
+        m[np.pad] = traceable_np_pad
+
+
+def traceable_numpy_installed() -> bool:
+    """Whether Dynamo currently traces ``np.pad`` through :func:`traceable_np_pad`."""
+    return _tnp_map().get(np.pad) is traceable_np_pad
+
+
+def uninstall_traceable_numpy() -> None:
+    """Undo :func:`install_traceable_numpy`."""
+    if "pad" in _ORIGINAL:
+        _tnp_map()[np.pad] = _ORIGINAL["pad"]
+
+
+@contextlib.contextmanager
+def tracing_context(dynamo_config: dict | None = None):
+    """Scoped: :data:`DYNAMO_CONFIG` (or ``dynamo_config``) and the traceable numpy substitutes."""
+    installed_before = traceable_numpy_installed()
+    install_traceable_numpy()
+    try:
+        with torch._dynamo.config.patch(dynamo_config if dynamo_config is not None else DYNAMO_CONFIG):
+            yield
+    finally:
+        if not installed_before:
+            uninstall_traceable_numpy()

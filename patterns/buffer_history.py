@@ -1,0 +1,241 @@
+"""buffer_history: a read-after-write through a KV buffer becomes ``cat([history, k_new], seq)``.
+
+The idiom, as user code (a cache port writing into a preallocated host buffer and reading the history back)::
+
+    self.k_buf[:, pos:pos + t] = k.detach().cpu().numpy()          # write the new tokens
+    k_hist = torch.from_numpy(self.k_buf[:, :pos + t]).to(k.device)  # read [0, pos + t)
+
+Graph before (Dynamo)::
+
+    detach = .detach(k); cpu = .cpu(detach); view_as = .view_as(cpu, cpu)
+    setitem = numpy.setitem(k_buf, (:, pos:add), view_as)
+    getitem = numpy.getitem(k_buf, (:, :add)); as_tensor = torch.as_tensor(getitem); to = .to(as_tensor, device)
+
+Graph after::
+
+    detach = .detach(k)
+    setitem = operator.setitem(k_buf, (:, pos:add), detach)        # the write stays: a later step reads it
+    getitem = operator.getitem(k_buf, (:, 0:pos)); to = .to(getitem, device)
+    cat = torch.cat([to, detach], 1)                               # K reaches attention through graph edges
+
+Also matched: ``buffer[...] = k`` on a tensor buffer (``operator.setitem``/``getitem``), ``buffer[...].copy_(k)``,
+and ATen ``aten.copy_(aten.slice(buffer, ...), k)`` / ``aten.slice(buffer, ...)`` (exported graphs); any one
+sliced dim (the sequence), any layout; reads that also slice other dims (a padded follower's ``[..., :d]``) get
+those slices on every piece.
+
+Why it is exact: the write is kept, in place and in order, so the buffer holds what eager holds. A read of
+``[a, b)`` after the last write ``[s, e)`` of the same buffer equals ``buffer[a:s] ++ v ++ buffer[e:b]`` when
+``a <= s`` and ``e <= b``, because the pieces outside ``[s, e)`` are read from the same buffer at the same point
+of the program, and inside it the buffer holds exactly ``v`` (same dtype; numpy would otherwise cast). Bounds
+are compared symbolically (``statically_known_true``), so one graph serves every position. Skipped, with the
+reason in the report: a bound that cannot be proven, a dtype change through the buffer, a value that cannot be
+traced back to a device tensor, an unrecognised in-place use of the buffer between write and read, and a read
+whose result is mutated in place (it aliases the buffer in eager).
+"""
+
+from __future__ import annotations
+
+import operator
+
+import torch
+import torch.fx
+
+from kvpass.pattern_api import (
+    Emit, Report, buffer_access, forward_hops, host_chain, insert_call, is_side_effect_node, known_eq, known_le,
+    meta_value, mutates_in_place,
+)
+
+NAME = "buffer_history"
+
+
+def _existing_detach(node):
+    """A ``node.detach()`` already in the graph (the round trip's own first step), to reuse."""
+    for user in node.users:
+        if user.op == "call_method" and user.target == "detach" and len(user.args) == 1:
+            return user
+    return None
+
+
+def _device_value(value) -> torch.fx.Node | None:
+    """The device tensor a written value is a host copy of (or the value itself when it is a device tensor)."""
+    if not isinstance(value, torch.fx.Node):
+        return None
+    chain = host_chain(value)
+    node = chain.source if chain is not None and chain.crosses_host else value
+    return node if isinstance(meta_value(node), torch.Tensor) else None
+
+
+def _shape(node, d):
+    v = meta_value(node)
+    return v.shape[d] if isinstance(v, torch.Tensor) and d < v.dim() else None
+
+
+class BufferHistory:
+    """See the module docstring."""
+
+    name = NAME
+
+    def apply(self, gm: torch.fx.GraphModule, report: Report) -> int:
+        graph = gm.graph
+        last_write: dict = {}  # buffer node -> (BufferAccess, device value node) | str (why unusable)
+        count = 0
+        for node in list(graph.nodes):
+            acc = buffer_access(node)
+            if acc is None:
+                self._note_other_mutation(node, last_write)
+                continue
+            if acc.is_write:
+                last_write[acc.buffer] = self._canonical_write(graph, acc)
+                continue
+            count += self._rewrite_read(graph, acc, last_write.get(acc.buffer), report)
+        return count
+
+    # -- writes ------------------------------------------------------------------------------------------
+
+    def _canonical_write(self, graph, acc):
+        """Record a write; a numpy write of a host copy becomes a tensor ``setitem`` of the device value."""
+        dev = _device_value(acc.value)
+        if dev is None:
+            return "the written value is not traceable to a device tensor"
+        if len(acc.dims) != 1:
+            return "the write is not a range along exactly one dim"
+        if acc.kind == "numpy":
+            detached = dev if dev is acc.value else _existing_detach(dev) or insert_call(
+                graph, acc.node, "detach", (dev,), op="call_method", like=acc.node)
+            new = insert_call(graph, acc.node, operator.setitem, (acc.buffer, acc.node.args[1], detached),
+                              like=acc.node)
+            new.meta.update({k: v for k, v in acc.node.meta.items() if k != "example_value"})
+            acc.node.replace_all_uses_with(new)
+            graph.erase_node(acc.node)
+            acc = type(acc)(new, acc.buffer, acc.dims, True, "tensor", detached, acc.ndim)
+            dev = detached
+        return acc, dev
+
+    @staticmethod
+    def _note_other_mutation(node, last_write):
+        """An in-place use of a buffer we do not understand makes its contents unknown from here on."""
+        if not is_side_effect_node(node):
+            return
+        for arg in node.args[:1]:
+            if isinstance(arg, torch.fx.Node) and arg in last_write:
+                last_write[arg] = f"{node.name} mutates the buffer in a way kvpass does not model"
+
+    # -- reads -------------------------------------------------------------------------------------------
+
+    def _rewrite_read(self, graph, read, write, report) -> int:
+        if write is None:
+            return 0  # no write of this buffer earlier in the graph: not a read-after-write
+        end = forward_hops(read.node)
+        if isinstance(write, str):
+            report.add_skip(NAME, read.node, write)
+            return 0
+        w, value = write
+        (dim, (s, e)), = w.dims.items()
+        a, b = read.dims.get(dim, (None, None))
+        a = 0 if a is None else a
+        buf_val, end_val = meta_value(read.buffer), meta_value(end)
+        if not isinstance(buf_val, torch.Tensor) or not isinstance(end_val, torch.Tensor):
+            report.add_skip(NAME, read.node, "no traced shapes to prove the rewrite with")
+            return 0
+        if b is None:
+            b = buf_val.shape[dim]
+        s = 0 if s is None else s
+        e = buf_val.shape[dim] if e is None else e
+        why = None
+        v_val = meta_value(value)
+        if v_val.dtype != buf_val.dtype or end_val.dtype != buf_val.dtype:
+            why = f"dtype changes through the buffer ({v_val.dtype} written, {buf_val.dtype} stored)"
+        elif v_val.dim() != buf_val.dim() or any(
+                not known_eq(v_val.shape[d], buf_val.shape[d]) for d in range(buf_val.dim()) if d != dim):
+            why = "the written value does not fill the buffer's other dims (broadcast or partial write)"
+        elif not known_eq(v_val.shape[dim], _sub(e, s)):
+            why = "the written value's length differs from the written range"
+        elif not (known_le(0, a) and known_le(0, s)):
+            why = "cannot prove the slice bounds are non-negative (negative bounds wrap around)"
+        elif any(mutates_in_place(u) for n in _chain(read.node, end) for u in n.users):
+            why = "the read's result is mutated in place (it aliases the buffer in eager)"
+        if why:
+            report.add_skip(NAME, read.node, why)
+            return 0
+
+        other = {d: r for d, r in read.dims.items() if d != dim}
+        device = end_val.device
+        anchor = read.node
+        emit = Emit(graph, anchor)
+        sym = _SymOps(emit)
+        # read [a, b) = buffer[a : min(s, b)] ++ v[clamp(a - s) : clamp(b - s)] ++ buffer[max(e, a) : b],
+        # clamp(x) = max(0, min(x, len(v))); with a <= s and e <= b (proved) this is buffer[a:s] ++ v ++ buffer[e:b].
+        pieces = []
+        hi1 = sym.min(s, b)
+        if not known_le(hi1, a):
+            pieces.append(_piece(emit, read.buffer, {**other, dim: (a, hi1)}, device))
+        lo_v = 0 if known_le(a, s) else sym.max(0, sym.min(sym.sub(a, s), emit.size(value, dim)))
+        hi_v = None if known_le(e, b) else sym.max(0, sym.min(sym.sub(b, s), emit.size(value, dim)))
+        seq = {} if isinstance(lo_v, int) and lo_v == 0 and hi_v is None else {dim: (lo_v, hi_v)}
+        pieces.append(_piece(emit, value, {**other, **seq}, device))
+        lo3 = sym.max(e, a)
+        if not known_le(b, lo3):
+            pieces.append(_piece(emit, read.buffer, {**other, dim: (lo3, b)}, device))
+        new = emit.cat(pieces, dim)
+        new.meta["example_value"] = end_val
+        end.replace_all_uses_with(new)
+        report.add_match(NAME, [read.node, end], anchor=read.node,
+                         detail=f"cat along dim {dim} with the value written by {w.node.name}")
+        return 1
+
+
+
+def _piece(emit: Emit, node, dims: dict, device):
+    """``node`` sliced on ``dims``, moved to ``device`` if it lives elsewhere (a host buffer on a GPU model)."""
+    node = emit.slice(node, dims)
+    return node if meta_value(node).device == device else emit.to_device(node, device)
+
+
+class _SymOps:
+    """Integer arithmetic on slice bounds: folded when provable, else ``sym_min``/``sym_max``/``sub`` nodes."""
+
+    def __init__(self, emit: Emit):
+        self.emit = emit
+
+    def _node(self, target, *args):
+        return self.emit.call(target, *args)
+
+    def min(self, x, y):
+        if known_le(x, y):
+            return x
+        if known_le(y, x):
+            return y
+        return self._node(torch.sym_min, x, y)
+
+    def max(self, x, y):
+        if known_le(x, y):
+            return y
+        if known_le(y, x):
+            return x
+        return self._node(torch.sym_max, x, y)
+
+    def sub(self, x, y):
+        if isinstance(x, int) and isinstance(y, int):
+            return x - y
+        if known_eq(x, y):
+            return 0
+        return self._node(operator.sub, x, y)
+
+
+def _sub(e, s):
+    ev, sv = meta_value(e), meta_value(s)
+    try:
+        return ev - sv
+    except TypeError:
+        return None
+
+
+def _chain(start, end):
+    out, cur = [start], start
+    while cur is not end:
+        (cur,) = cur.users
+        out.append(cur)
+    return out
+
+
+PATTERN = BufferHistory()

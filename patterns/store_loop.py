@@ -1,0 +1,333 @@
+"""store_loop: a hand-written paged-cache store loop that Dynamo unrolled becomes one ``store_paged_single`` op.
+
+The idiom, as user code (the block ids, offsets and lengths are Python ints, e.g. a plan computed on the host,
+so Dynamo unrolls the loop into one slice write per chunk, or per token)::
+
+    for src, blk, off, n in plan:                                # per chunk (upstream's loop shape)
+        k_cache[blk, :, off:off + n] = k[src:src + n].transpose(0, 1)      # HND cache
+    for i, (blk, off) in enumerate(slots):                       # per token (decode)
+        v_cache[blk, off].copy_(v[i])                                      # NHD cache, copy_ form
+
+Graph before (Dynamo, one group of the first loop; the writes may interleave with another cache's)::
+
+    getitem = k[slice(0, 3)];    transpose = .transpose(getitem, 0, 1)
+    setitem = operator.setitem(k_cache, (3, slice(None), slice(5, 8)), transpose)
+    getitem_1 = k[slice(3, 11)]; transpose_1 = .transpose(getitem_1, 0, 1)
+    setitem_1 = operator.setitem(k_cache, (1, slice(None), slice(0, 8)), transpose_1)
+
+Graph after::
+
+    _kvpass_store_chunks_0 = self._kvpass_store_chunks_0     # int32 [[0, 3, 5, 3], [3, 1, 0, 8]]
+    store_paged_single = kvpass.store_paged_single.default(k, k_cache, None, None, None,
+                                                           _kvpass_store_chunks_0, layout='HND')
+
+Recognised, in any mix: ``operator.setitem(cache_view, index, value)`` and ``cache_view.copy_(value)``, where the
+destination is the cache (rank 4) reached through basic indexing (an int block, a slice or an int on the offset
+axis, the head and head_dim axes whole) and ``transpose``/``permute``/``swapaxes`` views, and the value is the
+states (rank 3) reached the same way (a slice or an int on the token axis, the other axes whole). The layout
+follows from which cache axis the token axis lands on: ``(blocks, heads, offsets, dim)`` is HND,
+``(blocks, offsets, heads, dim)`` NHD. Writes are grouped by (cache, states, layout); a group of two or more
+becomes one op, placed where the group's last write was.
+
+Why it is exact: each write copies ``states[src:src+n]`` to slots ``(blk, off..off+n)`` of one block, which is
+what ``store_paged_single`` does for the chunk row ``(src, blk, off, n)``; with no two writes of the group
+touching the same slot, their order does not matter, so doing them all at the last write's position gives the
+same cache as long as nothing between the first and the last write reads or writes the cache's memory or writes
+the states' memory (checked through the traced values' storages, so another cache's writes may interleave).
+Left unchanged, with the reason in the report: a group whose writes overlap, a cache or states touched between
+the writes, a dtype or device change (``setitem`` and ``copy_`` cast, the op does not), symbolic sizes, a group
+that stores more tokens than the states hold, a write whose result is used, and a graph where the op is not
+registered (``kvpass.ops`` not imported).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import operator
+
+import torch
+import torch.fx
+from torch.multiprocessing.reductions import StorageWeakRef
+
+from kvpass.pattern_api import Report, is_side_effect_node, meta_value
+
+NAME = "store_loop"
+
+_TRANSPOSES = {"transpose", "swapaxes", "swapdims"}
+_TORCH_TRANSPOSES = {torch.transpose, torch.swapaxes, torch.swapdims}
+_NOOP_METHODS = {"contiguous"}
+
+
+@dataclasses.dataclass
+class _View:
+    """A basic-indexing view of a base tensor: ``axes`` labels the view's dims by the base dim they come from;
+    ``ranges[d] = (start, length)`` restricts base dim ``d``; ``dropped`` are base dims indexed by an int."""
+
+    base: torch.fx.Node
+    axes: tuple
+    ranges: dict
+    dropped: frozenset
+    nodes: tuple  # the view nodes, outermost first
+
+
+def _shape(node):
+    v = meta_value(node)
+    if not isinstance(v, torch.Tensor) or not all(isinstance(s, int) for s in v.shape):
+        return None
+    return tuple(v.shape)
+
+
+def _parse_view(node, rank: int):
+    """Interpret ``node`` as a view of a rank-``rank`` base; the deepest interpretable base wins."""
+    inner = None
+    if isinstance(node, torch.fx.Node):
+        src = _view_source(node)
+        if src is not None:
+            inner = _parse_view(src, rank)
+            if inner is not None:
+                out = _apply_view(node, inner)
+                if out is not None:
+                    return out
+    shape = _shape(node)
+    if shape is None or len(shape) != rank:
+        return None
+    return _View(node, tuple(range(rank)), {}, frozenset(), ())
+
+
+def _view_source(node: torch.fx.Node):
+    if node.op == "call_function" and node.target is operator.getitem and node.args:
+        return node.args[0] if isinstance(node.args[0], torch.fx.Node) else None
+    if node.op == "call_function" and node.target in _TORCH_TRANSPOSES | {torch.permute}:
+        return node.args[0] if isinstance(node.args[0], torch.fx.Node) else None
+    if node.op == "call_method" and node.target in _TRANSPOSES | _NOOP_METHODS | {"permute"}:
+        return node.args[0] if isinstance(node.args[0], torch.fx.Node) else None
+    return None
+
+
+def _apply_view(node: torch.fx.Node, v: _View):
+    """``v`` after the view op ``node`` (its first argument is ``v``), or ``None`` if not a basic view."""
+    if node.op == "call_function" and node.target is operator.getitem:
+        out = _index(v, node.args[1])
+    else:
+        name = node.target if node.op == "call_method" else getattr(node.target, "__name__", "")
+        out = _reorder(v, name, node.args[1:] + tuple(node.kwargs.values()))
+    return None if out is None else dataclasses.replace(out, nodes=(node,) + v.nodes)
+
+
+def _index(v: _View, index):
+    """``v[index]`` for a constant basic index (ints, slices with int bounds, one Ellipsis)."""
+    base_shape = _shape(v.base)
+    axes, ranges, dropped = list(v.axes), dict(v.ranges), set(v.dropped)
+    index = index if isinstance(index, tuple) else (index,)
+    if sum(i is Ellipsis for i in index) > 1:
+        return None
+    if Ellipsis in index:
+        k = index.index(Ellipsis)
+        index = index[:k] + (slice(None),) * (len(axes) - len(index) + 1) + index[k + 1:]
+    if len(index) > len(axes):
+        return None
+    kept = []
+    for d, item in zip(axes, index):
+        start, length = ranges.get(d, (0, base_shape[d]))
+        if isinstance(item, bool) or not isinstance(item, (int, slice)):
+            return None  # tensors, None (new axis), nodes (symbolic bounds): not a constant basic index
+        if isinstance(item, int):
+            if not -length <= item < length:
+                return None
+            ranges[d] = (start + item % length, 1)
+            dropped.add(d)
+            continue
+        if not all(x is None or (isinstance(x, int) and not isinstance(x, bool))
+                   for x in (item.start, item.stop, item.step)):
+            return None
+        a, b, step = item.indices(length)
+        if step != 1 or b <= a:
+            return None
+        ranges[d] = (start + a, b - a)
+        kept.append(d)
+    return _View(v.base, tuple(kept + axes[len(index):]), ranges, frozenset(dropped), v.nodes)
+
+
+def _reorder(v: _View, name: str, args: tuple):
+    """``v`` after a ``transpose``/``swapaxes``/``permute`` (or a value-preserving ``contiguous``)."""
+    axes = list(v.axes)
+    if name in _NOOP_METHODS:
+        return None if args else v
+    if not all(isinstance(a, int) and not isinstance(a, bool) for a in
+               (args[0] if name == "permute" and len(args) == 1 and isinstance(args[0], (tuple, list)) else args)):
+        return None
+    if name in _TRANSPOSES or name == "transpose":
+        if len(args) != 2:
+            return None
+        i, j = (a % len(axes) for a in args)
+        axes[i], axes[j] = axes[j], axes[i]
+    elif name == "permute":
+        dims = args[0] if len(args) == 1 and isinstance(args[0], (tuple, list)) else args
+        if sorted(d % len(axes) for d in dims) != list(range(len(axes))):
+            return None
+        axes = [axes[d % len(axes)] for d in dims]
+    else:
+        return None
+    return dataclasses.replace(v, axes=tuple(axes))
+
+
+@dataclasses.dataclass
+class _Write:
+    node: torch.fx.Node
+    cache: torch.fx.Node
+    states: torch.fx.Node
+    layout: str
+    chunk: tuple  # (src, block, offset, length)
+    nodes: tuple  # the write and the view nodes only it uses
+
+
+def _write(node: torch.fx.Node):
+    """A write of a states slice into one block of a paged cache, or ``None``."""
+    if node.op == "call_function" and node.target is operator.setitem and len(node.args) == 3:
+        dst, value = _parse_view(node.args[0], 4), node.args[2]
+        if dst is not None:
+            dst = _index(dst, node.args[1])
+    elif node.op == "call_method" and node.target == "copy_" and len(node.args) == 2 and not node.kwargs:
+        dst, value = _parse_view(node.args[0], 4), node.args[1]
+    else:
+        return None
+    if dst is None or not isinstance(value, torch.fx.Node):
+        return None
+    src = _parse_view(value, 3)
+    if src is None or src.base is dst.base:
+        return None
+    cache_shape, states_shape = _shape(dst.base), _shape(src.base)
+    # the block axis must be indexed by an int; the token axis (states dim 0) lands on cache dim 1 or 2
+    if 0 not in dst.dropped or 0 in dst.axes:
+        return None
+    # align the remaining axes positionally: states dims (token, head, dim) -> cache dims
+    if len(dst.axes) != len(src.axes):
+        return None
+    mapping = dict(zip(src.axes, dst.axes))
+    if 0 in src.dropped:  # a single token: its cache axis is the one the destination indexed by an int
+        lost = sorted(dst.dropped - {0})
+        if len(lost) != 1:
+            return None
+        mapping[0] = lost[0]
+    elif len(dst.dropped) != 1:
+        return None
+    if sorted(mapping) != [0, 1, 2] or mapping[2] != 3 or {mapping[0], mapping[1]} != {1, 2}:
+        return None
+    layout = "HND" if mapping[1] == 1 else "NHD"
+    heads, block_size = (cache_shape[1], cache_shape[2]) if layout == "HND" else (cache_shape[2], cache_shape[1])
+    if states_shape[1] != heads or states_shape[2] != cache_shape[3]:
+        return None
+    for d, size in ((1, states_shape[1]), (2, states_shape[2])):  # heads and head_dim whole on the states side
+        if src.ranges.get(d, (0, size)) != (0, size):
+            return None
+    head_axis = mapping[1]
+    if dst.ranges.get(head_axis, (0, heads)) != (0, heads) or dst.ranges.get(3, (0, cache_shape[3])) != (0, cache_shape[3]):
+        return None
+    s, n = src.ranges.get(0, (0, states_shape[0]))
+    off, m = dst.ranges.get(mapping[0], (0, block_size))
+    block, _ = dst.ranges[0]
+    if n != m or off + n > block_size:
+        return None
+    nodes = (node,) + tuple(x for x in dst.nodes + src.nodes if len(x.users) <= 1)
+    return _Write(node, dst.base, src.base, layout, (s, block, off, n), nodes)
+
+
+def _storage(node):
+    v = meta_value(node)
+    if isinstance(v, torch.Tensor):
+        try:
+            return StorageWeakRef(v.untyped_storage()).cdata
+        except Exception:
+            return "unknown"
+    if isinstance(node, torch.fx.Node) and v is None and node.op != "get_attr":
+        return "unknown"
+    return None
+
+
+class StoreLoop:
+    """See the module docstring."""
+
+    name = NAME
+
+    def apply(self, gm: torch.fx.GraphModule, report: Report) -> int:
+        graph = gm.graph
+        writes = [w for w in map(_write, graph.nodes) if w is not None]
+        groups: dict[tuple, list] = {}
+        for w in writes:
+            groups.setdefault((w.cache, w.states, w.layout), []).append(w)
+        count = 0
+        for (cache, states, layout), group in groups.items():
+            if len(group) < 2:
+                continue  # a single slice write is not a loop
+            why = self._unsafe(graph, cache, states, group)
+            if why:
+                report.add_skip(NAME, group[0].node, why)
+                continue
+            op = getattr(getattr(torch.ops, "kvpass", None), "store_paged_single", None)
+            if op is None:
+                report.add_skip(NAME, group[0].node, "torch.ops.kvpass.store_paged_single is not registered "
+                                                     "(import kvpass.ops)")
+                continue
+            self._replace(gm, cache, states, layout, group, op.default)
+            report.add_match(NAME, [w.node for w in group], anchor=group[0].node,
+                             detail=f"{len(group)} slice writes -> store_paged_single(layout={layout!r})")
+            count += 1
+        return count
+
+    @staticmethod
+    def _unsafe(graph, cache, states, group) -> str | None:
+        cache_val, states_val = meta_value(cache), meta_value(states)
+        if cache_val.dtype != states_val.dtype:
+            return f"dtype change: the writes cast {states_val.dtype} states into a {cache_val.dtype} cache"
+        if cache_val.device != states_val.device:
+            return f"device change: {states_val.device} states written into a {cache_val.device} cache"
+        if any(len(w.node.users) for w in group):
+            return "the result of a write is used"
+        slots = {}
+        for w in group:
+            s, blk, off, n = w.chunk
+            for o in range(off, off + n):
+                if (blk, o) in slots:
+                    return f"writes overlap at block {blk} offset {o}: their order matters"
+                slots[(blk, o)] = w
+        if sum(w.chunk[3] for w in group) > states_val.shape[0]:
+            return "the loop stores more tokens than the states hold (a token stored twice)"
+        order = {n: i for i, n in enumerate(graph.nodes)}
+        first, last = order[group[0].node], order[group[-1].node]
+        own = {n for w in group for n in w.nodes}
+        cache_mem, states_mem = _storage(cache), _storage(states)
+        if cache_mem in (None, "unknown") or states_mem in (None, "unknown"):
+            return "no traced value for the cache or the states"
+        for node in list(graph.nodes)[first + 1:last]:
+            if node in own:
+                continue
+            mems = {_storage(a) for a in node.all_input_nodes}
+            if cache_mem in mems or "unknown" in mems:
+                return f"{node.name} uses the cache's memory between the loop's writes"
+            if is_side_effect_node(node) and states_mem in mems:
+                return f"{node.name} may write the states between the loop's writes"
+        return None
+
+    @staticmethod
+    def _replace(gm, cache, states, layout, group, op) -> None:
+        graph = gm.graph
+        device = meta_value(states).device
+        chunks = torch.tensor([w.chunk for w in group], dtype=torch.int32, device=device)
+        i = 0
+        while hasattr(gm, f"_kvpass_store_chunks_{i}"):
+            i += 1
+        name = f"_kvpass_store_chunks_{i}"
+        gm.register_buffer(name, chunks)
+        last = group[-1].node
+        with graph.inserting_before(last):
+            attr = graph.get_attr(name)
+            call = graph.call_function(op, (states, cache, None, None, None, attr), {"layout": layout})
+        for new in (attr, call):
+            if "stack_trace" in group[0].node.meta:
+                new.meta["stack_trace"] = group[0].node.meta["stack_trace"]
+        attr.meta["example_value"] = chunks
+        for w in group:
+            graph.erase_node(w.node)
+
+
+PATTERN = StoreLoop()
