@@ -8,12 +8,13 @@ pattern module, plus the selected pattern names.
 
 from __future__ import annotations
 
-import functools
+import hashlib
+import os
 import inspect
 from typing import Callable, Sequence
 
 import torch
-from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_files
+from torch._inductor.custom_graph_pass import CustomGraphPass
 
 from . import engine, pattern_api
 
@@ -28,9 +29,14 @@ def catalogue_files(patterns: Sequence) -> tuple[str, ...]:
     return tuple(sorted(f for f in files if f))
 
 
-@functools.lru_cache(maxsize=None)
 def _hash(files: tuple[str, ...], names: tuple[str, ...]) -> str:
-    return get_hash_for_files(files, extra="kvpass:" + ",".join(names)).hex()
+    # Not memoized (torch's get_hash_for_files is, on the paths alone): a file edited in a long-lived process must
+    # change the key, and hashing a few small files is cheap.
+    h = hashlib.sha256(("kvpass:" + ",".join(names)).encode())
+    for path in files:
+        with open(path, "rb") as f:
+            h.update(os.path.basename(path).encode() + b"\0" + f.read())  # not the install location
+    return h.hexdigest()
 
 
 class KVPassInductorPass(CustomGraphPass):

@@ -29,7 +29,7 @@ from .engine import is_side_effect as is_side_effect_node
 
 __all__ = [
     "Report", "Emit", "is_aten_graph", "meta_value", "is_numpy_wrapper", "numpy_op_name", "wrapped_numpy_name", "HOP_METHODS", "host_chain", "HostChain",
-    "BufferAccess", "buffer_access", "_hop_input", "forward_hops", "mutates_in_place", "is_side_effect_node", "mutation_between", "known_le", "known_eq", "insert_call", "propagate_meta", "replace_uses", "is_full_slice",
+    "BufferAccess", "buffer_access", "_hop_input", "HOP_FUNCTIONS", "forward_hops", "mutates_in_place", "is_side_effect_node", "mutation_between", "known_le", "known_eq", "insert_call", "propagate_meta", "replace_uses", "is_full_slice",
 ]
 
 aten = torch.ops.aten
@@ -149,6 +149,20 @@ class HostChain:
     @property
     def crosses_host(self) -> bool:
         return any(_crosses_host(n) for n in self.nodes)
+
+    @property
+    def round_trip(self) -> bool:
+        """The chain leaves the tensor world (``.cpu()``, ``.numpy()``, a device ``_to_copy``) and later comes
+        back as a tensor (``from_numpy``/``as_tensor``/``tensor``, ``.to``/``.cuda``, ``_to_copy``)."""
+        left = False
+        for n in reversed(self.nodes):  # source side first
+            if not left:
+                left = (n.op == "call_method" and n.target in ("cpu", "numpy", "view_as")) or \
+                    n.target is aten._to_copy.default
+            elif (n.op == "call_function" and n.target in HOP_FUNCTIONS) or \
+                    (n.op == "call_method" and n.target in ("to", "cuda")) or n.target is aten._to_copy.default:
+                return True
+        return False
 
 
 def host_chain(end: torch.fx.Node) -> HostChain | None:

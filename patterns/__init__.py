@@ -8,10 +8,11 @@ last (what is left of a round trip after the buffer rewrites); a hand-written pa
 store op (independent of the others, after them).
 """
 
-from . import buffer_history, host_hop, host_padding, pad_slice, shared_read, store_loop
+from . import buffer_history, host_concat, host_hop, host_padding, pad_slice, shared_read, store_loop
 
 PATTERNS: list = [
     host_padding.PATTERN,
+    host_concat.PATTERN,
     shared_read.PATTERN,
     buffer_history.PATTERN,
     pad_slice.PATTERN,

@@ -14,6 +14,11 @@ Graph after::
 
     detach = .detach(k)                          # uses of `to` now use `detach`
 
+Only whole round trips match (the chain leaves for the host and comes back as a tensor), plus a tensor rebuilt
+with ``as_tensor``/``from_numpy``/``tensor`` from what already is a device tensor (left behind when
+``host_padding`` moved a pad to the device). A host array produced by a numpy computation (``astype``, math) and
+turned into a tensor is not a hop of K and is left alone.
+
 At ATen level (exported or post-grad graphs) the same for ``aten._to_copy`` device hops, ``clone``, ``alias``,
 ``lift_fresh_copy``: ``_to_copy(_to_copy(k, device=cpu), device=cuda)`` becomes ``k``.
 
@@ -30,7 +35,7 @@ import torch
 import torch.fx
 
 from kvpass.pattern_api import (
-    Emit, Report, host_chain, meta_value, mutates_in_place, mutation_between, _hop_input,
+    HOP_FUNCTIONS, Emit, Report, host_chain, is_numpy_wrapper, meta_value, mutates_in_place, mutation_between, _hop_input,
 )
 
 NAME = "host_hop"
@@ -51,7 +56,11 @@ class HostHop:
             if all(_hop_input(u) is node for u in node.users):
                 continue  # not the end of a chain: its users continue the hop
             chain = host_chain(node)
-            if chain is None or not chain.crosses_host or len(chain.nodes) < 2:
+            if chain is None:
+                continue
+            # a full round trip, or a tensor rebuilt from what already is a device tensor (as after host_padding)
+            rebuilt = any(n.op == "call_function" and n.target in HOP_FUNCTIONS for n in chain.nodes)
+            if not (chain.round_trip or (rebuilt and not is_numpy_wrapper(chain.source))):
                 continue
             src_val, end_val = meta_value(chain.source), meta_value(node)
             if not isinstance(src_val, torch.Tensor) or not isinstance(end_val, torch.Tensor):

@@ -22,7 +22,7 @@ A follower that also slices another dim (a padded follower's ``[..., :d]``) gets
 
 Why it is exact: no write to the buffer (and no other in-place use of it) lies between the two reads, and the
 first read's result is not mutated in place, so both reads see the same bytes; ranges are proved equal
-symbolically. Reads separated by a write are left to ``buffer_history`` (last writer wins).
+symbolically. Only host-buffer (numpy) reads are merged: slicing a device tensor twice is not a round trip. Reads separated by a write are left to ``buffer_history`` (last writer wins).
 """
 
 from __future__ import annotations
@@ -62,6 +62,8 @@ class SharedRead:
             if acc.is_write:
                 open_reads.pop(acc.buffer, None)
                 continue
+            if acc.kind != "numpy":
+                continue  # only host-buffer reads: re-slicing a device tensor is not a round trip
             end = forward_hops(node)
             earlier = open_reads.setdefault(acc.buffer, [])
             match = next((e for e in earlier if self._covers(e[0], acc) and self._same_value_kind(e[1], end)), None)

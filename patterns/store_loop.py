@@ -8,7 +8,7 @@ so Dynamo unrolls the loop into one slice write per chunk, or per token)::
     for i, (blk, off) in enumerate(slots):                       # per token (decode)
         v_cache[blk, off].copy_(v[i])                                      # NHD cache, copy_ form
 
-Graph before (Dynamo, one group of the first loop; the writes may interleave with another cache's)::
+Graph before (Dynamo, the K writes of the first loop; they may interleave with another cache's writes)::
 
     getitem = k[slice(0, 3)];    transpose = .transpose(getitem, 0, 1)
     setitem = operator.setitem(k_cache, (3, slice(None), slice(5, 8)), transpose)
@@ -17,9 +17,8 @@ Graph before (Dynamo, one group of the first loop; the writes may interleave wit
 
 Graph after::
 
-    _kvpass_store_chunks_0 = self._kvpass_store_chunks_0     # int32 [[0, 3, 5, 3], [3, 1, 0, 8]]
-    store_paged_single = kvpass.store_paged_single.default(k, k_cache, None, None, None,
-                                                           _kvpass_store_chunks_0, layout='HND')
+    tensor = torch.tensor([[0, 3, 5, 3], [3, 1, 0, 8]], dtype=torch.int32, device=cpu)   # the chunk table
+    store_paged_single = kvpass.store_paged_single.default(k, k_cache, None, None, None, tensor, layout='HND')
 
 Recognised, in any mix: ``operator.setitem(cache_view, index, value)`` and ``cache_view.copy_(value)``, where the
 destination is the cache (rank 4) reached through basic indexing (an int block, a slice or an int on the offset
@@ -27,7 +26,14 @@ axis, the head and head_dim axes whole) and ``transpose``/``permute``/``swapaxes
 states (rank 3) reached the same way (a slice or an int on the token axis, the other axes whole). The layout
 follows from which cache axis the token axis lands on: ``(blocks, heads, offsets, dim)`` is HND,
 ``(blocks, offsets, heads, dim)`` NHD. Writes are grouped by (cache, states, layout); a group of two or more
-becomes one op, placed where the group's last write was.
+becomes one op, placed where the group's last write was; two groups with the same chunks into two different
+caches (a K/V loop, like the one above with its V writes) become one ``store_paged_kv``::
+
+    tensor = torch.tensor([[0, 3, 5, 3], [3, 1, 0, 8], [11, 6, 0, 2]], dtype=torch.int32, device=cpu)
+    store_paged_kv = kvpass.store_paged_kv.default(k, v, k_cache, v_cache, None, None, None, tensor, layout='HND')
+
+The chunk table is built in the graph (a ``torch.tensor`` of constants), not registered as a buffer: Dynamo
+graphs carry a source for every attribute and AOTAutograd rejects one without it.
 
 Why it is exact: each write copies ``states[src:src+n]`` to slots ``(blk, off..off+n)`` of one block, which is
 what ``store_paged_single`` does for the chunk row ``(src, blk, off, n)``; with no two writes of the group
@@ -35,9 +41,10 @@ touching the same slot, their order does not matter, so doing them all at the la
 same cache as long as nothing between the first and the last write reads or writes the cache's memory or writes
 the states' memory (checked through the traced values' storages, so another cache's writes may interleave).
 Left unchanged, with the reason in the report: a group whose writes overlap, a cache or states touched between
-the writes, a dtype or device change (``setitem`` and ``copy_`` cast, the op does not), symbolic sizes, a group
-that stores more tokens than the states hold, a write whose result is used, and a graph where the op is not
-registered (``kvpass.ops`` not imported).
+the writes, states that share the cache's memory, a dtype or device change (``setitem`` and ``copy_`` cast, the op does not), a group that stores more
+tokens than the states hold, a write whose result is used, and a graph where the op is not registered
+(``kvpass.ops`` not imported). Not recognised as a store at all (no report): a lone write, symbolic sizes or
+indices, tensor (advanced) indices, broadcasting values, a write that covers only part of the heads or head_dim.
 """
 
 from __future__ import annotations
@@ -255,78 +262,123 @@ class StoreLoop:
         groups: dict[tuple, list] = {}
         for w in writes:
             groups.setdefault((w.cache, w.states, w.layout), []).append(w)
-        count = 0
-        for (cache, states, layout), group in groups.items():
+        safe = []
+        for group in groups.values():
             if len(group) < 2:
                 continue  # a single slice write is not a loop
-            why = self._unsafe(graph, cache, states, group)
+            why = _group_problem(group) or _region_problem(graph, [group])
             if why:
                 report.add_skip(NAME, group[0].node, why)
-                continue
-            op = getattr(getattr(torch.ops, "kvpass", None), "store_paged_single", None)
-            if op is None:
-                report.add_skip(NAME, group[0].node, "torch.ops.kvpass.store_paged_single is not registered "
-                                                     "(import kvpass.ops)")
-                continue
-            self._replace(gm, cache, states, layout, group, op.default)
-            report.add_match(NAME, [w.node for w in group], anchor=group[0].node,
-                             detail=f"{len(group)} slice writes -> store_paged_single(layout={layout!r})")
+            else:
+                safe.append(group)
+        if not safe:
+            return 0
+        ops = getattr(torch.ops, "kvpass", None)
+        single, pair = getattr(ops, "store_paged_single", None), getattr(ops, "store_paged_kv", None)
+        if single is None or pair is None:
+            for group in safe:
+                report.add_skip(NAME, group[0].node, "torch.ops.kvpass store ops are not registered (import kvpass)")
+            return 0
+        count = 0
+        while safe:
+            group = safe.pop(0)
+            partner = next((g for g in safe if _pairs_with(group, g) and not _region_problem(graph, [group, g])),
+                           None)
+            if partner is not None:  # a K/V loop: one store_paged_kv for both caches
+                safe.remove(partner)
+                _replace(gm, [group, partner], pair.default)
+                nodes = [w.node for w in group + partner]
+                detail = f"{len(nodes)} slice writes -> store_paged_kv(layout={group[0].layout!r})"
+            else:
+                _replace(gm, [group], single.default)
+                nodes = [w.node for w in group]
+                detail = f"{len(nodes)} slice writes -> store_paged_single(layout={group[0].layout!r})"
+            report.add_match(NAME, nodes, anchor=group[0].node, detail=detail)
             count += 1
         return count
 
-    @staticmethod
-    def _unsafe(graph, cache, states, group) -> str | None:
-        cache_val, states_val = meta_value(cache), meta_value(states)
-        if cache_val.dtype != states_val.dtype:
-            return f"dtype change: the writes cast {states_val.dtype} states into a {cache_val.dtype} cache"
-        if cache_val.device != states_val.device:
-            return f"device change: {states_val.device} states written into a {cache_val.device} cache"
-        if any(len(w.node.users) for w in group):
-            return "the result of a write is used"
-        slots = {}
-        for w in group:
-            s, blk, off, n = w.chunk
-            for o in range(off, off + n):
-                if (blk, o) in slots:
-                    return f"writes overlap at block {blk} offset {o}: their order matters"
-                slots[(blk, o)] = w
-        if sum(w.chunk[3] for w in group) > states_val.shape[0]:
-            return "the loop stores more tokens than the states hold (a token stored twice)"
-        order = {n: i for i, n in enumerate(graph.nodes)}
-        first, last = order[group[0].node], order[group[-1].node]
-        own = {n for w in group for n in w.nodes}
-        cache_mem, states_mem = _storage(cache), _storage(states)
-        if cache_mem in (None, "unknown") or states_mem in (None, "unknown"):
-            return "no traced value for the cache or the states"
-        for node in list(graph.nodes)[first + 1:last]:
-            if node in own:
-                continue
-            mems = {_storage(a) for a in node.all_input_nodes}
-            if cache_mem in mems or "unknown" in mems:
-                return f"{node.name} uses the cache's memory between the loop's writes"
-            if is_side_effect_node(node) and states_mem in mems:
-                return f"{node.name} may write the states between the loop's writes"
-        return None
 
-    @staticmethod
-    def _replace(gm, cache, states, layout, group, op) -> None:
-        graph = gm.graph
-        device = meta_value(states).device
-        chunks = torch.tensor([w.chunk for w in group], dtype=torch.int32, device=device)
-        i = 0
-        while hasattr(gm, f"_kvpass_store_chunks_{i}"):
-            i += 1
-        name = f"_kvpass_store_chunks_{i}"
-        gm.register_buffer(name, chunks)
-        last = group[-1].node
-        with graph.inserting_before(last):
-            attr = graph.get_attr(name)
-            call = graph.call_function(op, (states, cache, None, None, None, attr), {"layout": layout})
-        for new in (attr, call):
-            if "stack_trace" in group[0].node.meta:
-                new.meta["stack_trace"] = group[0].node.meta["stack_trace"]
-        attr.meta["example_value"] = chunks
-        for w in group:
+def _group_problem(group) -> str | None:
+    """Why one group's writes cannot become one op (value facts), or ``None``."""
+    cache_val, states_val = meta_value(group[0].cache), meta_value(group[0].states)
+    if cache_val.dtype != states_val.dtype:
+        return f"dtype change: the writes cast {states_val.dtype} states into a {cache_val.dtype} cache"
+    if cache_val.device != states_val.device:
+        return f"device change: {states_val.device} states written into a {cache_val.device} cache"
+    if any(len(w.node.users) for w in group):
+        return "the result of a write is used"
+    slots = set()
+    for w in group:
+        _, blk, off, n = w.chunk
+        for o in range(off, off + n):
+            if (blk, o) in slots:
+                return f"writes overlap at block {blk} offset {o}: their order matters"
+            slots.add((blk, o))
+    if sum(w.chunk[3] for w in group) > states_val.shape[0]:
+        return "the loop stores more tokens than the states hold (a token stored twice)"
+    cache_mem, states_mem = _storage(group[0].cache), _storage(group[0].states)
+    if cache_mem in (None, "unknown") or states_mem in (None, "unknown"):
+        return "no traced value for the cache or the states"
+    if cache_mem == states_mem:
+        return "the states share memory with the cache: the writes read what earlier writes wrote"
+    return None
+
+
+def _region_problem(graph, groups) -> str | None:
+    """Why the writes of ``groups`` cannot all move to the last one's position: a node between the first and
+    the last write (other than the groups' own) that touches a cache's memory or may write a states' memory."""
+    order = {n: i for i, n in enumerate(graph.nodes)}
+    nodes = [w.node for g in groups for w in g]
+    first, last = min(order[n] for n in nodes), max(order[n] for n in nodes)
+    own = {n for g in groups for w in g for n in w.nodes}
+    caches = {_storage(g[0].cache) for g in groups}
+    states = {_storage(g[0].states) for g in groups}
+    for node in list(graph.nodes)[first + 1:last]:
+        if node in own:
+            continue
+        mems = {_storage(a) for a in node.all_input_nodes}
+        if mems & caches or "unknown" in mems:
+            return f"{node.name} uses the cache's memory between the loop's writes"
+        if mems & states and is_side_effect_node(node):
+            return f"{node.name} may write the states between the loop's writes"
+    return None
+
+
+def _pairs_with(a, b) -> bool:
+    """Two groups a ``store_paged_kv`` can do at once: the same chunks and layout into two distinct caches."""
+    if [w.chunk for w in a] != [w.chunk for w in b] or a[0].layout != b[0].layout:
+        return False
+    ka, kb = meta_value(a[0].states), meta_value(b[0].states)
+    ca, cb = meta_value(a[0].cache), meta_value(b[0].cache)
+    caches = {_storage(a[0].cache), _storage(b[0].cache)}
+    return (len(caches) == 2 and not caches & {_storage(a[0].states), _storage(b[0].states)}
+            and ka.shape[:2] == kb.shape[:2] and ca.shape[:3] == cb.shape[:3] and ka.device == kb.device)
+
+
+def _replace(gm, groups, op) -> None:
+    """Insert the store op (its chunk table built in the graph from constants) at the last write of ``groups``;
+    erase the writes. The table is a ``torch.tensor`` call, not a new buffer: Dynamo graphs carry a source for
+    every attribute, and AOTAutograd rejects attributes without one."""
+    graph = gm.graph
+    order = {n: i for i, n in enumerate(graph.nodes)}
+    group = groups[0]
+    device = meta_value(group[0].states).device
+    rows = [list(w.chunk) for w in group]
+    last = max((w.node for g in groups for w in g), key=order.__getitem__)
+    states = [g[0].states for g in groups]
+    caches = [g[0].cache for g in groups]
+    with graph.inserting_before(last):
+        table = graph.call_function(torch.tensor, (rows,), {"dtype": torch.int32, "device": device})
+        call = graph.call_function(op, (*states, *caches, None, None, None, table), {"layout": group[0].layout})
+    for new in (table, call):
+        if "stack_trace" in group[0].node.meta:
+            new.meta["stack_trace"] = group[0].node.meta["stack_trace"]
+    fake_mode = getattr(meta_value(group[0].states), "fake_mode", None)
+    if fake_mode is not None:
+        with fake_mode:
+            table.meta["example_value"] = torch.tensor(rows, dtype=torch.int32, device=device)
+    for g in groups:
+        for w in g:
             graph.erase_node(w.node)
 
 

@@ -1,0 +1,151 @@
+"""kvpass.rewrite: argument errors, verify, idempotence, and the cases it must leave alone."""
+
+import copy
+
+import pytest
+import torch
+import torch.fx
+
+import idioms
+import kvpass
+from kvpass.testing import capture_graphs
+from kvpass.tracing import tracing_context
+
+
+def rand(*shape, seed=0):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
+
+
+def dynamo_graph(fn, *args):
+    with tracing_context():
+        _, graphs = capture_graphs(fn, *args, transform=lambda gm: gm)
+    (g,) = graphs
+    return g.before, g.example_inputs
+
+
+def test_unknown_pattern_name_lists_valid_ones():
+    gm = torch.fx.symbolic_trace(lambda x: x + 1)
+    with pytest.raises(ValueError, match=r"unknown pattern 'nope'; valid names: buffer_history, host_concat, host_hop, host_padding"):
+        kvpass.rewrite(gm, patterns=["nope"])
+    with pytest.raises(ValueError, match="unknown pattern"):
+        kvpass.backend(patterns=["nope"])
+
+
+def test_non_graph_module_is_a_type_error():
+    with pytest.raises(TypeError, match=r"gm: expected a torch.fx.GraphModule, got Linear"):
+        kvpass.rewrite(torch.nn.Linear(2, 2))
+
+
+def test_verify_needs_inputs():
+    gm = torch.fx.symbolic_trace(lambda x: x + 1)
+    with pytest.raises(ValueError, match="example_inputs"):
+        kvpass.rewrite(gm, verify=True)
+
+
+class WrongPattern:
+    """Deliberately wrong: turns every multiplication into an addition."""
+
+    name = "wrong"
+
+    def apply(self, gm, report):
+        n = 0
+        for node in gm.graph.nodes:
+            if node.op == "call_function" and node.target is torch.mul:
+                node.target = torch.add
+                report.add_match(self.name, [node])
+                n += 1
+        return n
+
+
+def test_verify_catches_a_wrong_rewrite():
+    gm = torch.fx.symbolic_trace(lambda x: torch.mul(x, 3.0))
+    with pytest.raises(kvpass.RewriteMismatch, match=r"max abs difference .* patterns that matched: wrong"):
+        kvpass.rewrite(gm, patterns=[WrongPattern()], example_inputs=[rand(4)], verify=True)
+
+
+def test_verify_passes_a_right_rewrite_and_graph_still_writes_the_cache():
+    k = rand(2, 3, 4, seed=1)
+    cache = idioms.HostCache(seed=2)
+    gm, inputs = dynamo_graph(idioms.write_then_read, cache, k)
+    gm2, report = kvpass.rewrite(gm, example_inputs=inputs, verify=True)
+    assert report.counts["buffer_history"] == 1
+
+
+def test_rewriting_twice_changes_nothing_the_second_time():
+    cache = idioms.HostCache(d=8, seed=3)
+    gm, _ = dynamo_graph(idioms.padded_write_read, cache, rand(2, 3, 4, seed=4))
+    gm, first = kvpass.rewrite(gm)
+    once = kvpass.graph_text(gm)
+    gm, second = kvpass.rewrite(gm)
+    assert first.matches and not second.matches and not second.skips
+    assert kvpass.graph_text(gm) == once
+
+
+@pytest.mark.parametrize("fn", [idioms.mutated_between, idioms.dtype_change])
+def test_unsafe_hops_are_left_unchanged(fn):
+    k = rand(2, 3, 4, seed=5)
+    gm, inputs = dynamo_graph(fn, k)
+    before = kvpass.graph_text(gm)
+    gm, report = kvpass.rewrite(gm, example_inputs=inputs, verify=True)
+    assert not report.matches
+    assert kvpass.graph_text(gm) == before
+    torch.testing.assert_close(gm(*inputs)[0], fn(k))
+
+
+def test_mutation_between_hop_and_rebuild_is_reported():
+    gm, _ = dynamo_graph(idioms.mutated_between, rand(2, 3, 4, seed=6))
+    _, report = kvpass.rewrite(gm, patterns=["host_hop"])
+    assert [s.reason for s in report.skips] == [report.skips[0].reason]
+    assert "mutated in place" in report.skips[0].reason and "idioms.py" in report.skips[0].source
+
+
+def test_rebuilt_tensor_mutated_in_place_is_not_rewritten():
+    def fn(k):
+        back = torch.from_numpy(k.detach().cpu().numpy()).to(k.device)
+        back.mul_(2.0)  # in eager this changes the host copy (an alias on CPU), never k
+        return back + k
+
+    k = rand(2, 3, seed=7)
+    gm, inputs = dynamo_graph(fn, k)
+    gm, report = kvpass.rewrite(gm, patterns=["host_hop"], example_inputs=inputs, verify=True)
+    assert not report.matches and "mutated in place" in report.skips[0].reason
+
+
+def test_non_kv_round_trip_of_a_mask_is_exact():
+    scores = rand(3, 3, seed=8)
+    gm, inputs = dynamo_graph(idioms.mask_round_trip, scores)
+    gm, report = kvpass.rewrite(gm, example_inputs=inputs, verify=True)  # exact or unchanged, never approximate
+    torch.testing.assert_close(gm(*inputs)[0], idioms.mask_round_trip(scores))
+
+
+def test_read_result_mutated_in_place_is_not_rewritten():
+    def fn(cache, k):
+        t = k.shape[1]
+        cache.k[:, cache.pos : cache.pos + t] = k.detach().cpu().numpy()
+        cache.pos += t
+        hist = torch.from_numpy(cache.k[:, : cache.pos]).to(k.device)
+        hist.add_(1.0)  # writes through to the host buffer in eager
+        return hist * 1.0
+
+    k = rand(2, 3, 4, seed=9)
+    cache, eager_cache = idioms.HostCache(seed=3), idioms.HostCache(seed=3)
+    gm, inputs = dynamo_graph(fn, cache, k)
+    _, report = kvpass.rewrite(gm, patterns=["buffer_history"])
+    assert report.counts["buffer_history"] == 0
+    assert any("aliases the buffer" in s.reason for s in report.skips)
+
+
+def test_read_without_prior_write_is_not_history():
+    def fn(cache, k):
+        hist = torch.from_numpy(cache.k[:, :4]).to(k.device)
+        return hist.sum() + k.sum()
+
+    gm, _ = dynamo_graph(fn, idioms.HostCache(seed=4), rand(2, 3, 4, seed=10))
+    _, report = kvpass.rewrite(gm, patterns=["buffer_history"])
+    assert report.counts["buffer_history"] == 0 and not report.skips
+
+
+def test_rewrite_is_in_place_and_returns_the_module():
+    gm = torch.fx.symbolic_trace(lambda x: x + 1)
+    out, report = kvpass.rewrite(gm)
+    assert out is gm and report.counts and not report.matches

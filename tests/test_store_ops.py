@@ -1,0 +1,386 @@
+"""Eager paged store ops against a plain per-token reference (issue 5, DESIGN section 5).
+
+The sweep follows the upstream accuracy tests: batch 1, 2, 3, 8; kv_heads 1 to 8; head_dim 64, 128, 256; block
+sizes 8 to 2048; contexts at block edges (511, 1023, 2047); long prefills (788, 977); padding rows; decode;
+bucket-padded batches; tokens past the table width; ``-1`` holes; fp32, fp16, bf16; both cache layouts; both
+addressing modes. Caches are poisoned with random values, so a slot that should not be written but is, or should
+be but is not, shows as a difference from the reference (which starts from the same poisoned cache).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+import zlib
+
+import pytest
+import torch
+
+import kvpass
+from kvpass.errors import KVPassError
+from kvpass.ops import PagedStoreError, PagedStoreTypeError, PagedStoreValueError, store_paged_kv, store_paged_single
+from kvpass.ops.reference import reference_store
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+LAYOUTS = ["HND", "NHD"]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Case construction
+# ----------------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Spec:
+    """One scenario: rows' contexts and new-token counts, geometry, and table quirks."""
+
+    ctx: list
+    q: list
+    heads: int
+    head_dim: int
+    block_size: int
+    decode: bool = False
+    width: int | None = None  # table width; None: exactly what the rows need
+    holes: tuple = ()  # (row, logical block) entries set to -1
+    extra_tokens: int = 0  # tokens after cu_q_lens[-1] that belong to no row
+    cu: list | None = None  # explicit cu_q_lens (bucket padding)
+    spare_blocks: int = 3
+
+
+SPECS = {
+    "b1_prefill_h1_d64": Spec([0], [40], 1, 64, 16),
+    "b2_edges_bs512_h2_d128": Spec([511, 1023], [2, 3], 2, 128, 512),
+    "b3_edge2047_bs2048_h1_d64": Spec([2047, 0, 5], [2, 1, 1], 1, 64, 2048),
+    "b8_decode_h8_d128": Spec([15, 16, 0, 31, 32, 1, 47, 5], [1] * 8, 8, 128, 16, decode=True),
+    "b2_long_prefill_788_977_h2_d256": Spec([0, 100], [788, 977], 2, 256, 64),
+    "padding_rows_32_-1_35": Spec([32, -1, 35], [1, 1, 1], 3, 64, 16),
+    "padding_rows_0_-1_5_q402": Spec([0, -1, 5], [4, 0, 2], 4, 64, 16),
+    "bucket_padded_bs8": Spec([0, 2, 7, 9, -1, -1], [1, 1, 1, 1, 0, 0], 2, 64, 8,
+                              cu=[0, 1, 2, 3, 4, 4, 4], extra_tokens=2),
+    "decode_padding_rows": Spec([3, -1, 8, -1], [1] * 4, 5, 64, 4, decode=True),
+    "past_table_width": Spec([10, 0], [30, 20], 6, 64, 16, width=2),
+    "holes_in_table": Spec([5, 0], [40, 9], 7, 64, 16, holes=((0, 1), (1, 0))),
+    "b8_prefill_mixed_edges_bs32": Spec([511, 1023, 2047, 0, 31, 32, -1, 7], [3, 9, 1, 33, 1, 0, 2, 17], 8, 128, 32),
+}
+
+
+@dataclasses.dataclass
+class Case:
+    key: torch.Tensor
+    value: torch.Tensor
+    key_cache: torch.Tensor
+    value_cache: torch.Tensor
+    block_table: torch.Tensor
+    cu_q_lens: torch.Tensor | None
+    context_kv_lens: torch.Tensor
+    layout: str
+
+    @property
+    def index(self):
+        return self.block_table, self.cu_q_lens, self.context_kv_lens
+
+    def caches(self):
+        """Fresh copies of the poisoned caches."""
+        return self.key_cache.clone(), self.value_cache.clone()
+
+
+def build(spec: Spec, dtype=torch.float32, layout="HND", seed=0, device="cpu") -> Case:
+    """Random states, randomly poisoned caches and a shuffled block table for ``spec``."""
+    g = torch.Generator().manual_seed(seed)
+    rows, bs = len(spec.ctx), spec.block_size
+    need = [((max(c, 0) + n + bs - 1) // bs) if c >= 0 else 1 for c, n in zip(spec.ctx, spec.q)]
+    width = spec.width or max(need)
+    num_blocks = rows * width + spec.spare_blocks
+    perm = torch.randperm(num_blocks, generator=g)[: rows * width].reshape(rows, width)
+    table = perm.clone()
+    for b in range(rows):
+        table[b, need[b]:] = -1  # unused entries; a padding row keeps a real block: only ctx = -1 skips it
+    for b, j in spec.holes:
+        table[b, j] = -1
+    if spec.cu is not None:
+        cu = torch.tensor(spec.cu)
+    else:
+        cu = torch.zeros(rows + 1, dtype=torch.int64)
+        cu[1:] = torch.tensor(spec.q).cumsum(0)
+    tokens = int(cu[-1]) + spec.extra_tokens
+    h, d = spec.heads, spec.head_dim
+    shape = (num_blocks, h, bs, d) if layout == "HND" else (num_blocks, bs, h, d)
+
+    def rnd(*s):
+        return torch.randn(*s, generator=g).to(dtype).to(device)
+
+    return Case(
+        key=rnd(tokens, h, d), value=rnd(tokens, h, d), key_cache=rnd(*shape), value_cache=rnd(*shape),
+        block_table=table.to(torch.int32).to(device),
+        cu_q_lens=None if spec.decode else cu.to(torch.int32).to(device),
+        context_kv_lens=torch.tensor(spec.ctx, dtype=torch.int32).to(device), layout=layout,
+    )
+
+
+def chunks_of(case: Case, seed=0, extras=True) -> torch.Tensor:
+    """The block-table addressing of ``case`` as chunk metadata (runs within one block), shuffled, plus a
+    skipped ``-1`` chunk and a zero-length chunk when ``extras``."""
+    bs = case.key_cache.shape[2] if case.layout == "HND" else case.key_cache.shape[1]
+    table, ctx = case.block_table.tolist(), case.context_kv_lens.tolist()
+    cu = case.cu_q_lens.tolist() if case.cu_q_lens is not None else list(range(len(ctx) + 1))
+    out = []
+    for b, c in enumerate(ctx):
+        if c < 0:
+            continue
+        t = cu[b]
+        while t < cu[b + 1]:
+            p = c + t - cu[b]
+            j, off = divmod(p, bs)
+            n = min(cu[b + 1] - t, bs - off)
+            if j < len(table[b]) and table[b][j] >= 0:
+                out.append([t, table[b][j], off, n])
+            t += n
+    if extras:
+        out.append([0, -1, 0, 1])  # a skipped chunk (its token is also stored by another chunk: allowed)
+        out.append([0, 0, 0, 0])  # zero length
+    random.Random(seed).shuffle(out)
+    return torch.tensor(out, dtype=torch.int32).reshape(-1, 4).to(case.key.device)
+
+
+def written_slots(cache_before: torch.Tensor, cache_after: torch.Tensor, layout: str) -> int:
+    """How many (block, offset) slots differ (random poison makes an accidental equality vanishingly rare)."""
+    diff = (cache_before != cache_after).reshape(cache_before.shape[0], *cache_before.shape[1:3], -1).any(-1)
+    return int(diff.any(1 if layout == "HND" else 2).sum())
+
+
+def expected_writes(case: Case) -> int:
+    """The number of tokens the semantics stores for ``case`` (counted from the metadata alone)."""
+    bs = case.key_cache.shape[2] if case.layout == "HND" else case.key_cache.shape[1]
+    table, ctx = case.block_table.tolist(), case.context_kv_lens.tolist()
+    cu = case.cu_q_lens.tolist() if case.cu_q_lens is not None else list(range(len(ctx) + 1))
+    return sum(1 for b, c in enumerate(ctx) if c >= 0 for p in range(c, c + cu[b + 1] - cu[b])
+               if p // bs < len(table[b]) and table[b][p // bs] >= 0)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The differential sweep
+# ----------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).split(".")[-1])
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("name", list(SPECS))
+def test_block_table_matches_per_token_reference(name, layout, dtype):
+    case = build(SPECS[name], dtype, layout, seed=zlib.crc32(name.encode()))
+    ref_k = reference_store(case.key, case.key_cache, *case.index, layout=layout)
+    ref_v = reference_store(case.value, case.value_cache, *case.index, layout=layout)
+    assert written_slots(case.key_cache, ref_k, layout) == expected_writes(case) > 0
+
+    kc, vc = case.caches()
+    out = store_paged_kv(case.key, case.value, kc, vc, *case.index, layout=layout)
+    assert out[0] is kc and out[1] is vc
+    assert torch.equal(kc, ref_k), "store_paged_kv: key cache differs from the per-token reference"
+    assert torch.equal(vc, ref_v), "store_paged_kv: value cache differs from the per-token reference"
+
+    single = case.key_cache.clone()
+    assert store_paged_single(case.key, single, *case.index, layout=layout) is single
+    assert torch.equal(single, kc), "store_paged_single differs from the K half of store_paged_kv"
+    single_v = case.value_cache.clone()
+    torch.ops.kvpass.store_paged_single(case.value, single_v, *case.index, layout=layout)
+    assert torch.equal(single_v, vc)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("name", ["b1_prefill_h1_d64", "b2_long_prefill_788_977_h2_d256", "padding_rows_0_-1_5_q402",
+                                  "bucket_padded_bs8", "b8_decode_h8_d128", "holes_in_table"])
+def test_chunk_metadata_matches_reference_and_block_table(name, layout):
+    case = build(SPECS[name], torch.float32, layout, seed=7)
+    chunks = chunks_of(case, seed=3)
+    ref = reference_store(case.key, case.key_cache, chunk_metadata=chunks, layout=layout)
+    assert torch.equal(ref, reference_store(case.key, case.key_cache, *case.index, layout=layout))
+    kc, vc = case.caches()
+    store_paged_kv(case.key, case.value, kc, vc, chunk_metadata=chunks, layout=layout)
+    assert torch.equal(kc, ref)
+    assert torch.equal(vc, reference_store(case.value, case.value_cache, chunk_metadata=chunks, layout=layout))
+    single = case.key_cache.clone()
+    store_paged_single(case.key, single, chunk_metadata=chunks, layout=layout)
+    assert torch.equal(single, kc)
+    assert written_slots(case.key_cache, kc, layout) > 0
+
+
+def test_chunks_reading_arbitrary_tokens():
+    """Chunks copy any token range to any offset (not only a block-table plan), in any order."""
+    g = torch.Generator().manual_seed(11)
+    states = torch.randn(20, 3, 32, generator=g)
+    cache = torch.randn(6, 3, 8, 32, generator=g)
+    chunks = torch.tensor([[12, 4, 5, 3], [0, 1, 0, 8], [8, 1, 0, 2], [15, -1, 0, 5], [10, 5, 7, 1]], dtype=torch.int32)
+    out = cache.clone()
+    store_paged_single(states, out, chunk_metadata=chunks)
+    assert torch.equal(out, reference_store(states, cache, chunk_metadata=chunks))
+    assert torch.equal(out[4, :, 5:8], states[12:15].transpose(0, 1))
+
+
+def test_disjoint_views_of_one_kv_buffer():
+    """K and V as two views of one (2, ...) allocation, and FlashInfer-style interleaved (NB, 2, ...) views."""
+    case = build(SPECS["padding_rows_0_-1_5_q402"], torch.float32, "NHD", seed=5)
+    for kv, k_view, v_view in ((torch.stack(case.caches()), lambda t: t[0], lambda t: t[1]),
+                               (torch.stack(case.caches(), 1), lambda t: t[:, 0], lambda t: t[:, 1])):
+        store_paged_kv(case.key, case.value, k_view(kv), v_view(kv), *case.index, layout="NHD")
+        assert torch.equal(k_view(kv), reference_store(case.key, case.key_cache, *case.index, layout="NHD"))
+        assert torch.equal(v_view(kv), reference_store(case.value, case.value_cache, *case.index, layout="NHD"))
+
+
+def test_non_contiguous_states_and_cache():
+    case = build(SPECS["b8_prefill_mixed_edges_bs32"], torch.float32, "HND", seed=2)
+    key = case.key.transpose(0, 1).contiguous().transpose(0, 1)  # same values, token stride 1
+    cache = case.key_cache.transpose(1, 2).contiguous().transpose(1, 2)  # HND view with NHD strides
+    assert not key.is_contiguous() and not cache.is_contiguous()
+    store_paged_single(key, cache, *case.index)
+    assert torch.equal(cache, reference_store(case.key, case.key_cache, *case.index))
+
+
+def test_empty_inputs_write_nothing():
+    case = build(SPECS["padding_rows_32_-1_35"], torch.float32, "HND")
+    cache = case.key_cache.clone()
+    none = torch.tensor([-1, -1, -1], dtype=torch.int32)
+    store_paged_single(case.key, cache, case.block_table, case.cu_q_lens, none)  # every row is padding
+    store_paged_single(case.key[:0], cache, case.block_table, torch.zeros(4, dtype=torch.int32), case.context_kv_lens)
+    store_paged_single(case.key, cache, chunk_metadata=torch.zeros(0, 4, dtype=torch.int32))
+    assert torch.equal(cache, case.key_cache)
+
+
+def test_public_names():
+    assert kvpass.store_paged_kv is store_paged_kv and kvpass.store_paged_single is store_paged_single
+    assert {"store_paged_kv", "store_paged_single"} <= set(kvpass.__all__) & set(kvpass.ops.__all__)
+    for name in kvpass.ops.__all__:
+        assert getattr(kvpass.ops, name).__doc__, name
+    schema = str(torch.ops.kvpass.store_paged_kv.default._schema)
+    assert "Tensor(a2!) key_cache, Tensor(a3!) value_cache" in schema and schema.endswith("-> ()")
+    assert "Tensor(a1!) cache" in str(torch.ops.kvpass.store_paged_single.default._schema)
+
+
+@pytest.mark.parametrize("op", ["kv", "single_chunks"])
+def test_opcheck(op):
+    """torch.library.opcheck: the schema's mutates_args are exact, the fake kernel and the functionalized
+    (decomposed) path agree with eager."""
+    case = build(SPECS["padding_rows_0_-1_5_q402"], torch.float32, "HND", seed=4)
+    kc, vc = case.caches()
+    if op == "kv":
+        torch.library.opcheck(torch.ops.kvpass.store_paged_kv.default, (case.key, case.value, kc, vc, *case.index))
+    else:
+        torch.library.opcheck(torch.ops.kvpass.store_paged_single.default,
+                              (case.key, kc, None, None, None, chunks_of(case)), {"layout": "HND"})
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Validation: every rejected call names the argument and writes nothing
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _kw(case, **over):
+    kw = dict(key=case.key, value=case.value, block_table=case.block_table, cu_q_lens=case.cu_q_lens,
+              context_kv_lens=case.context_kv_lens, chunk_metadata=None, layout=case.layout)
+    kw.update(over)
+    return kw
+
+
+SAME_AS_KEY_CACHE = object()
+
+
+def _i32(values):
+    return torch.tensor(values, dtype=torch.int32)
+
+
+# Each entry: (id, builder(case) -> kwargs overrides, error class, argument named in the message).
+# The base case is padding_rows_0_-1_5_q402 in HND: 3 rows, ctx [0, -1, 5], q [4, 0, 2], 6 tokens.
+INVALID = [
+    ("states_rank", lambda c: dict(key=c.key[0]), PagedStoreValueError, "key"),
+    ("cache_rank", lambda c: dict(key_cache=c.key_cache[0]), PagedStoreValueError, "key_cache"),
+    ("value_cache_rank", lambda c: dict(value_cache=c.value_cache.flatten(0, 1)), PagedStoreValueError, "value_cache"),
+    ("head_dim_mismatch", lambda c: dict(key=c.key[..., :-1]), PagedStoreValueError, "key"),
+    ("kv_heads_mismatch", lambda c: dict(value=c.value[:, :-1]), PagedStoreValueError, "value"),
+    ("token_count_mismatch", lambda c: dict(value=c.value[:-1]), PagedStoreValueError, "value"),
+    ("cache_geometry_mismatch", lambda c: dict(value_cache=c.value_cache[:-1]), PagedStoreValueError, "value_cache"),
+    ("dtype_mismatch", lambda c: dict(key_cache=c.key_cache.to(torch.bfloat16)), PagedStoreTypeError, "key_cache"),
+    ("value_dtype_mismatch", lambda c: dict(value=c.value.half()), PagedStoreTypeError, "value_cache"),
+    ("device_mismatch", lambda c: dict(value_cache=torch.empty(c.value_cache.shape, device="meta")),
+     PagedStoreValueError, "value_cache"),
+    ("index_device_mismatch", lambda c: dict(block_table=c.block_table.to("meta")), PagedStoreValueError, "block_table"),
+    ("block_table_int64", lambda c: dict(block_table=c.block_table.long()), PagedStoreTypeError, "block_table"),
+    ("cu_q_lens_int64", lambda c: dict(cu_q_lens=c.cu_q_lens.long()), PagedStoreTypeError, "cu_q_lens"),
+    ("context_kv_lens_float", lambda c: dict(context_kv_lens=c.context_kv_lens.float()), PagedStoreTypeError,
+     "context_kv_lens"),
+    ("chunk_metadata_int64", lambda c: dict(block_table=None, cu_q_lens=None, context_kv_lens=None,
+                                            chunk_metadata=chunks_of(c).long()), PagedStoreTypeError, "chunk_metadata"),
+    ("block_table_as_list", lambda c: dict(block_table=c.block_table.tolist()), PagedStoreTypeError, "block_table"),
+    ("chunks_mixed_with_block_table", lambda c: dict(chunk_metadata=chunks_of(c)), PagedStoreValueError,
+     "chunk_metadata"),
+    ("chunks_mixed_with_context", lambda c: dict(block_table=None, cu_q_lens=None, chunk_metadata=chunks_of(c)),
+     PagedStoreValueError, "chunk_metadata"),
+    ("missing_block_table", lambda c: dict(block_table=None), PagedStoreValueError, "block_table"),
+    ("missing_context_kv_lens", lambda c: dict(context_kv_lens=None), PagedStoreValueError, "context_kv_lens"),
+    ("block_id_too_large", lambda c: dict(block_table=torch.where(c.block_table == c.block_table.max(),
+                                                                  c.key_cache.shape[0], c.block_table).int()),
+     PagedStoreValueError, "block_table"),
+    ("block_id_below_minus_one", lambda c: dict(block_table=c.block_table.index_fill(1, torch.tensor([0]), -2)),
+     PagedStoreValueError, "block_table"),
+    ("cu_q_lens_length", lambda c: dict(cu_q_lens=c.cu_q_lens[:-1]), PagedStoreValueError, "cu_q_lens"),
+    ("cu_q_lens_decreasing", lambda c: dict(cu_q_lens=_i32([0, 4, 3, 6])), PagedStoreValueError, "cu_q_lens"),
+    ("cu_q_lens_past_tokens", lambda c: dict(cu_q_lens=_i32([0, 4, 4, 7])), PagedStoreValueError, "cu_q_lens"),
+    ("cu_q_lens_negative_start", lambda c: dict(cu_q_lens=_i32([-1, 4, 4, 6])), PagedStoreValueError, "cu_q_lens"),
+    ("block_table_rows", lambda c: dict(block_table=c.block_table[:2]), PagedStoreValueError, "block_table"),
+    ("block_table_rank", lambda c: dict(block_table=c.block_table.flatten()), PagedStoreValueError, "block_table"),
+    ("context_below_minus_one", lambda c: dict(context_kv_lens=_i32([0, -2, 5])), PagedStoreValueError,
+     "context_kv_lens"),
+    ("decode_token_count", lambda c: dict(cu_q_lens=None), PagedStoreValueError, "context_kv_lens"),
+    ("layout_unknown", lambda c: dict(layout="BHSD"), PagedStoreValueError, "layout"),
+    ("layout_wrong_case", lambda c: dict(layout="nhd"), PagedStoreValueError, "layout"),
+    ("chunk_columns", lambda c: dict(block_table=None, cu_q_lens=None, context_kv_lens=None,
+                                     chunk_metadata=_i32([[0, 1, 0]])), PagedStoreValueError, "chunk_metadata"),
+    ("chunk_crosses_block", lambda c: dict(block_table=None, cu_q_lens=None, context_kv_lens=None,
+                                           chunk_metadata=_i32([[0, 1, 0, 2], [2, 2, 15, 2]])),
+     PagedStoreValueError, "chunk_metadata"),
+    ("chunk_source_past_tokens", lambda c: dict(block_table=None, cu_q_lens=None, context_kv_lens=None,
+                                                chunk_metadata=_i32([[0, 1, 0, 2], [5, 2, 0, 2]])),
+     PagedStoreValueError, "chunk_metadata"),
+    ("chunk_block_too_large", lambda c: dict(block_table=None, cu_q_lens=None, context_kv_lens=None,
+                                             chunk_metadata=_i32([[0, 1, 0, 2], [2, 99, 0, 2]])),
+     PagedStoreValueError, "chunk_metadata"),
+    ("chunk_negative_length", lambda c: dict(block_table=None, cu_q_lens=None, context_kv_lens=None,
+                                             chunk_metadata=_i32([[0, 1, 0, 2], [2, 2, 0, -1]])),
+     PagedStoreValueError, "chunk_metadata"),
+    ("chunks_longer_than_tokens", lambda c: dict(block_table=None, cu_q_lens=None, context_kv_lens=None,
+                                                 chunk_metadata=_i32([[0, 1, 0, 4], [0, 2, 0, 4]])),
+     PagedStoreValueError, "chunk_metadata"),
+    ("value_cache_is_key_cache", lambda c: dict(value_cache=SAME_AS_KEY_CACHE), PagedStoreValueError, "value_cache"),
+]
+
+
+@pytest.mark.parametrize("name,make,error,argument", INVALID, ids=[x[0] for x in INVALID])
+def test_invalid_arguments_raise_and_write_nothing(name, make, error, argument):
+    case = build(SPECS["padding_rows_0_-1_5_q402"], torch.float32, "HND", seed=9)
+    kc, vc = case.caches()
+    over = make(case)
+    kw = _kw(case)
+    kw.update(key_cache=kc, value_cache=vc)
+    kw.update(over)
+    if kw["value_cache"] is SAME_AS_KEY_CACHE:
+        kw["value_cache"] = kc
+    caches_before = [t.clone() for t in (kc, vc)]
+    with pytest.raises(error) as info:
+        store_paged_kv(kw.pop("key"), kw.pop("value"), kw.pop("key_cache"), kw.pop("value_cache"),
+                       kw.pop("block_table"), kw.pop("cu_q_lens"), kw.pop("context_kv_lens"), **kw)
+    err = info.value
+    assert isinstance(err, (KVPassError, PagedStoreError))
+    assert isinstance(err, ValueError if error is PagedStoreValueError else TypeError)
+    assert err.argument == argument and f": {argument}: " in str(err), str(err)
+    assert str(err).startswith("store_paged_kv: ")
+    for before, after in zip(caches_before, (kc, vc)):
+        assert torch.equal(before, after), "a rejected call wrote into a cache"
+
+
+def test_invalid_single_names_its_arguments():
+    case = build(SPECS["padding_rows_32_-1_35"], torch.float32, "HND")
+    cache = case.key_cache.clone()
+    with pytest.raises(PagedStoreTypeError, match=r"^store_paged_single: cache: dtype"):
+        store_paged_single(case.key.half(), cache, *case.index)
+    with pytest.raises(PagedStoreValueError, match=r"^store_paged_single: states: expected rank 3"):
+        store_paged_single(case.key[None], cache, *case.index)
+    with pytest.raises(PagedStoreValueError, match=r"store_paged_single: block_table: block ids must lie in \[-1, "):
+        store_paged_single(case.key, cache, case.block_table + 100, case.cu_q_lens, case.context_kv_lens)
+    assert torch.equal(cache, case.key_cache)
