@@ -35,6 +35,7 @@ whose result is mutated in place (it aliases the buffer in eager).
 
 from __future__ import annotations
 
+import dataclasses
 import operator
 
 import torch
@@ -97,7 +98,7 @@ class BufferHistory:
         dev = _device_value(acc.value)
         if dev is None:
             return "the written value is not traceable to a device tensor"
-        if len(acc.dims) != 1:
+        if len(acc.dims) > 1 or not (acc.dims or acc.select):
             return "the write is not a range along exactly one dim"
         if acc.kind == "numpy":
             detached = dev if dev is acc.value else _existing_detach(dev) or insert_call(
@@ -107,7 +108,7 @@ class BufferHistory:
             new.meta.update({k: v for k, v in acc.node.meta.items() if k != "example_value"})
             acc.node.replace_all_uses_with(new)
             graph.erase_node(acc.node)
-            acc = type(acc)(new, acc.buffer, acc.dims, True, "tensor", detached, acc.ndim)
+            acc = dataclasses.replace(acc, node=new, kind="tensor", value=detached)
             dev = detached
         return acc, dev
 
@@ -130,28 +131,38 @@ class BufferHistory:
             report.add_skip(NAME, read.node, write)
             return 0
         w, value = write
-        (dim, (s, e)), = w.dims.items()
-        a, b = read.dims.get(dim, (None, None))
-        a = 0 if a is None else a
-        buf_val, end_val = meta_value(read.buffer), meta_value(end)
-        if not isinstance(buf_val, torch.Tensor) or not isinstance(end_val, torch.Tensor):
+        buf_val, end_val, v_val = meta_value(read.buffer), meta_value(end), meta_value(value)
+        if not all(isinstance(x, torch.Tensor) for x in (buf_val, end_val, v_val)):
             report.add_skip(NAME, read.node, "no traced shapes to prove the rewrite with")
             return 0
-        if b is None:
-            b = buf_val.shape[dim]
+        shape = _Selected(read, w)
+        if shape.why:
+            report.add_skip(NAME, read.node, shape.why)
+            return 0
+        dim, (s, e) = shape.dim, shape.write_range
+        kept = shape.kept  # buffer dim -> dim of the read result / the written value
+        a, b = read.dims.get(dim, (None, None))
+        a = 0 if a is None else a
+        b = buf_val.shape[dim] if b is None else b
         s = 0 if s is None else s
         e = buf_val.shape[dim] if e is None else e
         why = None
-        v_val = meta_value(value)
+        v_shape = list(v_val.shape)
+        if shape.unsqueeze:
+            v_shape.insert(kept[dim], 1)
+        e_val = e.value if isinstance(e, _PlusOne) else e
         if v_val.dtype != buf_val.dtype or end_val.dtype != buf_val.dtype:
             why = f"dtype changes through the buffer ({v_val.dtype} written, {buf_val.dtype} stored)"
-        elif v_val.dim() != buf_val.dim() or any(
-                not known_eq(v_val.shape[d], buf_val.shape[d]) for d in range(buf_val.dim()) if d != dim):
+        elif len(v_shape) != buf_val.dim() - len(shape.select) or any(
+                not known_eq(v_shape[kept[d]], buf_val.shape[d])
+                for d in range(buf_val.dim()) if d != dim and d not in shape.select):
             why = "the written value does not fill the buffer's other dims (broadcast or partial write)"
-        elif not known_eq(v_val.shape[dim], _sub(e, s)):
+        elif not known_eq(v_shape[kept[dim]], _sub(e_val, s)):
             why = "the written value's length differs from the written range"
         elif not (known_le(0, a) and known_le(0, s)):
             why = "cannot prove the slice bounds are non-negative (negative bounds wrap around)"
+        elif not known_le(e_val, buf_val.shape[dim]):
+            why = "cannot prove the write lies inside the buffer"
         elif any(mutates_in_place(u) for n in _chain(read.node, end) for u in n.users):
             why = "the read's result is mutated in place (it aliases the buffer in eager)"
         if why:
@@ -163,31 +174,78 @@ class BufferHistory:
         anchor = read.node
         emit = Emit(graph, anchor)
         sym = _SymOps(emit)
+        if shape.unsqueeze:  # a one-position write `buf[:, pos] = v`: v gains the sequence dim
+            value = emit.unsqueeze(value, kept[dim])
+        if isinstance(e, _PlusOne):
+            e = e.emit(emit)
         # read [a, b) = buffer[a : min(s, b)] ++ v[clamp(a - s) : clamp(b - s)] ++ buffer[max(e, a) : b],
         # clamp(x) = max(0, min(x, len(v))); with a <= s and e <= b (proved) this is buffer[a:s] ++ v ++ buffer[e:b].
         pieces = []
         hi1 = sym.min(s, b)
         if not known_le(hi1, a):
-            pieces.append(_piece(emit, read.buffer, {**other, dim: (a, hi1)}, device))
-        lo_v = 0 if known_le(a, s) else sym.max(0, sym.min(sym.sub(a, s), emit.size(value, dim)))
-        hi_v = None if known_le(e, b) else sym.max(0, sym.min(sym.sub(b, s), emit.size(value, dim)))
-        seq = {} if isinstance(lo_v, int) and lo_v == 0 and hi_v is None else {dim: (lo_v, hi_v)}
-        pieces.append(_piece(emit, value, {**other, **seq}, device))
+            pieces.append(_piece(emit, read.buffer, {**other, dim: (a, hi1)}, device, shape.select))
+        lo_v = 0 if known_le(a, s) else sym.max(0, sym.min(sym.sub(a, s), emit.size(value, kept[dim])))
+        hi_v = None if known_le(e, b) else sym.max(0, sym.min(sym.sub(b, s), emit.size(value, kept[dim])))
+        seq = {} if isinstance(lo_v, int) and lo_v == 0 and hi_v is None else {kept[dim]: (lo_v, hi_v)}
+        pieces.append(_piece(emit, value, {**{kept[d]: r for d, r in other.items()}, **seq}, device))
         lo3 = sym.max(e, a)
         if not known_le(b, lo3):
-            pieces.append(_piece(emit, read.buffer, {**other, dim: (lo3, b)}, device))
-        new = emit.cat(pieces, dim)
+            pieces.append(_piece(emit, read.buffer, {**other, dim: (lo3, b)}, device, shape.select))
+        new = emit.cat(pieces, kept[dim])
         new.meta["example_value"] = end_val
         end.replace_all_uses_with(new)
         report.add_match(NAME, [read.node, end], anchor=read.node,
-                         detail=f"cat along dim {dim} with the value written by {w.node.name}")
+                         detail=f"cat along dim {kept[dim]} with the value written by {w.node.name}")
         return 1
 
 
+class _Selected:
+    """Reconcile the integer indices of a write and a later read of the same buffer.
 
-def _piece(emit: Emit, node, dims: dict, device):
-    """``node`` sliced on ``dims``, moved to ``device`` if it lives elsewhere (a host buffer on a GPU model)."""
-    node = emit.slice(node, dims)
+    Both must select the same rows (``buf[0, :, ...]`` and ``buf[0, :, ...]``); a write that selects one
+    position where the read takes a range (``buf[:, pos] = v`` then ``buf[:, :pos + 1]``) is a one-long range
+    with ``v`` unsqueezed. Afterwards the write has exactly one range dim, ``dim``.
+    """
+
+    def __init__(self, read, w):
+        self.why, self.unsqueeze = None, False
+        self.select = {}
+        for d in set(w.select) | set(read.select):
+            if d in w.select and d in read.select:
+                if not known_eq(w.select[d], read.select[d]):
+                    self.why = "the read selects another index than the write"
+                    return
+                self.select[d] = read.select[d]
+            elif d in read.select:
+                self.why = "the read selects one index of a range the write spans"
+                return
+        ranges = dict(w.dims)
+        converted = [d for d in w.select if d not in read.select]
+        for d in converted:
+            i = w.select[d]
+            ranges[d] = (i, i + 1 if isinstance(i, int) else _PlusOne(i))
+        if len(ranges) != 1:
+            self.why = "the write is not a range along exactly one dim"
+            return
+        ((self.dim, self.write_range),) = ranges.items()
+        self.unsqueeze = bool(converted)
+        self.kept = {d: d - sum(1 for x in self.select if x < d) for d in range(read.ndim or 0)}
+
+
+class _PlusOne:
+    """``node + 1`` for a one-position write at ``node``: its traced value for proofs; a node once emitted."""
+
+    def __init__(self, node):
+        self.node, self.value = node, meta_value(node) + 1
+
+    def emit(self, emit: Emit):
+        return emit.call(operator.add, self.node, 1)
+
+
+def _piece(emit: Emit, node, dims: dict, device, select=None):
+    """``node`` sliced on ``dims`` (and indexed on ``select``), moved to ``device`` if it lives elsewhere (a host
+    buffer on a GPU model)."""
+    node = emit.slice(node, dims, select)
     return node if meta_value(node).device == device else emit.to_device(node, device)
 
 

@@ -122,3 +122,28 @@ def concat_history(cache, k):
     cache.k = np.concatenate([cache.k, k.detach().cpu().numpy()], axis=1)
     hist = torch.from_numpy(cache.k).to(k.device)
     return hist @ hist.transpose(-1, -2)
+
+
+class BatchedHostCache:
+    """A cache with a batch dim written and read with an integer index: ``buf[0, :, pos:pos+t]``."""
+
+    def __init__(self, heads=2, max_len=16, d=4, seed=0):
+        rng = np.random.default_rng(seed)
+        self.k = rng.standard_normal((1, heads, max_len, d)).astype(np.float32)
+        self.pos = 0
+
+
+def batched_write_read(cache, k):
+    """``k [heads, t, d]`` written at batch row 0; the history read back for row 0."""
+    t = k.shape[1]
+    cache.k[0, :, cache.pos : cache.pos + t] = k.detach().cpu().numpy()
+    cache.pos += t
+    hist = torch.from_numpy(cache.k[0, :, : cache.pos]).to(k.device)
+    return hist.sum(-1)
+
+
+def one_token_write_read(cache, k):
+    """A decode step that writes one position with an integer index: ``buf[:, pos] = k[:, 0]``."""
+    cache.k[:, cache.pos] = k[:, 0].detach().cpu().numpy()
+    cache.pos += 1
+    return torch.from_numpy(cache.k[:, : cache.pos]).to(k.device) * 2.0

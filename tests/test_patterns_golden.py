@@ -247,6 +247,60 @@ class TestPatternGoldens(expecttest.TestCase):
  return (matmul, concatenate)
 """)
 
+    def test_buffer_history_batched_integer_index(self):
+        k = rand(2, 3, 4, seed=11)
+        cache, eager_cache = idioms.BatchedHostCache(seed=3), idioms.BatchedHostCache(seed=3)
+        result, g = self.capture(idioms.batched_write_read, cache, k, patterns=["buffer_history"])
+        torch.testing.assert_close(result, idioms.batched_write_read(eager_cache, k))
+        np.testing.assert_array_equal(cache.k, eager_cache.k)
+        self.assertEqual(g.report.counts, {"buffer_history": 1})
+        self.assertExpectedInline(kvpass.diff(g.before, g.after), """\
+--- before
++++ after
+@@
+ input L_cache_k
+ detach = .detach(L_k_)
+-cpu = .cpu(detach)
+-view_as = .view_as(cpu, cpu)
+-setitem = numpy.setitem(L_cache_k, (0, :, 0:3), view_as)
+-getitem = numpy.getitem(L_cache_k, (0, :, :3))
+-as_tensor = torch.as_tensor(getitem)
+-to = .to(as_tensor, device(type='cpu'))
+-sum = .sum(to, -1)
++setitem_1 = operator.setitem(L_cache_k, (0, :, 0:3), detach)
++sum = .sum(detach, -1)
+ return (sum,)
+""")
+
+    def test_buffer_history_one_position_write(self):
+        cache, eager_cache = idioms.HostCache(seed=4), idioms.HostCache(seed=4)
+        cache.pos = eager_cache.pos = 5  # history already there: the read is cat([buffer[:, 0:5], k])
+        k = rand(2, 1, 4, seed=12)
+        result, g = self.capture(idioms.one_token_write_read, cache, k, patterns=["buffer_history"])
+        torch.testing.assert_close(result, idioms.one_token_write_read(eager_cache, k))
+        np.testing.assert_array_equal(cache.k, eager_cache.k)
+        self.assertEqual(g.report.counts, {"buffer_history": 1})
+        self.assertExpectedInline(kvpass.diff(g.before, g.after), """\
+--- before
++++ after
+@@
+ getitem = operator.getitem(L_k_, (:, 0))
+ detach = .detach(getitem)
+-cpu = .cpu(detach)
+-view_as = .view_as(cpu, cpu)
+-setitem = numpy.setitem(L_cache_k, (:, 5), view_as)
+-getitem_1 = numpy.getitem(L_cache_k, (:, :6))
+-as_tensor = torch.as_tensor(getitem_1)
+-to = .to(as_tensor, device(type='cpu'))
+-mul = operator.mul(to, 2.0)
++setitem_1 = operator.setitem(L_cache_k, (:, 5), detach)
++unsqueeze = .unsqueeze(detach, 1)
++getitem_2 = operator.getitem(L_cache_k, (:, 0:5))
++cat = torch.cat([getitem_2, unsqueeze], 1)
++mul = operator.mul(cat, 2.0)
+ return (mul,)
+""")
+
     def test_aten_level_host_hop(self):
         from torch.fx.experimental.proxy_tensor import make_fx
 
