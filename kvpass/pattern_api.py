@@ -303,10 +303,18 @@ class BufferAccess:
     kind: str
     value: Any = None
     ndim: int | None = None
+    select: dict = dataclasses.field(default_factory=dict)  # dim -> integer index (int or SymInt node)
 
 
-def _index_dims(index, ndim: int | None) -> dict | None:
-    """Parse a basic-slicing index into ``{dim: (start, stop)}``; ``None`` for anything else."""
+def _is_int_index(i) -> bool:
+    if isinstance(i, bool):
+        return False
+    return isinstance(i, int) or (isinstance(i, torch.fx.Node) and isinstance(meta_value(i), (int, torch.SymInt)))
+
+
+def _index_dims(index, ndim: int | None, select: dict | None = None) -> dict | None:
+    """Parse a basic-indexing index into ``{dim: (start, stop)}`` (integer indices go to ``select``, when given,
+    as ``{dim: index}``); ``None`` for anything else (advanced indexing, steps, ``None``/newaxis)."""
     if not isinstance(index, tuple):
         index = (index,)
     if any(i is Ellipsis for i in index):
@@ -316,6 +324,9 @@ def _index_dims(index, ndim: int | None) -> dict | None:
         index = index[:k] + (slice(None),) * (ndim - len(index) + 1) + index[k + 1:]
     dims = {}
     for d, s in enumerate(index):
+        if select is not None and _is_int_index(s):
+            select[d] = s
+            continue
         if not isinstance(s, slice) or s.step not in (None, 1):
             return None
         if is_full_slice(s):
@@ -337,14 +348,15 @@ def buffer_access(node: torch.fx.Node) -> BufferAccess | None:
             if len(node.args) < 2 or not isinstance(node.args[0], torch.fx.Node):
                 return None
             buf, index = node.args[0], node.args[1]
-            if isinstance(index, torch.fx.Node):
+            if isinstance(index, torch.fx.Node) and not _is_int_index(index):
                 return None
-            dims = _index_dims(index, _ndim(buf))
+            select: dict = {}
+            dims = _index_dims(index, _ndim(buf), select)
             if dims is None:
                 return None
             write = np_name == "setitem" or node.target is operator.setitem
             kind = "numpy" if np_name else "tensor"
-            return BufferAccess(node, buf, dims, write, kind, node.args[2] if write else None, _ndim(buf))
+            return BufferAccess(node, buf, dims, write, kind, node.args[2] if write else None, _ndim(buf), select)
         if node.target is aten.copy_.default:
             base, dims = _aten_slice_chain(node.args[0])
             if base is None:
@@ -358,7 +370,7 @@ def buffer_access(node: torch.fx.Node) -> BufferAccess | None:
     if node.op == "call_method" and node.target == "copy_" and isinstance(node.args[0], torch.fx.Node):
         view = buffer_access(node.args[0])
         if view is not None and not view.is_write and view.kind == "tensor":
-            return BufferAccess(node, view.buffer, view.dims, True, "copy_", node.args[1], view.ndim)
+            return BufferAccess(node, view.buffer, view.dims, True, "copy_", node.args[1], view.ndim, view.select)
     return None
 
 
@@ -465,16 +477,24 @@ class Emit:
     def method(self, name, *args) -> torch.fx.Node:
         return insert_call(self.graph, self.anchor, name, args, op="call_method", like=self.like)
 
-    def slice(self, x, dims: dict) -> torch.fx.Node:
-        """``x`` sliced to ``[lo, hi)`` on each dim in ``dims`` (``None`` bounds are open)."""
-        if not dims:
+    def slice(self, x, dims: dict, select: dict | None = None) -> torch.fx.Node:
+        """``x`` sliced to ``[lo, hi)`` on each dim in ``dims`` (``None`` bounds are open) and indexed with an
+        integer on each dim in ``select`` (dims are ``x``'s, before the integer indices drop them)."""
+        select = select or {}
+        if not dims and not select:
             return x
         if self.aten:
             for d, (lo, hi) in sorted(dims.items()):
                 x = self.call(aten.slice.Tensor, x, d, 0 if lo is None else lo, 2 ** 63 - 1 if hi is None else hi)
+            for d in sorted(select, reverse=True):  # highest first: lower dims keep their numbers
+                x = self.call(aten.select.int, x, d, select[d])
             return x
-        index = tuple(slice(*dims[d]) if d in dims else slice(None) for d in range(max(dims) + 1))
+        index = tuple(slice(*dims[d]) if d in dims else select[d] if d in select else slice(None)
+                      for d in range(max(list(dims) + list(select)) + 1))
         return self.call(operator.getitem, x, index)
+
+    def unsqueeze(self, x, dim: int) -> torch.fx.Node:
+        return self.call(aten.unsqueeze.default, x, dim) if self.aten else self.method("unsqueeze", x, dim)
 
     def cat(self, pieces, dim: int) -> torch.fx.Node:
         if len(pieces) == 1:
