@@ -39,3 +39,16 @@ def test_demo_rejects_negative_steps(capsys):
     except SystemExit as e:
         assert e.code == 2
     assert "--steps must be >= 0" in capsys.readouterr().err
+
+
+def test_bench_help_and_bad_device(capsys):
+    try:
+        main(["bench", "--help"])
+    except SystemExit as e:
+        assert e.code == 0
+    assert "usage: kvpass bench" in capsys.readouterr().out
+    try:
+        main(["bench", "--device", "cuda"]) if not __import__("torch").cuda.is_available() else None
+    except SystemExit as e:
+        assert e.code == 2
+        assert "CUDA is not available" in capsys.readouterr().err
