@@ -17,6 +17,7 @@ from .dynamo_backend import KVPassWarning, backend, compile, kvpass_backend
 from .graph_diff import diff, graph_text
 from .engine import Match, Report, Skip
 from .fidelity import Finding, check
+from .faithful_export import export
 from .errors import KVPassError, PatternError, RewriteMismatch
 from .ops import store_paged_kv, store_paged_single
 
@@ -51,5 +52,5 @@ __all__ = [
     "__version__", "rewrite", "diff", "graph_text", "backend", "compile", "kvpass_backend", "KVPassWarning",
     "Report", "Match", "Skip", "KVPassError", "PatternError", "RewriteMismatch",
     "store_paged_kv", "store_paged_single",
-    "check", "Finding",
+    "check", "Finding", "export",
 ]

@@ -1,0 +1,730 @@
+"""Faithful ``torch.export`` of decoders whose KV caches round-trip through host memory.
+
+The stock front ends bake such a cache (``torch.export(strict=True)``: the numpy buffer becomes a mutated
+``CONSTANT_TENSOR``; ``make_fx`` real mode: ``_tensor_constant<N>`` plus a dangling ``detach``), so the exported
+decoder attends over the trace-time K/V. :func:`export` takes the other road:
+
+1. **capture with Dynamo** (``torch.compile(fullgraph=True)`` with a capturing backend) under
+   :func:`kvpass.tracing.tracing_context`, so ``np.pad`` of a traced array is captured and positions can stay
+   symbolic. Dynamo lifts every host buffer the model reads (``torch.from_numpy(self.k_buf)``) as a graph *input*
+   and every int it is told to keep symbolic (``positions=``) as a SymInt input. The capture runs nothing: the
+   backend never executes the graph and Dynamo's side effects (``self.pos += t``) are not replayed, so the model
+   and its caches are left exactly as they were;
+2. **rewrite** the graph with :func:`kvpass.rewrite`: a numpy write into a host buffer becomes
+   ``operator.setitem(buf, idx, k.detach())`` (an in-place write of the *input*), a read back becomes
+   ``cat([buf[:, 0:pos], k], 1)``, host padding becomes ``constant_pad_nd``, a pure hop disappears; the attention's
+   K/V are now graph edges from ``k_proj``/``v_proj``;
+3. **export** the rewritten graph with ``torch.export.export(strict=False)`` inside a wrapper module that owns
+   the model's parameters (same FQNs as ``model.state_dict()``) and the cache state, as registered mutable
+   buffers (``cache="buffers"``, the default) or as inputs (``cache="inputs"``). Writes into the cache are then
+   buffer (or input) mutations of the program, never constants;
+4. **check**: :func:`kvpass.fidelity.require_faithful` runs on the result, so :func:`export` never returns a
+   program with K/V baked in (it raises :class:`kvpass.fidelity.FidelityError` instead).
+
+Dynamo's shape guards on the symbolic sizes and positions (for example ``pos + T <= max_len``, the cache's own
+overflow check) become runtime assertions of the exported program, so it fails loudly where the traced graph
+would not be valid instead of computing something else.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import itertools
+import keyword
+import re
+from typing import Any, Sequence
+
+import torch
+import torch.fx
+import torch.utils._pytree as pytree
+
+from .errors import KVPassError
+
+__all__ = ["export", "ExportError", "ExportInputError", "ExportCaptureError", "CACHE_MODES", "MODEL_ROOT"]
+
+#: Accepted values of ``export(..., cache=...)``.
+CACHE_MODES = ("buffers", "inputs")
+#: The name the model has in the function Dynamo captures; sources read ``L['kvpass_model'].caches[0].pos``.
+MODEL_ROOT = "kvpass_model"
+
+
+class ExportError(KVPassError):
+    """Base class of the errors :func:`export` raises on purpose."""
+
+
+class ExportInputError(ExportError, ValueError):
+    """An argument of :func:`export` is not usable; the message names the argument."""
+
+
+class ExportCaptureError(ExportError, RuntimeError):
+    """Dynamo could not capture the model as one graph, or the captured graph cannot be exported faithfully."""
+
+
+# --------------------------------------------------------------------------------------------------------
+# Public entry point
+# --------------------------------------------------------------------------------------------------------
+
+
+def export(model: torch.nn.Module, args: tuple, kwargs: dict | None = None, *, dynamic_shapes=None,
+           positions: str | Sequence[str] | None = None, cache: str = "buffers",
+           patterns: Sequence | None = None) -> torch.export.ExportedProgram:
+    """Export one step of ``model`` with ``torch.export`` so that its K/V come from the computation.
+
+    The model's *current* state is the example state: export a freshly reset model to get a prefill from an
+    empty cache. Nothing in the model or its caches is changed by the export (the capture never runs the graph).
+
+    Args:
+        model: the ``torch.nn.Module`` whose ``forward`` runs one step (prefill or decode) and whose caches live
+            on it (host numpy buffers, tensors, plain ints). A ``torch.compile``'d module is unwrapped.
+        args: example positional arguments of ``model.forward`` (a tuple).
+        kwargs: example keyword arguments of ``model.forward``.
+        dynamic_shapes: dynamic dims of the *tensor arguments*, in ``torch.export`` form: a tuple/list aligned
+            with ``args``, or a dict keyed by parameter name; each entry ``None`` or ``{dim: Dim(...) |
+            Dim.DYNAMIC | Dim.AUTO}`` (or a per-dim list). A dynamic dim needs an example size of at least 2
+            (Dynamo specializes 0 and 1) and, on torch 2.13, a ``min`` of 2: ``torch.export`` specializes a
+            length that may be 1 (reshape and SDPA of transposed views guard ``size != 1``: depending on the
+            example the export fails, or the program refuses one token at run time). So ``{"input_ids": {1:
+            Dim("T", min=2, max=max_len - 1)}}`` gives one program for prefill and chunked prefill; export the
+            one-token decode step as its own program (a ``(1, 1)`` example, no dynamic dim).
+        positions: the integer cache state to keep symbolic, making it an ``int`` input of the program (one
+            program for every position). Each entry is a regex matched against the attribute path from the
+            model (``"caches[0].pos"``, ``r"caches\\[\\d+\\]\\.pos"``); a bare name such as ``"pos"`` matches
+            every attribute of that name (``caches[0].pos``, ``caches[3].pos`` ...). ``None`` (default): ints are
+            taken from the model's current state and specialized, like Dynamo's first compile (a program for
+            exactly that step, e.g. the prefill from an empty cache). Every entry must match an int the step reads.
+        cache: ``"buffers"`` (default): every host buffer or unregistered tensor the step reads or writes becomes
+            a registered buffer of the program, initialized from the model's current contents and mutated in
+            place by the step (the state lives in ``ep.module()`` across calls; as always with torch.export,
+            ``ep.module()`` shares its buffers with ``ep.state_dict``, so running it changes what
+            ``torch.export.save(ep)`` writes: save first, or ``copy.deepcopy(ep)``). ``"inputs"``: the same tensors
+            become inputs that the step mutates in place (the caller owns the cache state; ``ep.module()`` writes
+            into the tensors passed). The model's own parameters and registered buffers stay parameters and
+            buffers either way.
+        patterns: rewrite patterns to run (default: the whole catalogue), as for :func:`kvpass.rewrite`.
+
+    Returns:
+        A ``torch.export.ExportedProgram`` that :func:`kvpass.check` finds faithful. Its contract:
+
+        - call it (``ep.module()(...)``) with the arguments of ``model.forward`` as they were given (positional
+          ones positionally, keyword ones by keyword), then **keyword-only**: with ``cache="inputs"`` one tensor
+          per cache buffer, named after its attribute path (``caches_0_k_buf`` for ``model.caches[0].k_buf``, a
+          ``[kv_heads, max_len, head_dim]`` float tensor like the host buffer), and one ``int`` per symbolic
+          position (``caches_0_pos`` for ``model.caches[0].pos``). The graph signature lists the user inputs in
+          that order;
+        - parameters and registered buffers of ``model`` keep their names (``ep.state_dict`` has the keys of
+          ``model.state_dict()``); with ``cache="buffers"`` the cache buffers are ``kv_cache.<name>``
+          (``kv_cache.caches_0_k_buf``), mutated in place (``BUFFER_MUTATION`` after ``run_decompositions()``);
+        - positions are the values the caches hold *before* the step (0 for a prefill from an empty cache). The
+          program writes the new K/V into the cache tensors; it does not return positions: after a step of ``T``
+          tokens pass each position the model advances as ``old + T`` (for the reference model, every ``*.pos``);
+        - Dynamo's shape guards become runtime checks: a call outside the traced regime (a position that would
+          overflow the cache, a position the trace required to be >= 1 ...) fails with an assertion naming the
+          input instead of computing something else;
+        - the output has the structure of ``model.forward``'s return value.
+
+        Model state that the step *replaces* (``self.k = torch.cat(...)`` on an attribute) instead of writing in
+        place is not an output: such a program computes its step right but does not carry that state to the next
+        call; kvpass warns (:class:`kvpass.KVPassWarning`).
+
+    Raises:
+        ExportInputError: an argument is unusable (not a module, bad ``cache``, a ``positions`` entry that
+            matches nothing, an unsupported ``dynamic_shapes`` entry ...); the message names it.
+        ExportCaptureError: Dynamo cannot capture the step as one graph (a graph break), a position was
+            specialized anyway, or ``torch.export`` fails on the rewritten graph.
+        kvpass.fidelity.FidelityError: the exported program still has K/V that do not come from the computation.
+    """
+    from . import engine
+    from .fidelity import require_faithful
+
+    model = getattr(model, "_orig_mod", model)  # a torch.compile'd module: export the module itself
+    if not isinstance(model, torch.nn.Module):
+        raise ExportInputError(f"kvpass.export(model): expected a torch.nn.Module, got {type(model).__name__}")
+    if not isinstance(args, tuple):
+        if isinstance(args, list):
+            args = tuple(args)
+        else:
+            raise ExportInputError(f"kvpass.export(args): expected a tuple of example arguments, got "
+                                   f"{type(args).__name__} (wrap a single tensor as (x,))")
+    kwargs = dict(kwargs or {})
+    if cache not in CACHE_MODES:
+        raise ExportInputError(f"kvpass.export(cache={cache!r}): expected one of {', '.join(map(repr, CACHE_MODES))}")
+    user_names, user_values = _bind(model, args, kwargs)
+    dims = _normalize_dynamic_shapes(dynamic_shapes, user_names, user_values)
+    position_patterns = _position_patterns(positions)
+    engine.resolve_patterns(patterns)  # an unknown pattern name fails before the (slow) capture
+
+    cap = _capture(model, user_names, user_values, dims, position_patterns)
+    _check_positions(cap, positions, position_patterns)
+    outputs = _output_plan(cap, model, user_names, user_values)
+    gm, report = engine.rewrite(cap.gm, patterns=patterns)
+    _clean_module_paths(gm)
+    plan = _plan(cap, model, user_names, cache)
+    wrapper = _ExportWrapper(model, gm, plan, cap, user_names, cache, outputs, n_positional=len(args))
+    ep = _torch_export(wrapper, plan, cap, user_names, user_values, dims, report)
+    require_faithful(ep, what="kvpass.export(model) result")
+    return ep
+
+
+# --------------------------------------------------------------------------------------------------------
+# Arguments
+# --------------------------------------------------------------------------------------------------------
+
+
+def _bind(model, args, kwargs) -> tuple[list[str], list[Any]]:
+    try:
+        sig = inspect.signature(model.forward)
+        bound = sig.bind(*args, **kwargs)
+    except (TypeError, ValueError) as e:
+        raise ExportInputError(f"kvpass.export(args, kwargs): they do not match "
+                               f"{type(model).__name__}.forward: {e}") from None
+    names, values = [], []
+    for name, value in bound.arguments.items():
+        kind = sig.parameters[name].kind
+        if kind in (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD,
+                    inspect.Parameter.POSITIONAL_ONLY):
+            raise ExportInputError(f"kvpass.export(args): {type(model).__name__}.forward's parameter {name!r} is "
+                                   f"{kind.description}; kvpass.export needs named parameters")
+        if name == MODEL_ROOT:
+            raise ExportInputError(f"kvpass.export(args): parameter name {name!r} is reserved")
+        names.append(name)
+        values.append(value)
+    return names, values
+
+
+def _normalize_dynamic_shapes(dynamic_shapes, names, values) -> dict[str, dict[int, Any]]:
+    """``{param name: {dim: Dim spec}}`` from a torch.export-style spec of the tensor arguments."""
+    if dynamic_shapes is None:
+        return {}
+    if isinstance(dynamic_shapes, dict):
+        unknown = set(dynamic_shapes) - set(names)
+        if unknown:
+            raise ExportInputError(f"kvpass.export(dynamic_shapes): no argument named {sorted(unknown)[0]!r}; "
+                                   f"arguments: {', '.join(names)}")
+        per_name = dict(dynamic_shapes)
+    elif isinstance(dynamic_shapes, (tuple, list)):
+        if len(dynamic_shapes) > len(names):
+            raise ExportInputError(f"kvpass.export(dynamic_shapes): {len(dynamic_shapes)} entries for "
+                                   f"{len(names)} arguments")
+        per_name = dict(zip(names, dynamic_shapes))
+    else:
+        raise ExportInputError(f"kvpass.export(dynamic_shapes): expected a dict, tuple or list, got "
+                               f"{type(dynamic_shapes).__name__}")
+    out: dict[str, dict[int, Any]] = {}
+    for name, spec in per_name.items():
+        if spec is None:
+            continue
+        value = values[names.index(name)]
+        if not isinstance(value, torch.Tensor):
+            raise ExportInputError(f"kvpass.export(dynamic_shapes): {name!r} is not a tensor "
+                                   f"({type(value).__name__}); only tensor dims can be dynamic here")
+        if isinstance(spec, (tuple, list)):
+            spec = {d: s for d, s in enumerate(spec) if s is not None}
+        if not isinstance(spec, dict):
+            raise ExportInputError(f"kvpass.export(dynamic_shapes[{name!r}]): expected a dict {{dim: Dim}} or a "
+                                   f"per-dim list, got {type(spec).__name__}")
+        dims = {}
+        for d, s in spec.items():
+            if s is None:
+                continue
+            if not isinstance(d, int) or not -value.dim() <= d < value.dim():
+                raise ExportInputError(f"kvpass.export(dynamic_shapes[{name!r}]): dim {d!r} is not a dim of a "
+                                       f"{value.dim()}-d tensor")
+            d %= value.dim()
+            if value.shape[d] < 2:
+                raise ExportInputError(
+                    f"kvpass.export(dynamic_shapes[{name!r}]): dim {d} is dynamic but its example size is "
+                    f"{value.shape[d]}; Dynamo specializes sizes 0 and 1, give an example of size >= 2 (the "
+                    f"program still accepts the Dim's min)")
+            dims[d] = s
+        if dims:
+            out[name] = dims
+    return out
+
+
+def _dim_bounds(spec) -> tuple[int | None, int | None]:
+    lo, hi = getattr(spec, "min", None), getattr(spec, "max", None)
+    lo = lo if isinstance(lo, int) and lo > 0 else None
+    hi = hi if isinstance(hi, int) and hi < (1 << 62) else None
+    return lo, hi
+
+
+def _position_patterns(positions) -> list[tuple[str, re.Pattern]]:
+    if positions is None:
+        return []
+    entries = [positions] if isinstance(positions, str) else list(positions)
+    out = []
+    for entry in entries:
+        if not isinstance(entry, str) or not entry:
+            raise ExportInputError(f"kvpass.export(positions): expected attribute names or regexes, got {entry!r}")
+        if "," in entry or re.search(r"\s", entry):
+            raise ExportInputError(f"kvpass.export(positions): {entry!r}: one pattern per entry, without commas "
+                                   f"or spaces")
+        alts = [re.escape(entry)]  # the literal path, brackets and all: caches[0].pos
+        if re.fullmatch(r"\w+", entry):
+            alts.append(rf"(?:.*\.)?{entry}")  # a bare attribute name, anywhere under the model
+        else:
+            try:
+                re.compile(entry)
+                alts.append(entry)
+            except re.error:
+                pass  # not a regex: the literal path only
+        compiled = re.compile(rf"L\['{MODEL_ROOT}'\]\.(?:{'|'.join(alts)})$")
+        out.append((entry, compiled))
+    return out
+
+
+# --------------------------------------------------------------------------------------------------------
+# Capture
+# --------------------------------------------------------------------------------------------------------
+
+
+class _Capture:
+    """What the capturing backend saw: the graph, its inputs and their sources, the shape guards."""
+
+    def __init__(self):
+        self.gm: torch.fx.GraphModule | None = None
+        self.example_inputs: list = []
+        self.sources: list[str | None] = []
+        self.guards: list = []
+        self.replacements: dict = {}
+        self.var_to_sources: dict = {}
+        self.symbols: dict = {}  # sympy symbol -> index of the graph input that carries it
+        self.replaced: list[str] = []  # attributes the step assigns a new tensor to (state it replaces)
+        self.constants: list[str] = []  # model attributes Dynamo specialized (guarded as constants)
+        self.outputs: int = 0
+        self.markers: list = []
+        self.result: Any = None
+
+
+_capture_ids = itertools.count()
+
+
+def _capture_function(names: list[str]):
+    """A fresh function ``f(kvpass_model, <names>)`` calling the model by keyword (fresh code: its own Dynamo
+    cache and automatic-dynamic state, so exports never see each other)."""
+    params = ", ".join([MODEL_ROOT] + names)
+    call = ", ".join(f"{n}={n}" for n in names)
+    name = f"kvpass_export_step_{next(_capture_ids)}"
+    src = f"def {name}({params}):\n    return {MODEL_ROOT}({call})\n"
+    ns: dict = {}
+    exec(compile(src, f"<kvpass.export {name}>", "exec"), ns)
+    return ns[name]
+
+
+def _capture(model, names, values, dims, position_patterns) -> _Capture:
+    from .tracing import tracing_context
+
+    cap = _Capture()
+
+    def backend(gm: torch.fx.GraphModule, example_inputs):
+        if cap.gm is not None:
+            raise ExportCaptureError("kvpass.export(model): Dynamo produced more than one graph")
+        cap.gm = gm
+        cap.example_inputs = list(example_inputs)
+        phs = [n for n in gm.graph.nodes if n.op == "placeholder"]
+        cap.sources = [n.meta["grapharg"].source.name if n.meta.get("grapharg") is not None and
+                       n.meta["grapharg"].source is not None else None for n in phs]
+        fake_mode = torch._guards.detect_fake_mode(example_inputs)
+        if fake_mode is None:
+            fake_mode = next((n.meta["example_value"].fake_mode for n in phs if isinstance(
+                n.meta.get("example_value"), torch._subclasses.FakeTensor)), None)
+        import sympy
+
+        for i, n in enumerate(phs):
+            v = n.meta.get("example_value")
+            if isinstance(v, torch.SymInt) and isinstance(v.node.expr, sympy.Symbol):
+                cap.symbols[v.node.expr] = i
+        shape_env = getattr(fake_mode, "shape_env", None)
+        if shape_env is not None:
+            cap.guards = [g.expr for g in shape_env.guards]
+            cap.replacements = dict(shape_env.replacements)
+            cap.var_to_sources = {k: [s.name for s in v] for k, v in shape_env.var_to_sources.items()}
+        cap.replaced = _replaced_tensor_attributes()
+        cap.constants = _specialized_model_values()
+        (out,) = [n for n in gm.graph.nodes if n.op == "output"]
+        outs = out.args[0]
+        cap.outputs = len(outs) if isinstance(outs, (tuple, list)) else 1
+        # Unique markers stand in for the graph's outputs: Dynamo's bytecode builds the model's return value
+        # around them, which tells which graph output goes where. The graph itself never runs.
+        cap.markers = [torch.empty(0) for _ in range(cap.outputs)]
+        markers = tuple(cap.markers) if isinstance(outs, (tuple, list)) else cap.markers[0]
+        return lambda *a: markers
+
+    fn = _capture_function(names)
+    call_values = []
+    for name, value in zip(names, values):
+        if name in dims:
+            alias = value.view(value.shape)  # mark a view: the caller's tensor stays unmarked
+            for d, spec in dims[name].items():
+                lo, hi = _dim_bounds(spec)
+                torch._dynamo.mark_dynamic(alias, d, min=lo, max=hi)
+            value = alias
+        call_values.append(value)
+
+    # replay_side_effects=False: the compiled step returns without touching the model (self.pos += t is not
+    # replayed); automatic_dynamic_shapes=False: only what the caller asked for is dynamic. (Parameters are
+    # graph inputs: torch 2.13 always inlines nn modules, so the wrapper feeds the model's own.)
+    dynamo_patch = dict(replay_side_effects=False, side_effect_replay_policy="silent",
+                        automatic_dynamic_shapes=False, assume_static_by_default=True)
+    sources = ",".join(p.pattern for _, p in position_patterns)
+    compiled = torch.compile(fn, backend=backend, fullgraph=True)
+    try:
+        with contextlib.ExitStack() as stack:
+            stack.enter_context(tracing_context())
+            stack.enter_context(torch._dynamo.config.patch(**dynamo_patch))
+            stack.enter_context(torch.compiler.config.patch(dynamic_sources=sources))
+            stack.enter_context(torch.no_grad())
+            cap.result = compiled(model, *call_values)
+    except ExportError:
+        raise
+    except Exception as e:  # noqa: BLE001 - Dynamo's own errors, reported as ours with its first lines
+        inner = getattr(e, "inner_exception", None)
+        if isinstance(inner, ExportError):
+            raise inner from None
+        text = "\n".join(str(e).strip().splitlines()[:12])
+        raise ExportCaptureError(f"kvpass.export(model): Dynamo failed to capture {type(model).__name__}.forward "
+                                 f"as one graph ({type(e).__name__}):\n{text}") from e
+    finally:
+        torch._dynamo.reset_code(fn.__code__)
+    if cap.gm is None:
+        raise ExportCaptureError(f"kvpass.export(model): Dynamo produced no graph for {type(model).__name__}.forward "
+                                 f"(nothing to export)")
+    return cap
+
+
+def _replaced_tensor_attributes() -> list[str]:
+    """Attributes the traced step assigns a tensor to (``self.k = torch.cat(...)``), from Dynamo's side-effect
+    record; best effort (``[]`` if this Dynamo keeps it elsewhere)."""
+    try:
+        from torch._dynamo.symbolic_convert import InstructionTranslator
+        from torch._dynamo.variables import TensorVariable
+
+        tx = InstructionTranslator.current_tx()
+        out = []
+        for item, attrs in tx.output.side_effects.store_attr_mutations.items():
+            for name, value in attrs.items():
+                if isinstance(value, TensorVariable):
+                    source = getattr(item, "source", None)
+                    base = _rel(source.name) if source is not None else ""
+                    out.append(f"{base}.{name}" if base else name)
+        return out
+    except Exception:  # noqa: BLE001 - a Dynamo internal moved: skip the warning, not the export
+        return []
+
+
+def _specialized_model_values() -> list[str]:
+    """Model attributes the trace read as constants (Dynamo's ``CONSTANT_MATCH``/``EQUALS_MATCH`` guards), for
+    error messages; best effort."""
+    try:
+        ctx = torch._guards.TracingContext.get()
+        root = f"L['{MODEL_ROOT}']."
+        names = []
+        for guard in ctx.guards_context.dynamo_guards:
+            name = guard.originating_source.name
+            if guard.create_fn_name() in ("CONSTANT_MATCH", "EQUALS_MATCH") and name.startswith(root) and \
+                    "._modules" not in name and "hooks" not in name and _rel(name) not in names:
+                names.append(_rel(name))
+        return names
+    except Exception:  # noqa: BLE001
+        return []
+
+
+def _check_positions(cap: _Capture, positions, patterns) -> None:
+    if not patterns:
+        return
+    syms = [s for s, v in zip(cap.sources, cap.example_inputs) if isinstance(v, (int, torch.SymInt))
+            and not isinstance(v, bool) and s is not None]
+    for entry, pattern in patterns:
+        if not any(pattern.match(s) for s in syms):
+            raise ExportInputError(
+                f"kvpass.export(positions): {entry!r} matches no integer the step reads from the model "
+                f"(symbolic: {', '.join(_rel(s) for s in syms) or 'none'}; read as constants: "
+                f"{', '.join(cap.constants[:12]) or 'none'}); positions are attribute paths from the model such "
+                f"as 'caches[0].pos', or a bare attribute name such as 'pos'")
+    import sympy
+
+    for sym, value in cap.replacements.items():
+        if isinstance(value, sympy.Integer):
+            srcs = [s for s in cap.var_to_sources.get(sym, []) if any(p.match(s) for _, p in patterns)]
+            if srcs:
+                raise ExportCaptureError(
+                    f"kvpass.export(positions): {_rel(srcs[0])} was specialized to {int(value)} while tracing "
+                    f"(the model's code branches on its value); it cannot be a position input")
+
+
+def _clean_module_paths(gm: torch.fx.GraphModule) -> None:
+    """Dynamo names modules from the captured function (``L['kvpass_model'].layers.0``); export names them from
+    the exported module (``layers.0``), which shares the model's children: strip the root so the exported
+    program's ``nn_module_stack`` reads like one ``torch.export`` made."""
+    root = f"L['{MODEL_ROOT}']"
+    for node in gm.graph.nodes:
+        stack = node.meta.get("nn_module_stack")
+        if not stack:
+            continue
+        cleaned = {}
+        for key, (path, ty) in stack.items():
+            path = str(path)
+            if path == root:
+                cleaned[key] = ("", ty)  # the model is the exported module's root
+                continue
+            cleaned[key] = (path[len(root) + 1:] if path.startswith(root + ".") else path, ty)
+        node.meta["nn_module_stack"] = cleaned
+
+
+def _rel(source: str) -> str:
+    """A Dynamo source name relative to the model: ``L['kvpass_model'].caches[0].pos`` -> ``caches[0].pos``."""
+    root = f"L['{MODEL_ROOT}']"
+    if source == root:
+        return ""
+    return source[len(root) + 1:] if source.startswith(root + ".") else source
+
+
+def _output_plan(cap: _Capture, model, names, values):
+    """``(leaves, spec)`` of the model's return value: each leaf is ``("graph", i)`` (the graph's output ``i``),
+    ``("user", name)`` (an argument returned as is) or ``("const", value)``. Warns about tensors the step
+    assigns to model attributes (replaced state), which the exported program does not carry."""
+    import warnings
+
+    from .dynamo_backend import KVPassWarning
+
+    leaves, spec = pytree.tree_flatten(cap.result)
+    marker_index = {id(m): i for i, m in enumerate(cap.markers)}
+    plan, used = [], set()
+    for leaf in leaves:
+        if id(leaf) in marker_index:
+            plan.append(("graph", marker_index[id(leaf)]))
+            used.add(marker_index[id(leaf)])
+        elif any(leaf is v for v in values):
+            plan.append(("user", names[next(i for i, v in enumerate(values) if leaf is v)]))
+        elif isinstance(leaf, torch.Tensor):
+            raise ExportCaptureError(f"kvpass.export(model): {type(model).__name__}.forward returns a tensor that is "
+                                     f"neither computed by the step nor an argument (model state?); return a "
+                                     f"computed value instead")
+        else:
+            plan.append(("const", leaf))
+    if cap.replaced:
+        shown = ", ".join(cap.replaced[:4]) + (f" (+{len(cap.replaced) - 4} more)" if len(cap.replaced) > 4 else "")
+        warnings.warn(
+            f"kvpass.export: {type(model).__name__}.forward assigns new tensors to its state ({shown}) instead of "
+            f"writing a cache in place; the exported program computes this step right but does not carry that "
+            f"state to the next call. Write caches in place (buf[:, pos:pos + t] = k) to carry them.",
+            KVPassWarning, stacklevel=3)
+    return plan, spec
+
+
+# --------------------------------------------------------------------------------------------------------
+# The plan: what feeds each input of the captured graph
+# --------------------------------------------------------------------------------------------------------
+
+
+class _Feed:
+    """One placeholder of the captured graph and what the wrapper feeds it."""
+
+    def __init__(self, kind: str, name: str, source: str | None, example=None):
+        self.kind = kind  # "param" (model parameter/buffer FQN), "user" (from the arguments), "state", "position"
+        self.name = name
+        self.source = source
+        self.example = example
+
+
+def _identifier(source: str, taken: set[str]) -> str:
+    text = _rel(source)
+    text = re.sub(r"^___from_numpy\((.*)\)$", r"\1", text)
+    text = _rel(text)
+    text = re.sub(r"[^0-9A-Za-z_]+", "_", text).strip("_") or "state"
+    if text[0].isdigit() or keyword.iskeyword(text):
+        text = "s_" + text
+    name, i = text, 1
+    while name in taken:
+        i += 1
+        name = f"{text}_{i}"
+    taken.add(name)
+    return name
+
+
+def _plan(cap: _Capture, model, user_names, cache) -> list[_Feed]:
+    by_id = {}
+    for fqn, p in itertools.chain(model.named_parameters(remove_duplicate=True),
+                                  model.named_buffers(remove_duplicate=True)):
+        by_id.setdefault(id(p), fqn)
+    user_root = re.compile(r"^L\['(\w+)'\]")
+    taken = set(user_names) | {"self"}
+    plan = []
+    for i, (value, source) in enumerate(zip(cap.example_inputs, cap.sources)):
+        m = user_root.match(source or "")
+        if isinstance(value, torch.Tensor) and id(value) in by_id:
+            plan.append(_Feed("param", by_id[id(value)], source))
+        elif m and m.group(1) in user_names:
+            plan.append(_Feed("user", m.group(1), source))
+        elif isinstance(value, torch.Tensor):
+            if source is None:
+                raise ExportCaptureError(f"kvpass.export(model): graph input {i} is a tensor of unknown origin")
+            plan.append(_Feed("state", _identifier(source, taken), source, value))
+        elif isinstance(value, (int, torch.SymInt)) and not isinstance(value, bool):
+            if source is None:
+                raise ExportCaptureError(f"kvpass.export(model): graph input {i} is an int of unknown origin")
+            plan.append(_Feed("position", _identifier(source, taken), source, int(value)))
+        else:
+            raise ExportCaptureError(f"kvpass.export(model): graph input {source or i} is a "
+                                     f"{type(value).__name__}; kvpass.export handles tensors and ints")
+    return plan
+
+
+# --------------------------------------------------------------------------------------------------------
+# The module torch.export traces
+# --------------------------------------------------------------------------------------------------------
+
+
+class _StateModule(torch.nn.Module):
+    """Holds the cache buffers of a ``cache="buffers"`` export (``kv_cache.<name>``)."""
+
+
+class _ExportWrapper(torch.nn.Module):
+    """Owns the model's parameters (same FQNs) and the cache state; its ``forward`` feeds the rewritten graph.
+
+    ``forward`` is generated with named parameters so that the exported program's inputs carry those names.
+    """
+
+    def __init__(self, model, gm, plan, cap, user_names, cache, outputs, n_positional):
+        super().__init__()
+        self._kvpass_outputs = outputs
+        for name, child in model.named_children():
+            self.add_module(name, child)
+        for name, p in model._parameters.items():
+            if p is not None:
+                self.register_parameter(name, p)
+        for name, b in model._buffers.items():
+            if b is not None:
+                self.register_buffer(name, b, persistent=name not in model._non_persistent_buffers_set)
+        self.cache_mode = cache
+        state_root = "kv_cache"
+        while hasattr(self, state_root):
+            state_root = "_" + state_root
+        self.state_root = state_root
+        if cache == "buffers":
+            holder = _StateModule()
+            for feed in plan:
+                if feed.kind == "state":
+                    holder.register_buffer(feed.name, feed.example.detach().clone())
+            self.add_module(state_root, holder)
+        object.__setattr__(self, "_kvpass_graph", gm)  # not a submodule: its constants would become buffers
+        self._kvpass_plan = plan
+        self._kvpass_guards, self._kvpass_symbols = _guards_for(cap, plan)
+        self.positional_names = list(user_names[:n_positional])
+        self.keyword_names = list(user_names[n_positional:])
+        if cache == "inputs":
+            self.keyword_names += [f.name for f in plan if f.kind == "state"]
+        self.keyword_names += [f.name for f in plan if f.kind == "position"]
+        self.input_names = self.positional_names + self.keyword_names
+        params = ", ".join(["self"] + self.positional_names + (["*"] + self.keyword_names if self.keyword_names
+                                                                 else []))
+        body = "{" + ", ".join(f"{n!r}: {n}" for n in self.input_names) + "}"
+        src = f"def forward({params}):\n    return self._kvpass_step({body})\n"
+        ns: dict = {}
+        exec(compile(src, "<kvpass.export wrapper>", "exec"), ns)
+        # a class of its own, so that torch.export sees the named signature on type(self).forward
+        self.__class__ = type("KVPassExportStep", (_ExportWrapper,), {"forward": ns["forward"]})
+        self._kvpass_user_names = list(user_names)
+
+    def _kvpass_step(self, values: dict):
+        from torch.fx import traceback as fx_traceback
+
+        user = {n: values[n] for n in self._kvpass_user_names}
+        feeds = []
+        for feed in self._kvpass_plan:
+            if feed.kind == "param":
+                feeds.append(self.get_parameter(feed.name) if _is_param(self, feed.name)
+                             else self.get_buffer(feed.name))
+            elif feed.kind == "user":
+                feeds.append(eval(feed.source, {"__builtins__": {}}, {"L": user}))  # noqa: S307 - Dynamo source
+            elif feed.kind == "state":
+                feeds.append(values[feed.name] if self.cache_mode == "inputs"
+                             else getattr(getattr(self, self.state_root), feed.name))
+            else:
+                feeds.append(values[feed.name])
+        _assert_guards(self._kvpass_guards, self._kvpass_symbols, feeds)
+        with fx_traceback.preserve_node_meta():  # exported nodes keep the user's stack traces
+            outs = torch.fx.Interpreter(self._kvpass_graph).run(*feeds)
+        if not isinstance(outs, (tuple, list)):
+            outs = (outs,)
+        leaves, spec = self._kvpass_outputs
+        flat = [outs[ref] if kind == "graph" else user[ref] if kind == "user" else ref for kind, ref in leaves]
+        return pytree.tree_unflatten(flat, spec)
+
+
+def _is_param(module, fqn) -> bool:
+    mod, _, name = fqn.rpartition(".")
+    owner = module.get_submodule(mod) if mod else module
+    return name in owner._parameters
+
+
+def _guards_for(cap: _Capture, plan: list[_Feed]):
+    """Dynamo's shape guards over the symbols fed by the graph's SymInt inputs (the rest cannot be checked)."""
+    symbols = cap.symbols
+    guards = []
+    for expr in cap.guards:
+        free = getattr(expr, "free_symbols", set())
+        if free and free <= set(symbols):
+            guards.append(expr)
+    return guards, symbols
+
+
+def _assert_guards(guards, symbols, feeds) -> None:
+    if not guards:
+        return
+    from torch.utils._sympy.interp import sympy_interp
+    from torch.utils._sympy.reference import PythonReferenceAnalysis
+
+    env = {sym: feeds[i] for sym, i in symbols.items()}
+    for expr in guards:
+        ok = sympy_interp(PythonReferenceAnalysis, env, expr)
+        if isinstance(ok, bool):
+            if not ok:
+                raise ExportInputError(f"kvpass.export: the example violates the traced guard {expr}")
+            continue
+        torch._check(ok, lambda expr=expr: f"kvpass.export: outside the traced guard {expr}")
+
+
+# --------------------------------------------------------------------------------------------------------
+# torch.export
+# --------------------------------------------------------------------------------------------------------
+
+
+def _torch_export(wrapper, plan, cap, user_names, user_values, dims, report) -> torch.export.ExportedProgram:
+    import torch.fx.experimental._config as fx_config
+    from torch.export import Dim
+
+    example = dict(zip(user_names, user_values))
+    shapes: dict[str, Any] = {n: dims.get(n) for n in user_names}
+    if wrapper.cache_mode == "inputs":
+        for f in plan:
+            if f.kind == "state":
+                example[f.name] = f.example.detach().clone()
+                shapes[f.name] = None
+    for f in plan:
+        if f.kind == "position":
+            example[f.name] = f.example
+            shapes[f.name] = Dim.DYNAMIC
+    args = tuple(example[n] for n in wrapper.positional_names)
+    kwargs = {n: example[n] for n in wrapper.keyword_names}
+    dynamic = any(v is not None for v in shapes.values())
+    spec = {n: shapes[n] for n in wrapper.input_names} if dynamic else None
+    # Positions start at 0 and a decode step has one token: reason about symbolic sizes size-obliviously
+    # instead of specializing 0 and 1 from the example values.
+    ctx = fx_config.patch(backed_size_oblivious=True) if dynamic else contextlib.nullcontext()
+    try:
+        with ctx, torch.no_grad():
+            ep = torch.export.export(wrapper, args, kwargs, dynamic_shapes=spec, strict=False)
+    except Exception as e:  # noqa: BLE001
+        skips = "; ".join(f"{s.pattern} at {s.source}: {s.reason}" for s in report.skips)
+        text = "\n".join(str(e).strip().splitlines()[:12])
+        hint = ""
+        if dims and re.search(r"!= 1\b|Ne\([^)]*, 1\)", text):
+            hint = ("\nhint: on torch 2.13, torch.export specializes a dynamic length that may be 1 (reshape and "
+                    "SDPA of transposed views guard `size != 1`): give the dynamic dim min=2 and export the "
+                    "one-token decode step as its own program (an example of size 1, not dynamic)")
+        raise ExportCaptureError(
+            f"kvpass.export(model): torch.export failed on the rewritten graph ({type(e).__name__}):\n{text}"
+            + (f"\nround trips kvpass left unchanged: {skips}" if skips else "") + hint) from e
+    return ep
