@@ -3,7 +3,7 @@
 Inductor caches compiled graphs (the FX graph cache) under a key that includes each custom pass's ``uuid()``.
 A raw callable has no uuid and makes Inductor bypass the cache; a uuid that did not change with the patterns would
 serve code compiled by an older catalogue. Ours hashes the source of the engine, the pattern API and every
-pattern module, plus the selected pattern names.
+pattern module and of the store ops' lowering, plus the selected pattern names.
 """
 
 from __future__ import annotations
@@ -22,8 +22,11 @@ __all__ = ["KVPassInductorPass", "catalogue_files"]
 
 
 def catalogue_files(patterns: Sequence) -> tuple[str, ...]:
-    """The source files whose contents decide what the pass does."""
-    files = {inspect.getsourcefile(engine), inspect.getsourcefile(pattern_api)}
+    """The source files whose contents decide what the pass does (and what the ops it emits lower to: PyTorch's
+    caches key a custom op on its name, not on its decomposition)."""
+    from .ops import _store
+
+    files = {inspect.getsourcefile(engine), inspect.getsourcefile(pattern_api), inspect.getsourcefile(_store)}
     for p in patterns:
         files.add(inspect.getsourcefile(type(p)))
     return tuple(sorted(f for f in files if f))

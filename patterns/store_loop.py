@@ -41,10 +41,11 @@ touching the same slot, their order does not matter, so doing them all at the la
 same cache as long as nothing between the first and the last write reads or writes the cache's memory or writes
 the states' memory (checked through the traced values' storages, so another cache's writes may interleave).
 Left unchanged, with the reason in the report: a group whose writes overlap, a cache or states touched between
-the writes, states that share the cache's memory, a dtype or device change (``setitem`` and ``copy_`` cast, the op does not), a group that stores more
-tokens than the states hold, a write whose result is used, and a graph where the op is not registered
-(``kvpass.ops`` not imported). Not recognised as a store at all (no report): a lone write, symbolic sizes or
-indices, tensor (advanced) indices, broadcasting values, a write that covers only part of the heads or head_dim.
+the writes, states that share the cache's memory, a dtype or device change (``setitem`` and ``copy_`` cast, the
+op does not), a group that stores more tokens than the states hold, a write whose result is used, and a graph
+where the op is not registered (``kvpass.ops`` not imported). Not recognised as a store at all (no report): a lone
+write, symbolic sizes or indices, tensor (advanced) indices, broadcasting values, a write that covers only part
+of the heads or of head_dim.
 """
 
 from __future__ import annotations
@@ -228,7 +229,8 @@ def _write(node: torch.fx.Node):
         if src.ranges.get(d, (0, size)) != (0, size):
             return None
     head_axis = mapping[1]
-    if dst.ranges.get(head_axis, (0, heads)) != (0, heads) or dst.ranges.get(3, (0, cache_shape[3])) != (0, cache_shape[3]):
+    whole_dim = (0, cache_shape[3])
+    if dst.ranges.get(head_axis, (0, heads)) != (0, heads) or dst.ranges.get(3, whole_dim) != whole_dim:
         return None
     s, n = src.ranges.get(0, (0, states_shape[0]))
     off, m = dst.ranges.get(mapping[0], (0, block_size))

@@ -186,7 +186,8 @@ def test_rewritten_loop_compiles_to_the_store_kernel(rng):
 class TestGoldenDiff(TestCase):
     def test_kv_loop_diff(self):
         gen = torch.Generator().manual_seed(0)
-        _, graphs = capture_graphs(kv_loop, *_inputs(gen), transform=lambda gm: kvpass.rewrite(gm, patterns=["store_loop"]))
+        _, graphs = capture_graphs(kv_loop, *_inputs(gen),
+                                   transform=lambda gm: kvpass.rewrite(gm, patterns=["store_loop"]))
         g = graphs[0]
         self.assertExpectedInline(kvpass.diff(g.before, g.after), """\
 --- before

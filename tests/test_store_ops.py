@@ -18,7 +18,9 @@ import torch
 
 import kvpass
 from kvpass.errors import KVPassError
-from kvpass.ops import PagedStoreError, PagedStoreTypeError, PagedStoreValueError, store_paged_kv, store_paged_single
+from kvpass.ops import (
+    PagedStoreError, PagedStoreTypeError, PagedStoreValueError, store_paged_kv, store_paged_single,
+)
 from kvpass.ops.reference import reference_store
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -204,11 +206,13 @@ def test_chunk_metadata_matches_reference_and_block_table(name, layout):
 
 
 def test_chunks_reading_arbitrary_tokens():
-    """Chunks copy any token range to any offset (not only a block-table plan), in any order."""
+    """Chunks copy any token range to any offset (not only a block-table plan), in any order; a row whose
+    dst_block is -1 is skipped whatever its other columns hold."""
     g = torch.Generator().manual_seed(11)
     states = torch.randn(20, 3, 32, generator=g)
     cache = torch.randn(6, 3, 8, 32, generator=g)
-    chunks = torch.tensor([[12, 4, 5, 3], [0, 1, 0, 8], [8, 1, 0, 2], [15, -1, 0, 5], [10, 5, 7, 1]], dtype=torch.int32)
+    chunks = torch.tensor([[12, 4, 5, 3], [0, 1, 0, 8], [8, 1, 0, 2], [15, -1, 0, 5], [10, 5, 7, 1],
+                           [-1, -1, -1, -1]], dtype=torch.int32)  # the last row is bucket padding
     out = cache.clone()
     store_paged_single(states, out, chunk_metadata=chunks)
     assert torch.equal(out, reference_store(states, cache, chunk_metadata=chunks))
@@ -300,7 +304,8 @@ INVALID = [
     ("value_dtype_mismatch", lambda c: dict(value=c.value.half()), PagedStoreTypeError, "value_cache"),
     ("device_mismatch", lambda c: dict(value_cache=torch.empty(c.value_cache.shape, device="meta")),
      PagedStoreValueError, "value_cache"),
-    ("index_device_mismatch", lambda c: dict(block_table=c.block_table.to("meta")), PagedStoreValueError, "block_table"),
+    ("index_device_mismatch", lambda c: dict(block_table=c.block_table.to("meta")), PagedStoreValueError,
+     "block_table"),
     ("block_table_int64", lambda c: dict(block_table=c.block_table.long()), PagedStoreTypeError, "block_table"),
     ("cu_q_lens_int64", lambda c: dict(cu_q_lens=c.cu_q_lens.long()), PagedStoreTypeError, "cu_q_lens"),
     ("context_kv_lens_float", lambda c: dict(context_kv_lens=c.context_kv_lens.float()), PagedStoreTypeError,

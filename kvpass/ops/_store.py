@@ -29,7 +29,8 @@ Both modes reduce to one *plan*: for each of ``tokens`` elements ``e``, ``src[e]
 
 * **Eager** (the registered kernel): validates everything, including the data-dependent facts (block ids in
   ``[-1, num_blocks)``, monotone ``cu_q_lens``, chunk bounds), with one host sync, *before* writing; then builds
-  the plan and writes the valid elements with one ``index_put_`` per cache.
+  the plan, compacts the valid elements (``nonzero``: free on CPU, a second sync on GPU) and writes them with one
+  ``index_copy_``/``index_put_`` per cache.
 * **Compile** (``torch.compile``, ``torch.export``, ``make_fx``): the op has a Python
   ``CompositeImplicitAutograd`` kernel, so functionalization (``FunctionalTensorMode``) decomposes it instead of
   wrapping it in ``auto_functionalized``: the graph Inductor sees is the plan's index arithmetic plus one
@@ -54,6 +55,15 @@ the states flow straight into the one scatter that writes the cache. Only when t
 than ``tokens`` (decided at trace time from the shapes) may no slot be free; then a skipped element copies the
 write of the valid element that owns the chosen slot (exact, but that read of the states at another index can
 keep Inductor from fusing a reduction producer such as RMSNorm into the scatter).
+
+Compile caches
+--------------
+AOTAutograd's on-disk cache keys a compiled graph on the Dynamo graph, which names
+``kvpass.store_paged_kv.default`` but not the Python decomposition above: after an upgrade of kvpass that changes
+the lowering, a warm cache can serve code compiled from the old one (measured on torch 2.13). Clear the caches
+(``torch._inductor.utils.clear_inductor_caches()`` and the cache directory) after upgrading, or compile with
+``torch._functorch.config.enable_autograd_cache=False``; a kvpass Inductor pass whose ``uuid()`` hashes this file
+also keys the cache on it.
 """
 
 from __future__ import annotations
@@ -88,7 +98,8 @@ class PagedStoreValueError(PagedStoreError, ValueError):
 
 
 class PagedStoreTypeError(PagedStoreError, TypeError):
-    """A dtype error: states and cache dtypes differ, or an index tensor is not int32 (also a ``TypeError``)."""
+    """A type error: states and cache dtypes differ, an index tensor is not int32, or an argument is not a tensor
+    (also a ``TypeError``)."""
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -217,14 +228,15 @@ def _validate_data(op: str, num_tokens: int, num_blocks: int, block_size: int,
     checks: list[tuple[str, torch.Tensor, str]] = []
     if chunk_metadata is not None:
         src, blk, off, ln = chunk_metadata.to(torch.int64).unbind(1)
+        stored = blk >= 0  # a dst_block = -1 row is padding: skipped whatever its other columns say
         checks += [
             ("chunk_metadata", (blk < -1) | (blk >= num_blocks), f"dst_block (column 1) outside [-1, {num_blocks})"),
-            ("chunk_metadata", ln < 0, "negative length (column 3)"),
-            ("chunk_metadata", (src < 0) | (src + ln > num_tokens),
+            ("chunk_metadata", stored & (ln < 0), "negative length (column 3)"),
+            ("chunk_metadata", stored & ((src < 0) | (src + ln > num_tokens)),
              f"source tokens [src_token_start, src_token_start + length) outside [0, {num_tokens})"),
-            ("chunk_metadata", (off < 0) | (off + ln > block_size),
+            ("chunk_metadata", stored & ((off < 0) | (off + ln > block_size)),
              f"destination [dst_offset, dst_offset + length) outside the block [0, {block_size})"),
-            ("chunk_metadata", torch.where(blk >= 0, ln.clamp_min(0), 0).sum() > num_tokens,
+            ("chunk_metadata", torch.where(stored, ln.clamp_min(0), 0).sum() > num_tokens,
              f"total length of the stored chunks (dst_block >= 0) exceeds the {num_tokens} tokens"),
         ]
     else:
@@ -462,7 +474,8 @@ def _store_paged_single_op(
 @_store_paged_kv_op.register_fake
 def _store_paged_kv_fake(key, value, key_cache, value_cache, block_table=None, cu_q_lens=None,
                          context_kv_lens=None, chunk_metadata=None, *, layout="HND"):
-    _validate_static("store_paged_kv", [("key", key, "key_cache", key_cache), ("value", value, "value_cache", value_cache)],
+    _validate_static("store_paged_kv", [("key", key, "key_cache", key_cache),
+                                        ("value", value, "value_cache", value_cache)],
                      block_table, cu_q_lens, context_kv_lens, chunk_metadata, layout)
 
 
@@ -475,7 +488,8 @@ def _store_paged_single_fake(states, cache, block_table=None, cu_q_lens=None, co
 
 def _store_paged_kv_decomposition(key, value, key_cache, value_cache, block_table=None, cu_q_lens=None,
                                   context_kv_lens=None, chunk_metadata=None, *, layout="HND"):
-    _traced_store("store_paged_kv", [("key", key, "key_cache", key_cache), ("value", value, "value_cache", value_cache)],
+    _traced_store("store_paged_kv", [("key", key, "key_cache", key_cache),
+                                     ("value", value, "value_cache", value_cache)],
                   block_table, cu_q_lens, context_kv_lens, chunk_metadata, layout)
 
 
