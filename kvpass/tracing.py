@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 __all__ = ["traceable_np_pad", "install_traceable_numpy", "uninstall_traceable_numpy", "traceable_numpy_installed",
-           "tracing_context", "DYNAMO_CONFIG"]
+           "tracing_context", "install_process_wide", "DYNAMO_CONFIG"]
 
 # Dynamo config kvpass.compile puts in force while tracing.
 DYNAMO_CONFIG = {"allow_unspec_int_on_nn_module": True}
@@ -106,6 +106,14 @@ def uninstall_traceable_numpy() -> None:
     """Undo :func:`install_traceable_numpy`."""
     if "pad" in _ORIGINAL:
         _tnp_map()[np.pad] = _ORIGINAL["pad"]
+
+
+def install_process_wide() -> None:
+    """Put :data:`DYNAMO_CONFIG` and the traceable numpy substitutes in force for the whole process (what naming
+    ``backend="kvpass"`` does; see ``kvpass.registered_backend``)."""
+    for key, value in DYNAMO_CONFIG.items():
+        setattr(torch._dynamo.config, key, value)
+    install_traceable_numpy()
 
 
 @contextlib.contextmanager

@@ -6,10 +6,18 @@ import torch
 
 @pytest.fixture(autouse=True)
 def _fresh_dynamo():
-    """Each test starts with empty Dynamo caches so compile counts are its own."""
+    """Each test starts with empty Dynamo caches so compile counts are its own, and leaves Dynamo as it found it:
+    naming ``backend="kvpass"`` changes Dynamo config and its numpy map process-wide (kvpass.registered_backend)."""
+    from kvpass.tracing import DYNAMO_CONFIG, install_traceable_numpy, traceable_numpy_installed, uninstall_traceable_numpy
+
+    config = {key: getattr(torch._dynamo.config, key) for key in DYNAMO_CONFIG}
+    numpy_installed = traceable_numpy_installed()
     torch._dynamo.reset()
     yield
     torch._dynamo.reset()
+    for key, value in config.items():
+        setattr(torch._dynamo.config, key, value)
+    (install_traceable_numpy if numpy_installed else uninstall_traceable_numpy)()
 
 
 @pytest.fixture
@@ -24,12 +32,15 @@ def rng():
 
 @pytest.fixture
 def stock_numpy_tracing():
-    """Dynamo's own np.pad handling for this test (``backend="kvpass"`` installs a traceable one process-wide)."""
-    from kvpass.tracing import install_traceable_numpy, traceable_numpy_installed, uninstall_traceable_numpy
+    """Stock Dynamo for this test: its own np.pad handling and default specialization (naming
+    ``backend="kvpass"`` earlier in the process changed both process-wide); restored after."""
+    from kvpass.tracing import DYNAMO_CONFIG, install_traceable_numpy, traceable_numpy_installed, uninstall_traceable_numpy
 
     was = traceable_numpy_installed()
     uninstall_traceable_numpy()
-    yield
+    defaults = {key: torch._dynamo.config._config[key].default for key in DYNAMO_CONFIG}
+    with torch._dynamo.config.patch(defaults):
+        yield
     if was:
         install_traceable_numpy()
 

@@ -167,13 +167,16 @@ def test_report_of_a_functional_model_is_empty():
 
 @pytest.mark.slow
 def test_torch_compile_backend_kvpass_matches_eager():
-    """The entry-point form with Inductor, prefill + 16 decode steps. Positions are specialized here (Dynamo
-    installs the guards before any backend runs), so this recompiles until Dynamo's limit: see kvpass.compile."""
+    """The entry-point form with Inductor, prefill + 16 decode steps: exact, and one decode graph (naming the
+    backend loaded kvpass.registered_backend before the trace, which made positions symbolic)."""
     torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
     prompt, decode = tokens(8, 6), tokens(STEPS, 7)[0]
     got = run(torch.compile(reference_model(seed=12), backend="kvpass"), prompt, decode)
     want = run(reference_model(seed=12), prompt, decode)
     assert_matches_eager(got, want)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 2
+    assert sum(torch._dynamo.utils.counters["graph_break"].values()) == 0
 
 
 @pytest.mark.slow

@@ -28,8 +28,8 @@ def test_backend_resolves_without_importing_kvpass(tmp_path):
         y = torch.compile(f, backend="kvpass")(x)
         torch.testing.assert_close(y, f(x))
         from torch._dynamo.backends.registry import lookup_backend
-        import kvpass.dynamo_backend
-        assert lookup_backend("kvpass") is kvpass.dynamo_backend.kvpass_backend
+        import kvpass.registered_backend
+        assert lookup_backend("kvpass") is kvpass.registered_backend.kvpass_backend
         print("ok")
     """, cwd=tmp_path)
     assert out.returncode == 0, out.stderr[-3000:]
