@@ -9,35 +9,6 @@ import time
 __all__ = ["main"]
 
 
-def _demo(args) -> int:
-    import torch
-
-    from .examples.shared_kv_model import SharedKVConfig, kv_owners, reference_model
-
-    torch.manual_seed(args.seed)
-    config = SharedKVConfig()
-    owners = kv_owners(config)
-    print(f"kvpass demo: reference shared-KV decoder, {config.num_layers} layers, "
-          f"kv_shared_layers={config.kv_shared_layers}, sandwich_norms={config.sandwich_norms}")
-    for i, t in enumerate(config.layer_types):
-        kind = config.follower_kind(i)
-        role = f"{kind} follower of layer {owners[i]}" if kind else ("owner" if i in owners.values() else "own cache")
-        print(f"  layer {i}: {t:<17} head_dim={config.layer_head_dim(i):<3} {role}")
-    host = reference_model(config, seed=args.seed)
-    twin = reference_model(config, functional=True, seed=args.seed)
-    prompt = torch.randint(0, config.vocab_size, (1, 8))
-    t0 = time.perf_counter()
-    tokens = host.generate(prompt, args.steps)
-    dt = time.perf_counter() - t0
-    twin_tokens = twin.generate(prompt, args.steps)
-    print(f"\neager, host round-trip caches: prefill 8 + {args.steps} decode steps in {dt * 1e3:.1f} ms")
-    print(f"  tokens:            {tokens.tolist()}")
-    print(f"  functional twin:   {twin_tokens.tolist()}  ({'identical' if torch.equal(tokens, twin_tokens) else 'DIFFERENT'})")
-    print("\nnext: the same model through make_fx/torch.export (fidelity check), backend='inductor' and "
-          "backend='kvpass' (graph counts, rewrite report, step latency), compared with this eager run.")
-    return 0 if torch.equal(tokens, twin_tokens) else 1
-
-
 def _check(args) -> int:
     """``kvpass check FILE.pt2 ...``: exit 0 when every file is clean, 1 with findings, 2 when one is unreadable."""
     from .fidelity import ProgramLoadError, check, format_findings
@@ -69,9 +40,13 @@ def main(argv=None) -> int:
     )
     parser.add_argument("--version", action="version", version=f"kvpass {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    demo = sub.add_parser("demo", help="run the story on the bundled reference model")
+    demo = sub.add_parser("demo", help="run the story on the bundled reference model (about a minute)")
     demo.add_argument("--steps", type=int, default=16, help="decode steps after an 8-token prefill (default 16)")
     demo.add_argument("--seed", type=int, default=0, help="random seed for weights and prompt (default 0)")
+    demo.add_argument("--json", action="store_true", help="print the results as JSON (same content)")
+    demo.add_argument("--no-timing", action="store_true", help="skip the timing table (no Inductor compiles)")
+    demo.add_argument("--device", default="cpu", help="cpu (default) or cuda when available")
+    demo.add_argument("--model", default="reference", help="the model to run the story on (default: reference)")
     bench = sub.add_parser("bench", help="decode-step latency: eager, inductor, kvpass, kvpass.compile (minutes)",
                            add_help=False)
     chk = sub.add_parser(
@@ -92,7 +67,9 @@ def main(argv=None) -> int:
     if args.command == "demo":
         if args.steps < 0:
             parser.error(f"--steps must be >= 0, got {args.steps}")
-        return _demo(args)
+        from .demo import main as demo_main
+
+        return demo_main(args)
     if args.command == "check":
         return _check(args)
     return 2
