@@ -544,7 +544,7 @@ class SharedKVDecoder(nn.Module):
         ``step_fn`` (default: ``self``) runs one step; pass a compiled model to decode with it.
         Returns the ``steps`` generated token ids.
         """
-        step_fn = step_fn or self
+        step_fn = self if step_fn is None else step_fn
         self.reset()
         logits = step_fn(prompt_ids.reshape(1, -1))
         out = []

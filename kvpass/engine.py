@@ -17,7 +17,8 @@ import torch.fx
 
 from .errors import PatternError, RewriteMismatch, user_source_line
 
-__all__ = ["Pattern", "Match", "Skip", "Report", "rewrite", "resolve_patterns", "cleanup", "is_side_effect"]
+__all__ = ["Pattern", "Match", "Skip", "Report", "rewrite", "resolve_patterns", "cleanup", "is_side_effect",
+           "catalogue_markdown"]
 
 
 class Pattern(Protocol):
@@ -128,6 +129,21 @@ def is_side_effect(node: torch.fx.Node) -> bool:
             return True
         return name.endswith("_") and not name.startswith("_") and name not in ("and_", "or_", "not_")
     return False
+
+
+def catalogue_markdown() -> str:
+    """The pattern catalogue as a markdown table, from each pattern module's docstring (README.md embeds it;
+    a test keeps the two in sync)."""
+    import sys
+
+    rows = ["| order | pattern | what it rewrites |", "|---:|---|---|"]
+    for i, p in enumerate(_catalogue(), 1):
+        doc = (sys.modules[type(p).__module__].__doc__ or "").strip().split("\n\n")[0]
+        summary = " ".join(doc.split()).replace("``", "`")  # rST literals to markdown
+        if summary.startswith(p.name + ":"):
+            summary = summary[len(p.name) + 1:].strip()
+        rows.append(f"| {i} | `{p.name}` (`patterns/{type(p).__module__.rsplit('.', 1)[-1]}.py`) | {summary} |")
+    return "\n".join(rows) + "\n"
 
 
 def cleanup(gm: torch.fx.GraphModule) -> None:

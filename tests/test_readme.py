@@ -23,3 +23,10 @@ def test_quick_start_commands_are_what_ci_runs():
 def test_python_examples_run():
     for code in blocks("python"):
         exec(compile(code, "README.md", "exec"), {})
+
+
+def test_pattern_catalogue_table_is_in_sync_with_the_docstrings():
+    from kvpass.engine import catalogue_markdown
+
+    start, end = README.index("<!-- catalogue -->\n"), README.index("<!-- /catalogue -->")
+    assert README[start + len("<!-- catalogue -->\n"):end] == catalogue_markdown()

@@ -1,0 +1,52 @@
+"""``kvpass.rewrite`` on its own: capture a graph with Dynamo, rewrite it, print the report and the diff.
+
+    python examples/standalone_rewrite.py
+
+The cache here is the simplest port idiom: a numpy host buffer written with ``.cpu().numpy()`` and read back
+with ``torch.from_numpy(...)``. ``verify=True`` runs the graph before and after and raises if they differ.
+"""
+
+import copy
+import sys
+
+import numpy as np
+import torch
+
+import kvpass
+from kvpass.testing import capture_graphs
+from kvpass.tracing import tracing_context
+
+
+class HostKVCache:
+    """A preallocated host buffer ``[heads, max_len, head_dim]`` and a position."""
+
+    def __init__(self, heads=2, max_len=32, head_dim=8):
+        self.k = np.zeros((heads, max_len, head_dim), dtype=np.float32)
+        self.pos = 0
+
+    def update(self, k):
+        t = k.shape[1]
+        self.k[:, self.pos : self.pos + t] = k.detach().cpu().numpy()
+        self.pos += t
+        return torch.from_numpy(self.k[:, : self.pos]).to(k.device)
+
+
+def attend(cache, q, k):
+    """Scores of ``q`` against the whole K history."""
+    return torch.softmax(q @ cache.update(k).transpose(-1, -2), dim=-1)
+
+
+def main() -> int:
+    g = torch.Generator().manual_seed(0)
+    q, k = torch.randn(2, 4, 8, generator=g), torch.randn(2, 4, 8, generator=g)
+    with tracing_context(), torch.no_grad():
+        _, graphs = capture_graphs(attend, HostKVCache(), q, k, transform=lambda gm: gm)
+    before = graphs[0].before
+    after, report = kvpass.rewrite(copy.deepcopy(before), example_inputs=graphs[0].example_inputs, verify=True)
+    print(report.format())
+    print(kvpass.diff(before, after))
+    return 0 if report.matches else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

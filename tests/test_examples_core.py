@@ -1,0 +1,27 @@
+"""The kvpass examples that show compile and the standalone rewrite run as written."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run_example(name, *args):
+    out = subprocess.run([sys.executable, f"examples/{name}.py", *args], cwd=REPO, capture_output=True, text=True,
+                         timeout=600)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
+    return out.stdout
+
+
+@pytest.mark.slow
+def test_compile_shared_kv():
+    out = run_example("compile_shared_kv", "--steps", "6")
+    assert "tokens identical" in out and "compiled graphs: 2" in out and "buffer_history" in out
+
+
+def test_standalone_rewrite():
+    out = run_example("standalone_rewrite")
+    assert "buffer_history" in out and "+setitem" in out and "-getitem = numpy.getitem" in out
