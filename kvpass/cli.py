@@ -46,7 +46,7 @@ def main(argv=None) -> int:
     demo.add_argument("--json", action="store_true", help="print the results as JSON (same content)")
     demo.add_argument("--no-timing", action="store_true", help="skip the timing table (no Inductor compiles)")
     demo.add_argument("--device", default="cpu", help="cpu (default) or cuda when available")
-    demo.add_argument("--model", default="reference", help="the model to run the story on (default: reference)")
+    demo.add_argument("--model", default="reference", help="'reference' (default, the bundled model) or 'hf-gemma4' (transformers, tiny random)")
     bench = sub.add_parser("bench", help="decode-step latency: eager, inductor, kvpass, kvpass.compile (minutes)",
                            add_help=False)
     chk = sub.add_parser(

@@ -16,3 +16,22 @@ def test_demo_follows_the_model():
     for r in (host, twin):
         assert r["kvpass"]["max_abs_err_vs_eager"] < 1e-5
     assert "Decode step" not in format_demo(host)
+
+
+def test_demo_on_hf_gemma4_finds_nothing(capsys):
+    import json
+
+    from kvpass.cli import main
+
+    assert main(["demo", "--model", "hf-gemma4", "--steps", "4", "--no-timing", "--json"]) == 0
+    r = json.loads(capsys.readouterr().out)
+    assert r["stock"]["export_findings"] == 0
+    assert r["kvpass"]["rewrites"] == 0 and r["kvpass"]["tokens_identical"]
+    assert r["kvpass"]["graphs"] <= r["stock"]["graphs"]
+
+
+def test_demo_rejects_unknown_model(capsys):
+    from kvpass.cli import main
+
+    assert main(["demo", "--model", "llama"]) == 2
+    assert "choose 'reference' or 'hf-gemma4'" in capsys.readouterr().err
