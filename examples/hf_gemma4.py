@@ -32,7 +32,8 @@ STEPS = 16
 
 
 def tiny_gemma4(seed: int = 18):
-    """The tiny random Gemma4 of kvpass's tests (tests/conftest.py)."""
+    """The tiny random Gemma4 kvpass's tests and ``kvpass demo --model hf-gemma4`` use: shared KV layers,
+    ``attention_k_eq_v``, head dims 8 and 16; parameters redrawn from N(0, 0.3) so no norm is an identity."""
     import transformers
 
     config = transformers.Gemma4TextConfig(
@@ -48,20 +49,27 @@ def tiny_gemma4(seed: int = 18):
     return model
 
 
-def greedy(model, step, prompt: torch.Tensor, steps: int) -> list[int]:
-    """Prefill ``prompt`` then decode ``steps`` greedy tokens through ``step`` (``model.forward`` or compiled)."""
+def greedy(model, step, prompt: torch.Tensor, steps: int, times: list | None = None) -> list[int]:
+    """Prefill ``prompt`` then decode ``steps`` greedy tokens through ``step`` (``model.forward`` or compiled).
+
+    ``times``, when given, receives the wall time of each decode step in seconds."""
+    import time
+
     from transformers import StaticCache
 
-    cache = StaticCache(config=model.config, max_cache_len=32)
     t = prompt.shape[1]
+    cache = StaticCache(config=model.config, max_cache_len=max(32, t + steps))
     with torch.no_grad():
         logits = step(input_ids=prompt, past_key_values=cache, cache_position=torch.arange(t), use_cache=True).logits
         out = []
         for i in range(steps):
             nxt = logits[:, -1:].argmax(-1)
             out.append(int(nxt))
+            t0 = time.perf_counter()
             logits = step(input_ids=nxt, past_key_values=cache, cache_position=torch.tensor([t + i]),
                           use_cache=True).logits
+            if times is not None:
+                times.append(time.perf_counter() - t0)
     return out
 
 

@@ -19,28 +19,14 @@ import time
 
 import torch
 
+from .testing import RecordingBackend, host_round_trip_nodes
+
 __all__ = ["run_demo", "run_hf_demo", "format_demo", "format_hf_demo", "main"]
 
 
 def _progress(msg: str, quiet: bool) -> None:
     if not quiet:
         print(f"  ... {msg}", file=sys.stderr, flush=True)
-
-
-def _host_ops(gm) -> int:
-    from .pattern_api import is_numpy_wrapper
-
-    return sum(1 for n in gm.graph.nodes if is_numpy_wrapper(n) or (n.op == "call_method" and n.target in ("cpu", "numpy"))
-               or (n.op == "call_function" and n.target in (torch.as_tensor, torch.from_numpy)))
-
-
-class _Recorder:
-    def __init__(self):
-        self.graphs = []
-
-    def __call__(self, gm, example_inputs):
-        self.graphs.append(copy.deepcopy(gm))
-        return gm.forward
 
 
 def _steps(step, model, prompt, decode):
@@ -108,13 +94,13 @@ def run_demo(steps: int = 16, seed: int = 0, device: str = "cpu", model_factory=
     try:
         torch._dynamo.reset()
         torch._dynamo.utils.counters.clear()
-        recorder = _Recorder()
+        recorder = RecordingBackend()
         model = factory(seed).to(dev)
         with torch._dynamo.config.patch(allow_unspec_int_on_nn_module=False):
             _steps(torch.compile(model, backend=recorder), model, prompt, decode)
         stock["graphs"] = len(recorder.graphs)
         stock["graph_breaks"] = sum(torch._dynamo.utils.counters["graph_break"].values())
-        stock["host_ops_in_graphs"] = sum(_host_ops(g) for g in recorder.graphs)
+        stock["host_ops_in_graphs"] = sum(len(host_round_trip_nodes(g)) for g in recorder.graphs)
     finally:
         if was_installed:
             install_traceable_numpy()
@@ -124,7 +110,7 @@ def run_demo(steps: int = 16, seed: int = 0, device: str = "cpu", model_factory=
     _progress("kvpass.compile (rewrite report, graphs)", quiet)
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
-    recorder, reports, befores = _Recorder(), [], []
+    recorder, reports, befores = RecordingBackend(), [], []
 
     def keep_before(gm, example_inputs):
         befores.append(copy.deepcopy(gm))
@@ -137,7 +123,7 @@ def run_demo(steps: int = 16, seed: int = 0, device: str = "cpu", model_factory=
     kv: dict = {
         "graphs": len(recorder.graphs),
         "graph_breaks": sum(torch._dynamo.utils.counters["graph_break"].values()),
-        "host_ops_in_graphs": sum(_host_ops(g) for g in recorder.graphs),
+        "host_ops_in_graphs": sum(len(host_round_trip_nodes(g)) for g in recorder.graphs),
         "report_counts": {k: v for k, v in report.counts.items() if v},
         "report": [f"{m.pattern}: {m.source}" for m in report.matches],
         "skips": [f"{s.pattern}: {s.source}: {s.reason}" for s in report.skips],
@@ -190,21 +176,10 @@ def run_demo(steps: int = 16, seed: int = 0, device: str = "cpu", model_factory=
 
 def _hf_steps(model, step, prompt, steps):
     """Greedy decode with a StaticCache through ``step``: (tokens, decode step times in seconds)."""
-    from transformers import StaticCache
+    from .examples.hf_gemma4 import greedy
 
-    cache = StaticCache(config=model.config, max_cache_len=prompt.shape[1] + steps + 2)
-    t = prompt.shape[1]
-    tokens, times = [], []
-    with torch.no_grad():
-        logits = step(input_ids=prompt, past_key_values=cache, cache_position=torch.arange(t), use_cache=True).logits
-        for i in range(steps):
-            nxt = logits[:, -1:].argmax(-1)
-            tokens.append(int(nxt))
-            t0 = time.perf_counter()
-            logits = step(input_ids=nxt, past_key_values=cache, cache_position=torch.tensor([t + i]),
-                          use_cache=True).logits
-            times.append(time.perf_counter() - t0)
-    return tokens, times
+    times: list = []
+    return greedy(model, step, prompt, steps, times), times
 
 
 def run_hf_demo(steps: int = 16, seed: int = 0, quiet: bool = False, timing: bool = True) -> dict:
@@ -229,14 +204,14 @@ def run_hf_demo(steps: int = 16, seed: int = 0, quiet: bool = False, timing: boo
     ep = TorchExportableModuleForDecoderOnlyLM(model, batch_size=1, max_cache_len=16).export(input_ids=prompt)
     stock = {"export_findings": len(check(ep))}
     torch._dynamo.reset()
-    recorder = _Recorder()
+    recorder = RecordingBackend()
     _hf_steps(model, torch.compile(model.forward, backend=recorder), prompt, steps)
     stock["graphs"] = len(recorder.graphs)
     out["stock"] = stock
 
     _progress("kvpass backend", quiet)
     torch._dynamo.reset()
-    recorder, reports = _Recorder(), []
+    recorder, reports = RecordingBackend(), []
     got, _ = _hf_steps(model, torch.compile(model.forward, backend=kv_backend(inner=recorder, on_report=reports.append)),
                        prompt, steps)
     out["kvpass"] = {"graphs": len(recorder.graphs), "tokens_identical": got == want, "tokens": got,

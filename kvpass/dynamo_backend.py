@@ -80,12 +80,9 @@ def warn_tolist_round_trips(gm: torch.fx.GraphModule) -> list[str]:
 
 
 def _inner_compiler(inner) -> Callable:
+    """Any ``inner`` but ``"inductor"``, which :func:`backend` wires itself (with kvpass's ATen pass inside)."""
     if callable(inner):
         return inner
-    if inner == "inductor":
-        from torch._inductor.compile_fx import compile_fx
-
-        return compile_fx
     if inner == "eager":
         return lambda gm, example_inputs: gm.forward
     if isinstance(inner, str):

@@ -9,7 +9,7 @@ from typing import Callable
 import torch
 import torch.fx
 
-__all__ = ["CapturedGraph", "capture_graphs"]
+__all__ = ["CapturedGraph", "capture_graphs", "RecordingBackend", "host_round_trip_nodes"]
 
 
 @dataclasses.dataclass
@@ -42,3 +42,23 @@ def capture_graphs(fn: Callable, *args, transform: Callable | None = None, **kwa
     torch._dynamo.reset()
     result = torch.compile(fn, backend=recording_backend)(*args, **kwargs)
     return result, graphs
+
+
+class RecordingBackend:
+    """A torch.compile backend (or kvpass ``inner``) that keeps a copy of each graph it is handed and runs it
+    eagerly: ``graphs`` is what an inner compiler would have received."""
+
+    def __init__(self):
+        self.graphs: list[torch.fx.GraphModule] = []
+
+    def __call__(self, gm: torch.fx.GraphModule, example_inputs):
+        self.graphs.append(copy.deepcopy(gm))
+        return gm.forward
+
+
+def host_round_trip_nodes(gm: torch.fx.GraphModule) -> list[torch.fx.Node]:
+    """Device-to-host copies, numpy-wrapped ops and tensor rebuilds (``as_tensor``/``from_numpy``/``tensor``)."""
+    from .pattern_api import is_numpy_wrapper
+
+    return [n for n in gm.graph.nodes if is_numpy_wrapper(n) or (n.op == "call_method" and n.target in ("cpu", "numpy"))
+            or (n.op == "call_function" and n.target in (torch.as_tensor, torch.from_numpy, torch.tensor))]

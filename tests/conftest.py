@@ -48,15 +48,7 @@ def stock_numpy_tracing():
 @pytest.fixture(scope="session")
 def gemma4():
     """Hugging Face Gemma4 with a tiny random config: shared KV layers, attention_k_eq_v, global_head_dim != head_dim."""
-    transformers = pytest.importorskip("transformers")
-    config = transformers.Gemma4TextConfig(
-        vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
-        num_key_value_heads=2, head_dim=8, global_head_dim=16, num_kv_shared_layers=2, attention_k_eq_v=True,
-        sliding_window=8, layer_types=["sliding_attention", "full_attention"] * 2, vocab_size_per_layer_input=128,
-        hidden_size_per_layer_input=8, max_position_embeddings=64, use_cache=True,
-    )
-    torch.manual_seed(18)
-    model = transformers.Gemma4ForCausalLM(config).eval()
-    for p in model.parameters():  # not the init's near-identity norms: every layer matters
-        p.data.normal_(0.0, 0.3)
-    return model
+    pytest.importorskip("transformers")
+    from kvpass.examples.hf_gemma4 import tiny_gemma4
+
+    return tiny_gemma4(seed=18)

@@ -1,7 +1,6 @@
 """The kvpass backend on the reference model: exact against eager, no round trip left on the K/V path, one decode
 graph under kvpass.compile, a report with the user's lines, the .tolist() warning, the Inductor pass's cache key."""
 
-import copy
 import warnings
 
 import pytest
@@ -10,7 +9,7 @@ import torch._dynamo.utils
 
 import kvpass
 from kvpass.examples.shared_kv_model import SharedKVConfig, reference_model
-from kvpass.pattern_api import is_numpy_wrapper
+from kvpass.testing import RecordingBackend, host_round_trip_nodes
 
 STEPS = 16
 
@@ -35,15 +34,7 @@ def assert_matches_eager(got, want):
         torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5, msg=lambda m: f"step {i}: {m}")
 
 
-class Recorder:
-    """An inner backend that keeps the graphs kvpass hands to it, and runs them eagerly."""
-
-    def __init__(self):
-        self.graphs = []
-
-    def __call__(self, gm, example_inputs):
-        self.graphs.append(copy.deepcopy(gm))
-        return gm.forward
+Recorder = RecordingBackend  # an inner backend that keeps the graphs kvpass hands to it
 
 
 def reaches(node, pred, seen=None):
@@ -72,10 +63,7 @@ def sdpa_nodes(gm):
     return [n for n in gm.graph.nodes if n.op == "call_function" and n.target is torch._C._nn.scaled_dot_product_attention]
 
 
-def host_nodes(gm):
-    """Device-to-host copies, numpy-wrapped ops and tensor rebuilds left in a graph."""
-    return [n for n in gm.graph.nodes if is_numpy_wrapper(n) or (n.op == "call_method" and n.target in ("cpu", "numpy"))
-            or (n.op == "call_function" and n.target in (torch.as_tensor, torch.from_numpy, torch.tensor))]
+host_nodes = host_round_trip_nodes
 
 
 @pytest.fixture(scope="module")

@@ -4,24 +4,9 @@ import pytest
 import torch
 
 import kvpass
+from kvpass.examples.hf_gemma4 import greedy
 
 STEPS = 16
-
-
-def greedy(model, step, prompt, steps):
-    from transformers import StaticCache
-
-    cache = StaticCache(config=model.config, max_cache_len=32)
-    t = prompt.shape[1]
-    with torch.no_grad():
-        logits = step(input_ids=prompt, past_key_values=cache, cache_position=torch.arange(t), use_cache=True).logits
-        out = []
-        for i in range(steps):
-            nxt = logits[:, -1:].argmax(-1)
-            out.append(int(nxt))
-            logits = step(input_ids=nxt, past_key_values=cache, cache_position=torch.tensor([t + i]),
-                          use_cache=True).logits
-    return out
 
 
 def prompt(seed):
