@@ -112,6 +112,11 @@ def resolve_patterns(patterns: Sequence | None) -> list:
     return out
 
 
+# augmented assignments (``a *= 2`` on an array or tensor is in place) and numpy's in-place functions
+IN_PLACE_OPS = frozenset({"iadd", "isub", "imul", "itruediv", "ifloordiv", "imod", "ipow", "imatmul", "iand", "ior",
+                          "ixor", "ilshift", "irshift", "fill", "put", "copyto", "place", "putmask"})
+
+
 def is_side_effect(node: torch.fx.Node) -> bool:
     """Conservative impurity for dead-code elimination: torch's own notion, plus what Dynamo graphs hide from it
     (numpy ``__setitem__`` wrappers, in-place methods like ``copy_``, ``operator.setitem``)."""
@@ -123,7 +128,7 @@ def is_side_effect(node: torch.fx.Node) -> bool:
     if node.op == "call_function":
         inner = getattr(t, "op", t)  # unwrap Dynamo's numpy wrappers
         name = getattr(inner, "__name__", "") or getattr(t, "__name__", "")
-        if name in ("setitem", "__setitem__", "wrapped___setitem__", "delitem", "__delitem__"):
+        if name in ("setitem", "__setitem__", "wrapped___setitem__", "delitem", "__delitem__") or name in IN_PLACE_OPS:
             return True
         if isinstance(t, torch._ops.OpOverload) and t._schema.is_mutable:
             return True
@@ -156,9 +161,23 @@ def cleanup(gm: torch.fx.GraphModule) -> None:
     gm.recompile()
 
 
+def _concrete(x):
+    """A backend's example inputs hold SymInts for the ints Dynamo made dynamic: run with their hints."""
+    if isinstance(x, (torch.SymInt, torch.SymFloat, torch.SymBool)):
+        hint = x.node.hint
+        if hint is None:
+            raise ValueError(f"example_inputs: symbolic value {x} has no hint to run the graph with")
+        return hint
+    return copy.deepcopy(x)
+
+
 def _run(gm, inputs):
+    """The graph's outputs and, after the run, its tensor inputs (a cache buffer written in place is a result
+    too: the next step reads it)."""
+    inputs = [_concrete(x) for x in inputs]
     with torch.no_grad():
-        return gm(*copy.deepcopy(list(inputs)))
+        out = gm(*inputs)
+    return {"output": out, "input": [x if isinstance(x, torch.Tensor) else None for x in inputs]}
 
 
 def _compare(before, after, where="output") -> str | None:
@@ -197,7 +216,9 @@ def rewrite(gm: torch.fx.GraphModule, patterns: Sequence | None = None, example_
         if n:
             cleanup(gm)  # the next pattern sees no dead round-trip remnants
     if verify:
-        msg = _compare(reference, _run(gm, example_inputs))
+        after = _run(gm, example_inputs)
+        msg = _compare(reference["output"], after["output"]) or _compare(
+            reference["input"], after["input"], "input (after the run)")
         if msg:
             names = ", ".join(sorted({m.pattern for m in report.matches})) or "(none)"
             raise RewriteMismatch(f"rewrite changed the graph's result ({msg}); patterns that matched: {names}")

@@ -25,11 +25,11 @@ import torch.fx
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from .engine import Report  # noqa: F401  (re-exported: patterns record matches on it)
-from .engine import is_side_effect as is_side_effect_node
+from .engine import IN_PLACE_OPS, is_side_effect as is_side_effect_node
 
 __all__ = [
     "Report", "Emit", "is_aten_graph", "meta_value", "is_numpy_wrapper", "numpy_op_name", "wrapped_numpy_name", "HOP_METHODS", "host_chain", "HostChain",
-    "BufferAccess", "buffer_access", "_hop_input", "HOP_FUNCTIONS", "forward_hops", "mutates_in_place", "is_side_effect_node", "mutation_between", "known_le", "known_eq", "insert_call", "propagate_meta", "replace_uses", "is_full_slice",
+    "BufferAccess", "buffer_access", "feeds_buffer_access", "mutated_buffer", "_hop_input", "HOP_FUNCTIONS", "forward_hops", "mutates_in_place", "is_side_effect_node", "mutation_between", "known_le", "known_eq", "insert_call", "propagate_meta", "replace_uses", "is_full_slice",
 ]
 
 aten = torch.ops.aten
@@ -220,9 +220,10 @@ def _mutates_first_arg(node: torch.fx.Node) -> bool:
     if node.op == "call_method":
         return node.target.endswith("_") and not node.target.startswith("__")
     if node.op == "call_function":
-        if numpy_op_name(node) in ("setitem", "iadd", "isub", "imul", "itruediv", "fill", "put"):
+        if numpy_op_name(node) == "setitem" or numpy_op_name(node) in IN_PLACE_OPS:
             return True
-        if node.target in (operator.setitem, operator.iadd, operator.isub, operator.imul, operator.itruediv):
+        if node.target is operator.setitem or getattr(node.target, "__name__", None) in IN_PLACE_OPS and \
+                getattr(node.target, "__module__", None) in ("_operator", "operator"):
             return True
         if isinstance(node.target, torch._ops.OpOverload) and node.target._schema.is_mutable:
             return True
@@ -340,6 +341,50 @@ def _ndim(node) -> int | None:
     return v.dim() if isinstance(v, torch.Tensor) else None
 
 
+def _int_view(node) -> tuple | None:
+    """``node`` as ``base[i, :, j]`` (integer indices and whole dims only, the way a cache takes one layer's or
+    one batch row's slab of a bigger buffer): ``(base, {base dim: index}, [base dims left, in order])``;
+    chains (``buf[layer][0]``) resolve to the outermost base. ``None`` for anything else."""
+    if node.op != "call_function" or not (numpy_op_name(node) == "getitem" or node.target is operator.getitem):
+        return None
+    if len(node.args) < 2 or not isinstance(node.args[0], torch.fx.Node):
+        return None
+    base, index = node.args[0], node.args[1]
+    ndim = _ndim(base)
+    if ndim is None or (isinstance(index, torch.fx.Node) and not _is_int_index(index)):
+        return None
+    select: dict = {}
+    dims = _index_dims(index, ndim, select)
+    if dims is None or dims or not select:
+        return None
+    rest = [d for d in range(ndim) if d not in select]
+    inner = _int_view(base)
+    if inner is None:
+        return base, select, rest
+    root, outer, outer_rest = inner
+    return root, {**outer, **{outer_rest[d]: i for d, i in select.items()}}, [outer_rest[d] for d in rest]
+
+
+def feeds_buffer_access(node: torch.fx.Node) -> bool:
+    """``node`` is a view that later accesses index into (``v = buf[0]; v[:, a:b] = x``): not a value read."""
+    return any(u.args and u.args[0] is node and buffer_access(u) is not None for u in node.users)
+
+
+def mutated_buffer(node: torch.fx.Node, buffers) -> torch.fx.Node | None:
+    """The buffer among ``buffers`` that in-place ``node`` writes into, directly or through a chain of values
+    computed from it (a view such as ``buf[0]``; conservatively any first-argument chain)."""
+    if not node.args or not isinstance(node.args[0], torch.fx.Node):
+        return None
+    cur = node.args[0]
+    while True:
+        if cur in buffers:
+            return cur
+        if cur.op != "call_function" and cur.op != "call_method" or not cur.args or \
+                not isinstance(cur.args[0], torch.fx.Node):
+            return None
+        cur = cur.args[0]
+
+
 def buffer_access(node: torch.fx.Node) -> BufferAccess | None:
     """Recognise ``node`` as a sliced read or write of a tensor/array buffer, in any of the supported idioms."""
     if node.op == "call_function":
@@ -354,6 +399,11 @@ def buffer_access(node: torch.fx.Node) -> BufferAccess | None:
             dims = _index_dims(index, _ndim(buf), select)
             if dims is None:
                 return None
+            view = _int_view(buf)
+            if view is not None:  # buf = base[i] (a per-layer / per-batch row): an access of base itself
+                buf, outer, rest = view
+                dims = {rest[d]: r for d, r in dims.items()}
+                select = {**outer, **{rest[d]: i for d, i in select.items()}}
             write = np_name == "setitem" or node.target is operator.setitem
             kind = "numpy" if np_name else "tensor"
             return BufferAccess(node, buf, dims, write, kind, node.args[2] if write else None, _ndim(buf), select)

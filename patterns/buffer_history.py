@@ -18,7 +18,9 @@ Graph after::
     getitem = operator.getitem(k_buf, (:, 0:pos)); to = .to(getitem, device)
     cat = torch.cat([to, detach], 1)                               # K reaches attention through graph edges
 
-Also matched: ``buffer[...] = k`` on a tensor buffer (``operator.setitem``/``getitem``), ``buffer[...].copy_(k)``,
+Also matched: writes and reads through an integer-indexed view (``row = buf[0]; row[:, pos:pos + t] = ...``, a
+per-layer or per-batch slab of a bigger buffer: resolved to ``buf[0, :, pos:pos + t]``),
+``buffer[...] = k`` on a tensor buffer (``operator.setitem``/``getitem``), ``buffer[...].copy_(k)``,
 and ATen ``aten.copy_(aten.slice(buffer, ...), k)`` / ``aten.slice(buffer, ...)`` (exported graphs); any one
 sliced dim (the sequence), any layout; reads that also slice other dims (a padded follower's ``[..., :d]``) get
 those slices on every piece.
@@ -29,8 +31,10 @@ Why it is exact: the write is kept, in place and in order, so the buffer holds w
 of the program, and inside it the buffer holds exactly ``v`` (same dtype; numpy would otherwise cast). Bounds
 are compared symbolically (``statically_known_true``), so one graph serves every position. Skipped, with the
 reason in the report: a bound that cannot be proven, a dtype change through the buffer, a value that cannot be
-traced back to a device tensor, an unrecognised in-place use of the buffer between write and read, and a read
-whose result is mutated in place (it aliases the buffer in eager).
+traced back to a device tensor, an unrecognised in-place use of the buffer (or of a view of it) between write
+and read, a read whose result is mutated in place (it aliases the buffer in eager), and a read that is not
+copied (``from_numpy``, ``as_tensor``) whose result is still used after a later write into the buffer (eager
+would see that write through the alias). A read that does not overlap the write is left as it is.
 """
 
 from __future__ import annotations
@@ -42,8 +46,8 @@ import torch
 import torch.fx
 
 from kvpass.pattern_api import (
-    Emit, Report, buffer_access, forward_hops, host_chain, insert_call, is_side_effect_node, known_eq, known_le,
-    meta_value, mutates_in_place,
+    Emit, Report, buffer_access, feeds_buffer_access, forward_hops, host_chain, insert_call, is_side_effect_node,
+    known_eq, known_le, meta_value, mutated_buffer, mutates_in_place, numpy_op_name,
 )
 
 NAME = "buffer_history"
@@ -88,6 +92,8 @@ class BufferHistory:
             if acc.is_write:
                 last_write[acc.buffer] = self._canonical_write(graph, acc)
                 continue
+            if feeds_buffer_access(node):
+                continue  # a view (``buf[0]``) that the accesses below index into; they are rewritten instead
             count += self._rewrite_read(graph, acc, last_write.get(acc.buffer), report)
         return count
 
@@ -103,7 +109,8 @@ class BufferHistory:
         if acc.kind == "numpy":
             detached = dev if dev is acc.value else _existing_detach(dev) or insert_call(
                 graph, acc.node, "detach", (dev,), op="call_method", like=acc.node)
-            new = insert_call(graph, acc.node, operator.setitem, (acc.buffer, acc.node.args[1], detached),
+            # the node's own target and index (a view of acc.buffer when the write goes through one)
+            new = insert_call(graph, acc.node, operator.setitem, (acc.node.args[0], acc.node.args[1], detached),
                               like=acc.node)
             new.meta.update({k: v for k, v in acc.node.meta.items() if k != "example_value"})
             acc.node.replace_all_uses_with(new)
@@ -114,12 +121,13 @@ class BufferHistory:
 
     @staticmethod
     def _note_other_mutation(node, last_write):
-        """An in-place use of a buffer we do not understand makes its contents unknown from here on."""
+        """An in-place use of a buffer we do not understand (directly or through a view of it) makes its contents
+        unknown from here on."""
         if not is_side_effect_node(node):
             return
-        for arg in node.args[:1]:
-            if isinstance(arg, torch.fx.Node) and arg in last_write:
-                last_write[arg] = f"{node.name} mutates the buffer in a way kvpass does not model"
+        buf = mutated_buffer(node, last_write)
+        if buf is not None:
+            last_write[buf] = f"{node.name} mutates the buffer in a way kvpass does not model"
 
     # -- reads -------------------------------------------------------------------------------------------
 
@@ -151,6 +159,8 @@ class BufferHistory:
         if shape.unsqueeze:
             v_shape.insert(kept[dim], 1)
         e_val = e.value if isinstance(e, _PlusOne) else e
+        if known_le(b, s) or known_le(e_val, a):
+            return 0  # the read does not overlap the write: it reads none of the written value (as our pieces)
         if v_val.dtype != buf_val.dtype or end_val.dtype != buf_val.dtype:
             why = f"dtype changes through the buffer ({v_val.dtype} written, {buf_val.dtype} stored)"
         elif len(v_shape) != buf_val.dim() - len(shape.select) or any(
@@ -165,6 +175,8 @@ class BufferHistory:
             why = "cannot prove the write lies inside the buffer"
         elif any(mutates_in_place(u) for n in _chain(read.node, end) for u in n.users):
             why = "the read's result is mutated in place (it aliases the buffer in eager)"
+        elif _used_after_next_write(read, end):
+            why = "the read's result aliases the buffer and is used after a later write to it"
         if why:
             report.add_skip(NAME, read.node, why)
             return 0
@@ -286,6 +298,57 @@ def _sub(e, s):
         return ev - sv
     except TypeError:
         return None
+
+
+# steps that may return a view of their input (so a later write into the buffer shows through them)
+_ALIAS_METHODS = {"view", "view_as", "transpose", "permute", "reshape", "expand", "expand_as", "unsqueeze", "squeeze",
+                  "narrow", "select", "t", "flatten", "unflatten", "contiguous", "detach", "to", "cpu", "numpy",
+                  "as_strided", "unfold", "movedim", "swapaxes", "__getitem__"}
+_ALIAS_FUNCTIONS = {torch.from_numpy, torch.as_tensor, torch.asarray, operator.getitem, torch.transpose,
+                    torch.permute, torch.reshape, torch.unsqueeze, torch.squeeze, torch.narrow, torch.select,
+                    torch.flatten, torch.detach}
+_ALIAS_NUMPY = {"asarray", "ascontiguousarray", "asanyarray", "getitem", "transpose", "reshape", "squeeze",
+                "expand_dims", "swapaxes", "moveaxis"}
+
+
+def _may_alias(node) -> bool:
+    if node.op == "call_method":
+        return node.target in _ALIAS_METHODS
+    if node.op == "call_function":
+        return node.target in _ALIAS_FUNCTIONS or numpy_op_name(node) in _ALIAS_NUMPY
+    return False
+
+
+def _used_after_next_write(read, end) -> bool:
+    """In eager, a read that is not copied (``from_numpy``, ``as_tensor``, ``.to`` the same device, a view of
+    those) aliases the buffer: a later write into the buffer shows in it. Then the snapshot a ``cat`` takes
+    differs wherever an alias of the result is used (or returned) after that write."""
+    graph = read.node.graph
+    order = {n: i for i, n in enumerate(graph.nodes)}
+    chain = _chain(read.node, end)
+    if not all(_may_alias(n) for n in chain):
+        return False  # a copy on the way (torch.tensor, np.array, a transfer to another device)
+    if any(n.op == "call_method" and n.target == "to" and isinstance(meta_value(n), torch.Tensor)
+           and isinstance(meta_value(read.node), torch.Tensor) and meta_value(n).device != meta_value(read.node).device
+           for n in chain):
+        return False
+    later = next((n for n in graph.nodes if order[n] > order[read.node] and (
+        (lambda a: a is not None and a.is_write and a.buffer is read.buffer)(buffer_access(n))
+        or (is_side_effect_node(n) and mutated_buffer(n, {read.buffer}) is not None))), None)
+    if later is None:
+        return False
+    aliases, stack = set(), [end]
+    while stack:
+        n = stack.pop()
+        if n in aliases:
+            continue
+        aliases.add(n)
+        for u in n.users:
+            if u.op == "output" or order[u] > order[later]:
+                return True
+            if _may_alias(u) and u.args and u.args[0] is n:
+                stack.append(u)
+    return False
 
 
 def _chain(start, end):

@@ -30,7 +30,8 @@ import torch
 import torch.fx
 
 from kvpass.pattern_api import (
-    Emit, Report, buffer_access, host_chain, is_numpy_wrapper, known_eq, meta_value, numpy_op_name,
+    Emit, Report, buffer_access, host_chain, is_numpy_wrapper, known_eq, meta_value, mutates_in_place,
+    numpy_op_name,
 )
 
 NAME = "host_padding"
@@ -149,7 +150,7 @@ class HostPadding:
         first = buffer_access(users[0])
         if first is None or not first.is_write or first.buffer is not zeros or len(first.dims) != 1:
             return 0
-        if any(buffer_access(u) is not None and buffer_access(u).is_write for u in users[1:]):
+        if any(mutates_in_place(u) and u.args and u.args[0] is zeros for u in users[1:]):
             report.add_skip(NAME, users[0], "the zero buffer is written more than once")
             return 0
         (dim, (lo, hi)), = first.dims.items()

@@ -31,7 +31,8 @@ import torch
 import torch.fx
 
 from kvpass.pattern_api import (
-    Emit, Report, buffer_access, forward_hops, is_side_effect_node, known_eq, meta_value, mutates_in_place,
+    Emit, Report, buffer_access, feeds_buffer_access, forward_hops, is_side_effect_node, known_eq, meta_value,
+    mutated_buffer, mutates_in_place,
 )
 
 NAME = "shared_read"
@@ -56,14 +57,14 @@ class SharedRead:
                 continue
             acc = buffer_access(node)
             if acc is None:
-                if is_side_effect_node(node) and node.args and node.args[0] in open_reads:
-                    open_reads.pop(node.args[0])
+                if is_side_effect_node(node):
+                    open_reads.pop(mutated_buffer(node, open_reads), None)
                 continue
             if acc.is_write:
                 open_reads.pop(acc.buffer, None)
                 continue
-            if acc.kind != "numpy":
-                continue  # only host-buffer reads: re-slicing a device tensor is not a round trip
+            if acc.kind != "numpy" or feeds_buffer_access(node):
+                continue  # only host-buffer value reads: re-slicing a device tensor is not a round trip
             end = forward_hops(node)
             earlier = open_reads.setdefault(acc.buffer, [])
             match = next((e for e in earlier if self._covers(e[0], acc) and self._same_value_kind(e[1], end)), None)
@@ -85,8 +86,9 @@ class SharedRead:
     @staticmethod
     def _covers(first, second) -> bool:
         """``second`` reads the same range as ``first`` on every dim ``first`` slices (it may slice more)."""
-        if first.kind != second.kind:
-            return False
+        if first.kind != second.kind or set(first.select) != set(second.select) or any(
+                not known_eq(i, second.select[d]) for d, i in first.select.items()):
+            return False  # another row of the buffer (``buf[0, ...]`` vs ``buf[1, ...]``)
         for d, r in first.dims.items():
             if not _same_range(r, second.dims.get(d)):
                 return False
