@@ -52,3 +52,13 @@ def gemma4():
     from kvpass.examples.hf_gemma4 import tiny_gemma4
 
     return tiny_gemma4(seed=18)
+
+
+def pytest_terminal_summary(terminalreporter):
+    """Print how many generated cases the fuzz tests ran (tests/test_fuzz_rewrite.py)."""
+    import sys
+
+    fuzz = sys.modules.get("fuzz_decoders")
+    if fuzz is not None and fuzz.COUNTS:
+        counts = ", ".join(f"{v} {k}" for k, v in sorted(fuzz.COUNTS.items()))
+        terminalreporter.write_line(f"kvpass fuzz: {counts}")

@@ -1,0 +1,503 @@
+"""Generated shared-KV decoders for the fuzz tests: the sharing scheme, the dims, the dtype and, per cache, the
+host round-trip idiom are all drawn (hypothesis strategies below), so the rewrite is checked on models this
+repository does not contain.
+
+A :class:`Case` describes one model and one run (prompt length, decode steps). :func:`build` makes the model;
+its eager output is the oracle. Every cache keeps K and V in numpy buffers, written and read with the idioms the
+catalogue covers, alone and mixed:
+
+* owner store: a preallocated buffer written with a slice assignment (``prealloc``), the same with a leading
+  batch dim indexed by an int (``batched``), or a history grown with ``np.concatenate`` (``concat``);
+* buffer layout: ``[heads, seq, d]`` or ``[seq, heads, d]``;
+* device to host: ``.detach().cpu().numpy()``, ``.cpu().numpy()``, ``.detach().numpy()``;
+* host to device: ``torch.from_numpy(a).to(dev)``, ``torch.as_tensor(a, device=dev)``, ``torch.tensor(a)``,
+  ``torch.from_numpy(np.ascontiguousarray(a))``;
+* one-token decode writes with an int index (``buf[:, pos] = k[:, 0]``);
+* an extra pure host hop of K before the cache;
+* followers: ``shared`` (writes its K/V into the owner's buffer at its own position, reads the owner's view),
+  ``padded`` (a smaller head dim, zero-padded on write with ``np.pad``, ``np.zeros`` + assign or
+  ``np.concatenate`` with zeros, sliced back on read), ``readonly`` (reads the owner's history, never writes);
+* a round trip that is not K/V: the attention mask built with numpy (``np.tril``) and brought to the device.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import math
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from hypothesis import strategies as st
+from torch import nn
+
+COUNTS: collections.Counter = collections.Counter()  # what the fuzz tests ran (printed by conftest.py)
+
+SLIDING, FULL = "sliding", "full"
+STORES = ("prealloc", "batched", "concat")
+LAYOUTS = ("hsd", "shd")
+TO_HOST = ("detach_cpu_numpy", "cpu_numpy", "detach_numpy")
+TO_DEVICE = ("from_numpy_to", "as_tensor", "tensor", "ascontiguous")
+PADS = ("np_pad", "zeros_assign", "concat_zeros")
+FOLLOWERS = ("shared", "padded", "readonly")
+DTYPES = (torch.float32, torch.float64, torch.float16)
+
+
+@dataclasses.dataclass(frozen=True)
+class OwnerIdiom:
+    """How one owner cache stores K/V on the host."""
+
+    store: str = "prealloc"
+    layout: str = "hsd"
+    to_host: str = "detach_cpu_numpy"
+    to_device: str = "from_numpy_to"
+    int_index_decode: bool = False  # buf[:, pos] = k[:, 0] when one token is written
+    k_hop: bool = False  # K makes a pure host round trip before the cache
+
+
+@dataclasses.dataclass(frozen=True)
+class FollowerIdiom:
+    """How one shared layer uses its owner's cache."""
+
+    kind: str = "readonly"
+    pad: str = "np_pad"  # padded followers only
+    head_dim: int | None = None  # padded followers: their (smaller) head dim
+    to_device: str = "from_numpy_to"
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    """One generated model and run."""
+
+    layer_types: tuple
+    kv_shared_layers: int
+    kv_heads: int
+    q_per_kv: int
+    head_dims: tuple  # (sliding, full)
+    owners: tuple  # OwnerIdiom per non-shared layer
+    followers: tuple  # FollowerIdiom per shared layer
+    numpy_mask: bool
+    dtype: torch.dtype
+    prompt_len: int
+    decode_steps: int
+    seed: int
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.layer_types)
+
+    @property
+    def first_shared(self) -> int:
+        return self.num_layers - self.kv_shared_layers
+
+    def owner_of(self, i: int) -> int:
+        """The last non-shared layer of layer ``i``'s type (Gemma 3n/4's sharing rule)."""
+        return max(j for j in range(self.first_shared) if self.layer_types[j] == self.layer_types[i])
+
+    def head_dim(self, i: int) -> int:
+        if i >= self.first_shared and self.followers[i - self.first_shared].kind == "padded":
+            return self.followers[i - self.first_shared].head_dim
+        return self.head_dims[self.layer_types[i] == FULL]
+
+    @property
+    def max_len(self) -> int:
+        return self.prompt_len + self.decode_steps
+
+    def short(self) -> str:
+        """A compact, readable id."""
+        layers = []
+        for i, t in enumerate(self.layer_types):
+            if i < self.first_shared:
+                o = self.owners[i]
+                layers.append(f"{t[0]}:{o.store}/{o.layout}/{o.to_host}/{o.to_device}"
+                              + ("/int" if o.int_index_decode else "") + ("/hop" if o.k_hop else ""))
+            else:
+                f = self.followers[i - self.first_shared]
+                layers.append(f"{t[0]}<{self.owner_of(i)}:{f.kind}" + (f"/{f.pad}/d{f.head_dim}" if f.kind == "padded" else "")
+                              + f"/{f.to_device}")
+        return (f"kv{self.kv_heads}x{self.q_per_kv} d{self.head_dims} {str(self.dtype)[6:]} p{self.prompt_len}"
+                f"+{self.decode_steps}{' npmask' if self.numpy_mask else ''} [" + " | ".join(layers) + "]")
+
+
+# ---- strategies ---------------------------------------------------------------------------------------------
+
+owner_idioms = st.builds(OwnerIdiom, store=st.sampled_from(STORES), layout=st.sampled_from(LAYOUTS),
+                         to_host=st.sampled_from(TO_HOST), to_device=st.sampled_from(TO_DEVICE),
+                         int_index_decode=st.booleans(), k_hop=st.booleans())
+
+
+@st.composite
+def cases(draw, max_layers=5, max_decode=3, dtypes=DTYPES, round_trips=True):
+    """A random shared-KV decoder: layer types, sharing, dims, dtype, idioms per cache, run lengths.
+    ``round_trips=False``: device caches (``torch.cat``) and read-only followers only, no numpy anywhere."""
+    n = draw(st.integers(2, max_layers))
+    types = tuple(draw(st.lists(st.sampled_from([SLIDING, FULL]), min_size=n, max_size=n)))
+    shared = draw(st.integers(0, n - 1))
+    first = n - shared
+    # a shared layer needs a non-shared layer of its type before it (else it has no owner)
+    while shared and set(types[first:]) - set(types[:first]):
+        shared -= 1
+        first = n - shared
+    owners = tuple(draw(owner_idioms) if round_trips else OwnerIdiom(store="device") for _ in range(first))
+    sliding_dim = draw(st.sampled_from([4, 6, 8]))
+    full_dim = draw(st.sampled_from([sliding_dim, 8, 12, 16]))
+    head_dims = (sliding_dim, full_dim)
+    followers = []
+    for i in range(first, n):
+        owner = max(j for j in range(first) if types[j] == types[i])
+        store = owners[owner].store
+        kinds = FOLLOWERS if store not in ("concat", "device") else ("readonly",)  # no slots to overwrite
+        kind = draw(st.sampled_from(kinds))
+        owner_dim = head_dims[types[i] == FULL]
+        dim = None
+        if kind == "padded":
+            dim = draw(st.sampled_from(sorted({d for d in (2, 4, 6, owner_dim - 2) if 2 <= d < owner_dim}) or [owner_dim]))
+        followers.append(FollowerIdiom(kind=kind, pad=draw(st.sampled_from(PADS)), head_dim=dim,
+                                       to_device=draw(st.sampled_from(TO_DEVICE))))
+    return Case(layer_types=types, kv_shared_layers=shared, kv_heads=draw(st.integers(1, 3)),
+                q_per_kv=draw(st.integers(1, 2)), head_dims=head_dims, owners=owners, followers=tuple(followers),
+                numpy_mask=draw(st.booleans()) and round_trips, dtype=draw(st.sampled_from(dtypes)),
+                prompt_len=draw(st.integers(1, 6)), decode_steps=draw(st.integers(1, max_decode)),
+                seed=draw(st.integers(0, 2**16)))
+
+
+# ---- idioms -------------------------------------------------------------------------------------------------
+
+
+def to_host(x: torch.Tensor, how: str) -> np.ndarray:
+    if how == "detach_cpu_numpy":
+        return x.detach().cpu().numpy()
+    if how == "cpu_numpy":
+        return x.cpu().numpy()
+    return x.detach().numpy()
+
+
+def to_device(a: np.ndarray, how: str, device) -> torch.Tensor:
+    if how == "from_numpy_to":
+        return torch.from_numpy(a).to(device)
+    if how == "as_tensor":
+        return torch.as_tensor(a, device=device)
+    if how == "tensor":
+        return torch.tensor(a)
+    return torch.from_numpy(np.ascontiguousarray(a))
+
+
+def host_pad(a: np.ndarray, width: int, how: str, dtype) -> np.ndarray:
+    """Zero-pad the last dim of ``a`` by ``width`` on the host (``dtype``: ``a``'s, given because Dynamo cannot
+    trace ``ndarray.dtype``)."""
+    if how == "np_pad":
+        return np.pad(a, [(0, 0)] * (a.ndim - 1) + [(0, width)])
+    if how == "zeros_assign":
+        z = np.zeros(a.shape[:-1] + (a.shape[-1] + width,), dtype=dtype)
+        z[..., : a.shape[-1]] = a
+        return z
+    return np.concatenate([a, np.zeros(a.shape[:-1] + (width,), dtype=dtype)], axis=-1)
+
+
+class OwnerCache:
+    """A non-shared layer's cache: K and V on the host, stored with ``idiom``; ``update`` returns the history
+    ``[heads, pos, d]`` on the device."""
+
+    writes = True
+
+    def __init__(self, idiom: OwnerIdiom, kv_heads: int, max_len: int, head_dim: int, dtype: torch.dtype, seed: int):
+        self.idiom, self.head_dim, self.pos, self.step_start = idiom, head_dim, 0, None
+        self.np_dtype = np_dtype = torch.empty(0, dtype=dtype).numpy().dtype
+        rng = np.random.default_rng(seed)
+        if idiom.store == "device":  # no round trip at all: device tensors grown with torch.cat
+            self.k = torch.randn(kv_heads, 0, head_dim, dtype=dtype)
+            self.v = torch.randn(kv_heads, 0, head_dim, dtype=dtype)
+            return
+        if idiom.store == "concat":  # the history itself, grown each step
+            shape = (kv_heads, 0, head_dim) if idiom.layout == "hsd" else (0, kv_heads, head_dim)
+        else:  # poisoned, not zeros: a rewrite that reads a slot nobody wrote shows up
+            shape = (kv_heads, max_len, head_dim) if idiom.layout == "hsd" else (max_len, kv_heads, head_dim)
+            if idiom.store == "batched":
+                shape = (1,) + shape
+        self.k = rng.standard_normal(shape).astype(np_dtype)
+        self.v = rng.standard_normal(shape).astype(np_dtype)
+
+    def begin_step(self):
+        self.step_start = None
+
+    def rotation_position(self):
+        return self.pos
+
+    def _layout(self, x):  # [heads, t, d] -> the buffer's layout
+        return x if self.idiom.layout == "hsd" else x.transpose(0, 1)
+
+    def _store(self, buf, x, start, host):
+        """Write ``x [heads, t, d]`` at ``[start, start + t)`` of ``buf``, ``host(tensor)`` making the numpy
+        array; return the (possibly new) buffer."""
+        i, t = self.idiom, x.shape[1]
+        if i.store == "concat":
+            return np.concatenate([buf, host(self._layout(x))], axis=1 if i.layout == "hsd" else 0)
+        view = buf[0] if i.store == "batched" else buf
+        if i.int_index_decode and t == 1:
+            if i.layout == "hsd":
+                view[:, start] = host(x[:, 0])
+            else:
+                view[start] = host(x[:, 0])
+        elif i.layout == "hsd":
+            view[:, start : start + t] = host(x)
+        else:
+            view[start : start + t] = host(x.transpose(0, 1))
+        return buf
+
+    def read(self, buf, end, d, how, device):
+        """The history ``[0, end)`` of ``buf``, first ``d`` features, as ``[heads, end, d]`` on ``device``."""
+        view = buf[0] if self.idiom.store == "batched" else buf
+        if self.idiom.layout == "hsd":
+            return to_device(view[:, :end, :d], how, device)
+        return to_device(view[:end, :, :d], how, device).transpose(0, 1)
+
+    def update(self, k, v):
+        t = k.shape[1]
+        if self.idiom.store == "device":
+            self.k, self.v = torch.cat([self.k, k], 1), torch.cat([self.v, v], 1)
+            self.step_start, self.pos = self.pos, self.pos + t
+            return self.k, self.v
+        if self.idiom.k_hop:
+            k = torch.from_numpy(k.detach().cpu().numpy()).to(k.device)
+        host = lambda x: to_host(x, self.idiom.to_host)  # noqa: E731
+        self.k = self._store(self.k, k, self.pos, host)
+        self.v = self._store(self.v, v, self.pos, host)
+        self.step_start = self.pos
+        self.pos += t
+        how = self.idiom.to_device
+        return (self.read(self.k, self.pos, self.head_dim, how, k.device),
+                self.read(self.v, self.pos, self.head_dim, how, v.device))
+
+
+class FollowerCache:
+    """A shared layer's view of its owner's cache (``shared``, ``padded`` or ``readonly``)."""
+
+    def __init__(self, idiom: FollowerIdiom, owner: OwnerCache):
+        self.idiom, self.owner, self.pos = idiom, owner, 0
+        self.head_dim = idiom.head_dim or owner.head_dim
+        self.writes = idiom.kind != "readonly"
+
+    def begin_step(self):
+        pass
+
+    def rotation_position(self):
+        return self.pos if self.writes else self.owner.step_start
+
+    def update(self, k, v):
+        o, t = self.owner, k.shape[1]
+        if self.idiom.kind == "padded":
+            width, pad, dtype = o.head_dim - self.head_dim, self.idiom.pad, o.np_dtype
+            host = lambda x: host_pad(x.detach().cpu().numpy(), width, pad, dtype)  # noqa: E731
+        else:
+            host = lambda x: x.detach().cpu().numpy()  # noqa: E731
+        o.k = o._store(o.k, k, self.pos, host)
+        o.v = o._store(o.v, v, self.pos, host)
+        self.pos += t
+        end = max(o.pos, self.pos)
+        how = self.idiom.to_device
+        return o.read(o.k, end, self.head_dim, how, k.device), o.read(o.v, end, self.head_dim, how, v.device)
+
+    def read_only(self, device):
+        if self.owner.idiom.store == "device":
+            return self.owner.k, self.owner.v
+        o, how = self.owner, self.idiom.to_device
+        return o.read(o.k, o.pos, self.head_dim, how, device), o.read(o.v, o.pos, self.head_dim, how, device)
+
+
+# ---- the decoder --------------------------------------------------------------------------------------------
+
+
+def rms_norm(x, weight, eps=1e-6):
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * (1.0 + weight)
+
+
+def rope(x, start, theta):
+    """Rotate-half RoPE in ``x``'s dtype."""
+    d, t = x.shape[-1], x.shape[-2]
+    inv = 1.0 / (theta ** (torch.arange(0, d, 2, dtype=torch.float32, device=x.device) / d))
+    ang = (torch.arange(t, dtype=torch.float32, device=x.device) + start)[:, None] * inv[None, :]
+    cos, sin = torch.cat([ang.cos(), ang.cos()], -1).to(x.dtype), torch.cat([ang.sin(), ang.sin()], -1).to(x.dtype)
+    x1, x2 = x[..., : d // 2], x[..., d // 2 :]
+    return x * cos + torch.cat([-x2, x1], -1) * sin
+
+
+class Layer(nn.Module):
+    def __init__(self, case: Case, i: int, hidden: int):
+        super().__init__()
+        self.heads, self.kv_heads, self.d = case.kv_heads * case.q_per_kv, case.kv_heads, case.head_dim(i)
+        self.window = 3 if case.layer_types[i] == SLIDING else None
+        self.theta = 10_000.0 if case.layer_types[i] == SLIDING else 1_000_000.0
+        self.numpy_mask = case.numpy_mask
+        self.q_proj = nn.Linear(hidden, self.heads * self.d, bias=False)
+        self.k_proj = nn.Linear(hidden, self.kv_heads * self.d, bias=False)
+        self.v_proj = nn.Linear(hidden, self.kv_heads * self.d, bias=False)
+        self.o_proj = nn.Linear(self.heads * self.d, hidden, bias=False)
+        self.q_norm, self.k_norm, self.norm = (nn.Parameter(torch.zeros(n)) for n in (self.d, self.d, hidden))
+        self.up = nn.Linear(hidden, 2 * hidden, bias=False)
+        self.down = nn.Linear(2 * hidden, hidden, bias=False)
+
+    def mask(self, t, s, start, device):
+        if self.numpy_mask:  # a host round trip that is not K/V: must stay exact
+            m = np.tril(np.ones((t, s), dtype=np.bool_), k=s - t)
+            return torch.from_numpy(m).to(device)
+        qpos = torch.arange(t, device=device)[:, None] + start
+        return torch.arange(s, device=device)[None, :] <= qpos
+
+    def forward(self, x, cache):
+        t, d = x.shape[0], self.d
+        h = rms_norm(x, self.norm)
+        start = cache.rotation_position()
+        q = rope(rms_norm(self.q_proj(h).view(t, self.heads, d).transpose(0, 1), self.q_norm), start, self.theta)
+        if cache.writes:
+            k = rope(rms_norm(self.k_proj(h).view(t, self.kv_heads, d).transpose(0, 1), self.k_norm), start, self.theta)
+            v = self.v_proj(h).view(t, self.kv_heads, d).transpose(0, 1)
+            k_hist, v_hist = cache.update(k, v)
+        else:
+            k_hist, v_hist = cache.read_only(x.device)
+        rep = self.heads // self.kv_heads
+        k_hist, v_hist = k_hist.repeat_interleave(rep, 0), v_hist.repeat_interleave(rep, 0)
+        s = k_hist.shape[1]
+        mask = self.mask(t, s, start, x.device)
+        if self.window is not None:
+            qpos = torch.arange(t, device=x.device)[:, None] + start
+            mask = mask & (torch.arange(s, device=x.device)[None, :] > qpos - self.window)
+        a = F.scaled_dot_product_attention(q, k_hist, v_hist, attn_mask=mask)
+        x = x + self.o_proj(a.transpose(0, 1).reshape(t, self.heads * d))
+        return x + self.down(F.gelu(self.up(x)))
+
+
+class FuzzDecoder(nn.Module):
+    """The model a :class:`Case` describes; ``forward(ids [T])`` runs one step and returns logits ``[T, vocab]``."""
+
+    def __init__(self, case: Case, hidden: int = 16, vocab: int = 32):
+        super().__init__()
+        self.case = case
+        self.embed = nn.Embedding(vocab, hidden)
+        self.layers = nn.ModuleList(Layer(case, i, hidden) for i in range(case.num_layers))
+        g = torch.Generator().manual_seed(case.seed)
+        with torch.no_grad():
+            for p in self.parameters():
+                p.copy_(torch.randn(p.shape, generator=g) * (0.3 if p.dim() == 1 else 1.0 / math.sqrt(p.shape[-1])))
+        self.to(case.dtype).eval()
+        self.reset()
+
+    def reset(self):
+        c = self.case
+        self.caches = []
+        for i in range(c.num_layers):
+            if i < c.first_shared:
+                self.caches.append(OwnerCache(c.owners[i], c.kv_heads, c.max_len, c.head_dim(i), c.dtype, c.seed + i))
+            else:
+                self.caches.append(FollowerCache(c.followers[i - c.first_shared], self.caches[c.owner_of(i)]))
+
+    def forward(self, ids):
+        for cache in self.caches:
+            cache.begin_step()
+        x = self.embed(ids)
+        for layer, cache in zip(self.layers, self.caches):
+            x = layer(x, cache)
+        return x @ self.embed.weight.t()
+
+
+def build(case: Case) -> FuzzDecoder:
+    """The model of ``case``, with random weights (from ``case.seed``) and empty caches."""
+    return FuzzDecoder(case)
+
+
+def token_steps(case: Case, vocab: int = 32):
+    """The prompt and the decode tokens (teacher forced: every runner sees the same tokens)."""
+    g = torch.Generator().manual_seed(case.seed + 1)
+    prompt = torch.randint(0, vocab, (case.prompt_len,), generator=g)
+    return [prompt] + [torch.randint(0, vocab, (1,), generator=g) for _ in range(case.decode_steps)]
+
+
+def run_steps(step, steps):
+    """``step`` on each input of ``steps`` (a tuple is unpacked), without autograd."""
+    with torch.no_grad():
+        return [step(*s) if isinstance(s, tuple) else step(s) for s in steps]
+
+
+# ---- cache steps: the same idioms without the decoder around them (cheap to trace, so many more cases) --------
+
+
+@st.composite
+def cache_cases(draw, max_decode=3, dtypes=DTYPES):
+    """One owner cache and up to two followers of it, driven directly with K/V (no projections, no attention)."""
+    owner = draw(owner_idioms)
+    dim = draw(st.sampled_from([4, 6, 8, 16]))
+    kinds = FOLLOWERS if owner.store != "concat" else ("readonly",)
+    followers = []
+    for _ in range(draw(st.integers(0, 2))):
+        kind = draw(st.sampled_from(kinds))
+        followers.append(FollowerIdiom(kind=kind, pad=draw(st.sampled_from(PADS)),
+                                       head_dim=draw(st.integers(1, dim - 1)) if kind == "padded" else None,
+                                       to_device=draw(st.sampled_from(TO_DEVICE))))
+    layer_types = (FULL,) * (1 + len(followers))
+    return Case(layer_types=layer_types, kv_shared_layers=len(followers), kv_heads=draw(st.integers(1, 3)),
+                q_per_kv=1, head_dims=(dim, dim), owners=(owner,), followers=tuple(followers), numpy_mask=False,
+                dtype=draw(st.sampled_from(dtypes)), prompt_len=draw(st.integers(1, 6)),
+                decode_steps=draw(st.integers(1, max_decode)), seed=draw(st.integers(0, 2**16)))
+
+
+class CacheStep(nn.Module):
+    """Runs the caches of a :func:`cache_cases` case on given K/V and returns every history they hand back.
+    (A module, so that cache positions are unspecialized ints as in a model: one graph for all decode steps.)"""
+
+    def __init__(self, case: Case):
+        super().__init__()
+        self.case = case
+        FuzzDecoder.reset(self)
+
+    def forward(self, k, v):
+        for cache in self.caches:
+            cache.begin_step()
+        # each history is used (cloned) at once, as attention would: a history that aliases the host buffer and
+        # is returned as is would show the followers' later writes in eager (tests/test_guards.py pins that case)
+        out = [h.clone() for h in self.caches[0].update(k, v)]
+        for i, cache in enumerate(self.caches[1:], 1):
+            if cache.writes:  # a follower's own K/V: other values than the owner's (last writer wins)
+                d = cache.head_dim
+                out += [h.clone() for h in cache.update(k[..., :d] * 0.5 + i, v[..., :d] - i)]
+            else:
+                out += [h.clone() for h in cache.read_only(k.device)]
+        return out
+
+
+def kv_steps(case: Case):
+    """Fresh random K/V ``[kv_heads, t, d]`` for the prefill and each decode step."""
+    g = torch.Generator().manual_seed(case.seed + 2)
+    shape = lambda t: (case.kv_heads, t, case.head_dims[1])  # noqa: E731
+    return [(torch.randn(shape(t), generator=g).to(case.dtype), torch.randn(shape(t), generator=g).to(case.dtype))
+            for t in [case.prompt_len] + [1] * case.decode_steps]
+
+
+# ---- graph checks -------------------------------------------------------------------------------------------
+
+
+def kv_path_host_nodes(gm: torch.fx.GraphModule, roots=None) -> list:
+    """Host round-trip nodes (``.cpu()``, ``.numpy()``, numpy ops, tensor rebuilds) that an attention's K or V
+    (or, with ``roots="clones"``, each history :class:`CacheStep` hands out) depends on, back to the K/V projections: what the
+    rewrite must have removed. (Ancestry, not only paths from the projections: a host array that K reaches
+    through a ``setitem`` and attention reads back counts too.)"""
+    from kvpass.testing import host_round_trip_nodes
+
+    host = set(host_round_trip_nodes(gm))
+    if roots == "clones":  # CacheStep clones each history it hands out (graph outputs also hold cache state)
+        stack = [n.args[0] for n in gm.graph.nodes if n.op == "call_method" and n.target == "clone"]
+    else:
+        stack = [a for n in gm.graph.nodes if n.op == "call_function"
+                 and n.target is torch._C._nn.scaled_dot_product_attention for a in n.args[1:3]]
+    seen = set()
+    while stack:
+        n = stack.pop()
+        if isinstance(n, torch.fx.Node) and n not in seen:
+            seen.add(n)
+            if not _is_kv_projection(n):  # what the projection's input depends on is not K/V's path
+                stack.extend(n.all_input_nodes)
+    return [n for n in gm.graph.nodes if n in seen and n in host]
+
+
+def _is_kv_projection(node) -> bool:
+    return node.op == "call_function" and node.target is torch._C._nn.linear and any(
+        p in a.name for a in node.all_input_nodes if a.op == "placeholder" for p in ("k_proj", "v_proj"))

@@ -1,0 +1,148 @@
+"""Differential fuzzing of the rewrite on generated shared-KV decoders (``fuzz_decoders``): eager is the oracle.
+
+Every generated model runs a prefill and teacher-forced decode steps three ways that must agree: eagerly; compiled
+with a backend that runs ``kvpass.rewrite(gm, example_inputs, verify=True)`` on each graph Dynamo produces (and
+then runs the rewritten graph); and, for a smaller sample, ``torch.compile(model, backend="kvpass")`` with
+Inductor generating the code. Each rewritten graph must leave no host op on an attention's K/V path, and
+rewriting it again must change nothing (idempotence).
+
+Fixed seed by default (hypothesis ``derandomize``): the same cases every run. A longer or different run::
+
+    KVPASS_FUZZ_SCALE=10 pytest tests/test_fuzz_rewrite.py         # 10x the cases
+    KVPASS_FUZZ_SEED=1234 pytest tests/test_fuzz_rewrite.py        # another draw
+
+The case counts are printed at the end of the test session (conftest.py).
+"""
+
+import os
+
+import pytest
+import torch
+from hypothesis import HealthCheck, Phase, given, seed, settings
+
+import fuzz_decoders as fd
+import kvpass
+from kvpass.tracing import tracing_context
+
+pytestmark = pytest.mark.filterwarnings("ignore:To copy construct from a tensor")  # the torch.tensor(a) idiom
+
+SCALE = float(os.environ.get("KVPASS_FUZZ_SCALE", "1"))
+SEED = os.environ.get("KVPASS_FUZZ_SEED")
+DECODER_CASES, CACHE_CASES = 40, 170  # through kvpass.rewrite(verify=True)
+INDUCTOR_DECODERS, INDUCTOR_CACHE_STEPS = 3, 17  # through backend="kvpass" (Inductor)
+
+
+def fuzz(n):
+    """``@given`` settings for ``n`` cases (times ``KVPASS_FUZZ_SCALE``): fixed seed unless ``KVPASS_FUZZ_SEED``."""
+    s = settings(max_examples=max(1, round(n * SCALE)), deadline=None, database=None, derandomize=SEED is None,
+                 suppress_health_check=list(HealthCheck), print_blob=True,
+                 phases=[Phase.explicit, Phase.generate])  # no shrinking: each case costs seconds; ids are readable
+
+    def wrap(f):
+        f = s(f)
+        return seed(int(SEED))(f) if SEED is not None else f
+    return wrap
+
+
+def tolerance(dtype, inductor=False):
+    """How far a compiled run may be from eager: the rewrite alone reorders nothing (tight); Inductor fuses and
+    reassociates (its own dtype's rounding)."""
+    if not inductor:
+        return dict(rtol=1e-6, atol=1e-6) if dtype != torch.float16 else dict(rtol=1e-3, atol=1e-3)
+    return {torch.float64: dict(rtol=1e-6, atol=1e-6), torch.float32: dict(rtol=1e-4, atol=1e-4),
+            torch.float16: dict(rtol=2e-2, atol=2e-2)}[dtype]
+
+
+def assert_steps_close(got, want, case, **tol):
+    assert len(got) == len(want)
+    for i, (g, w) in enumerate(zip(got, want)):
+        g, w = (list(x) if isinstance(x, (list, tuple)) else [x] for x in (g, w))
+        assert len(g) == len(w)
+        assert max(b.abs().max() for b in w) > 0.1, "degenerate reference output"
+        for j, (a, b) in enumerate(zip(g, w)):
+            torch.testing.assert_close(a, b, **tol, msg=lambda m: f"{case.short()}\nstep {i}, output {j}: {m}")
+
+
+def check_rewrite(case, model, steps, roots=None):
+    """Eager vs a compile whose backend is ``kvpass.rewrite(verify=True)``; structure of every rewritten graph."""
+    want = fd.run_steps(model(case), steps)
+    graphs = []
+
+    def verifying_backend(gm, example_inputs):
+        gm, report = kvpass.rewrite(gm, example_inputs=example_inputs, verify=True)
+        left = fd.kv_path_host_nodes(gm, roots)
+        assert not left, f"{case.short()}\nhost ops left on the K/V path: {[n.name for n in left]}\n{report.format()}"
+        once = kvpass.graph_text(gm)
+        _, again = kvpass.rewrite(gm)
+        assert not again.matches and kvpass.graph_text(gm) == once, f"{case.short()}: a second rewrite changed the graph"
+        graphs.append(gm)
+        return gm.forward
+
+    torch._dynamo.reset()
+    with tracing_context():
+        got = fd.run_steps(torch.compile(model(case), backend=verifying_backend), steps)
+    assert_steps_close(got, want, case, **tolerance(case.dtype))
+    assert 2 <= len(graphs) <= 1 + case.decode_steps, f"{case.short()}: {len(graphs)} graphs"
+    return len(graphs)
+
+
+def check_inductor(case, model, steps):
+    """Eager vs ``torch.compile(model, backend="kvpass")`` (the registered backend, Inductor inside)."""
+    want = fd.run_steps(model(case), steps)
+    torch._dynamo.reset()
+    got = fd.run_steps(torch.compile(model(case), backend="kvpass"), steps)
+    assert_steps_close(got, want, case, **tolerance(case.dtype, inductor=True))
+
+
+@fuzz(DECODER_CASES)
+@given(fd.cases(max_layers=4, max_decode=2))
+def _fuzz_decoders(case):
+    fd.COUNTS["rewrite graphs"] += check_rewrite(case, fd.build, fd.token_steps(case))
+    fd.COUNTS["rewrite cases (decoders)"] += 1
+
+
+@fuzz(CACHE_CASES)
+@given(fd.cache_cases())
+def _fuzz_cache_steps(case):
+    fd.COUNTS["rewrite graphs"] += check_rewrite(case, fd.CacheStep, fd.kv_steps(case), roots="clones")
+    fd.COUNTS["rewrite cases (cache steps)"] += 1
+
+
+def test_generated_decoders_rewrite_exactly():
+    before = fd.COUNTS["rewrite cases (decoders)"]
+    _fuzz_decoders()
+    assert fd.COUNTS["rewrite cases (decoders)"] - before >= round(DECODER_CASES * SCALE) * 0.9  # allow dedupes
+
+
+def test_generated_cache_steps_rewrite_exactly():
+    before = fd.COUNTS["rewrite cases (cache steps)"]
+    _fuzz_cache_steps()
+    assert fd.COUNTS["rewrite cases (cache steps)"] - before >= round(CACHE_CASES * SCALE) * 0.9
+
+
+@fuzz(INDUCTOR_DECODERS)
+@given(fd.cases(max_layers=2, max_decode=2))
+def _fuzz_inductor_decoders(case):
+    check_inductor(case, fd.build, fd.token_steps(case))
+    fd.COUNTS["inductor cases (decoders)"] += 1
+
+
+@fuzz(INDUCTOR_CACHE_STEPS)
+@given(fd.cache_cases(max_decode=2))
+def _fuzz_inductor_cache_steps(case):
+    check_inductor(case, fd.CacheStep, fd.kv_steps(case))
+    fd.COUNTS["inductor cases (cache steps)"] += 1
+
+
+@pytest.mark.slow
+def test_generated_decoders_through_inductor_match_eager():
+    before = fd.COUNTS["inductor cases (decoders)"]
+    _fuzz_inductor_decoders()
+    assert fd.COUNTS["inductor cases (decoders)"] - before >= round(INDUCTOR_DECODERS * SCALE) * 0.9
+
+
+@pytest.mark.slow
+def test_generated_cache_steps_through_inductor_match_eager():
+    before = fd.COUNTS["inductor cases (cache steps)"]
+    _fuzz_inductor_cache_steps()
+    assert fd.COUNTS["inductor cases (cache steps)"] - before >= round(INDUCTOR_CACHE_STEPS * SCALE) * 0.9
