@@ -28,7 +28,7 @@ def assert_no_op(texts):
         assert not report.matches and not report.skips, report.format()
 
 
-@settings(max_examples=12, deadline=None, database=None, derandomize=True, suppress_health_check=list(HealthCheck),
+@settings(max_examples=8, deadline=None, database=None, derandomize=True, suppress_health_check=list(HealthCheck),
           phases=[Phase.explicit, Phase.generate])
 @given(fd.cases(max_layers=4, max_decode=2, round_trips=False))
 def test_random_models_without_round_trips_are_left_identical(case):
