@@ -29,7 +29,7 @@ from .engine import IN_PLACE_OPS, is_side_effect as is_side_effect_node
 
 __all__ = [
     "Report", "Emit", "is_aten_graph", "meta_value", "is_numpy_wrapper", "numpy_op_name", "wrapped_numpy_name", "HOP_METHODS", "host_chain", "HostChain",
-    "BufferAccess", "buffer_access", "feeds_buffer_access", "mutated_buffer", "_hop_input", "HOP_FUNCTIONS", "forward_hops", "mutates_in_place", "is_side_effect_node", "mutation_between", "known_le", "known_eq", "insert_call", "propagate_meta", "replace_uses", "is_full_slice",
+    "BufferAccess", "buffer_access", "feeds_buffer_access", "mutated_buffers", "_hop_input", "HOP_FUNCTIONS", "forward_hops", "mutates_in_place", "is_side_effect_node", "mutation_between", "known_le", "known_eq", "insert_call", "propagate_meta", "replace_uses", "is_full_slice",
 ]
 
 aten = torch.ops.aten
@@ -370,19 +370,17 @@ def feeds_buffer_access(node: torch.fx.Node) -> bool:
     return any(u.args and u.args[0] is node and buffer_access(u) is not None for u in node.users)
 
 
-def mutated_buffer(node: torch.fx.Node, buffers) -> torch.fx.Node | None:
-    """The buffer among ``buffers`` that in-place ``node`` writes into, directly or through a chain of values
-    computed from it (a view such as ``buf[0]``; conservatively any first-argument chain)."""
-    if not node.args or not isinstance(node.args[0], torch.fx.Node):
-        return None
-    cur = node.args[0]
-    while True:
+def mutated_buffers(node: torch.fx.Node, buffers) -> set:
+    """The buffers among ``buffers`` that in-place ``node`` may write into: those on its first-argument chain
+    (the buffer itself, or a value computed from it such as the view ``buf[0]``; conservatively any chain)."""
+    out, cur = set(), node.args[0] if node.args else None
+    while isinstance(cur, torch.fx.Node):
         if cur in buffers:
-            return cur
-        if cur.op != "call_function" and cur.op != "call_method" or not cur.args or \
-                not isinstance(cur.args[0], torch.fx.Node):
-            return None
+            out.add(cur)
+        if cur.op not in ("call_function", "call_method") or not cur.args:
+            break
         cur = cur.args[0]
+    return out
 
 
 def buffer_access(node: torch.fx.Node) -> BufferAccess | None:

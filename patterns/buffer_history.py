@@ -39,6 +39,7 @@ would see that write through the alias). A read that does not overlap the write 
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
 import operator
 
@@ -47,7 +48,7 @@ import torch.fx
 
 from kvpass.pattern_api import (
     Emit, Report, buffer_access, feeds_buffer_access, forward_hops, host_chain, insert_call, is_side_effect_node,
-    known_eq, known_le, meta_value, mutated_buffer, mutates_in_place, numpy_op_name,
+    known_eq, known_le, meta_value, mutated_buffers, mutates_in_place, numpy_op_name,
 )
 
 NAME = "buffer_history"
@@ -83,6 +84,7 @@ class BufferHistory:
     def apply(self, gm: torch.fx.GraphModule, report: Report) -> int:
         graph = gm.graph
         last_write: dict = {}  # buffer node -> (BufferAccess, device value node) | str (why unusable)
+        writes = _WritePositions(graph)  # of the graph as it is now: later writes are still these nodes
         count = 0
         for node in list(graph.nodes):
             acc = buffer_access(node)
@@ -94,7 +96,7 @@ class BufferHistory:
                 continue
             if feeds_buffer_access(node):
                 continue  # a view (``buf[0]``) that the accesses below index into; they are rewritten instead
-            count += self._rewrite_read(graph, acc, last_write.get(acc.buffer), report)
+            count += self._rewrite_read(graph, acc, last_write.get(acc.buffer), report, writes)
         return count
 
     # -- writes ------------------------------------------------------------------------------------------
@@ -125,13 +127,12 @@ class BufferHistory:
         unknown from here on."""
         if not is_side_effect_node(node):
             return
-        buf = mutated_buffer(node, last_write)
-        if buf is not None:
+        for buf in mutated_buffers(node, last_write):
             last_write[buf] = f"{node.name} mutates the buffer in a way kvpass does not model"
 
     # -- reads -------------------------------------------------------------------------------------------
 
-    def _rewrite_read(self, graph, read, write, report) -> int:
+    def _rewrite_read(self, graph, read, write, report, writes) -> int:
         if write is None:
             return 0  # no write of this buffer earlier in the graph: not a read-after-write
         end = forward_hops(read.node)
@@ -175,7 +176,7 @@ class BufferHistory:
             why = "cannot prove the write lies inside the buffer"
         elif any(mutates_in_place(u) for n in _chain(read.node, end) for u in n.users):
             why = "the read's result is mutated in place (it aliases the buffer in eager)"
-        elif _used_after_next_write(read, end):
+        elif writes.alias_used_after_next_write(read, end):
             why = "the read's result aliases the buffer and is used after a later write to it"
         if why:
             report.add_skip(NAME, read.node, why)
@@ -319,36 +320,50 @@ def _may_alias(node) -> bool:
     return False
 
 
-def _used_after_next_write(read, end) -> bool:
-    """In eager, a read that is not copied (``from_numpy``, ``as_tensor``, ``.to`` the same device, a view of
-    those) aliases the buffer: a later write into the buffer shows in it. Then the snapshot a ``cat`` takes
-    differs wherever an alias of the result is used (or returned) after that write."""
-    graph = read.node.graph
-    order = {n: i for i, n in enumerate(graph.nodes)}
-    chain = _chain(read.node, end)
-    if not all(_may_alias(n) for n in chain):
-        return False  # a copy on the way (torch.tensor, np.array, a transfer to another device)
-    if any(n.op == "call_method" and n.target == "to" and isinstance(meta_value(n), torch.Tensor)
-           and isinstance(meta_value(read.node), torch.Tensor) and meta_value(n).device != meta_value(read.node).device
-           for n in chain):
+class _WritePositions:
+    """Where each buffer is written, computed once per pass: recognised writes and any other in-place use of the
+    buffer or of a value computed from it (a view). Asking per read by rescanning the graph was quadratic."""
+
+    def __init__(self, graph):
+        self.order = {n: i for i, n in enumerate(graph.nodes)}
+        accesses = [(n, buffer_access(n)) for n in graph.nodes]
+        buffers = {a.buffer for _, a in accesses if a is not None}
+        self.positions: dict = {}  # buffer -> ascending positions of the nodes that write it
+        for n, a in accesses:
+            written = {a.buffer} if a is not None and a.is_write else set()
+            if is_side_effect_node(n):
+                written |= mutated_buffers(n, buffers)
+            for b in written:
+                self.positions.setdefault(b, []).append(self.order[n])
+
+    def alias_used_after_next_write(self, read, end) -> bool:
+        """In eager, a read that is not copied (``from_numpy``, ``as_tensor``, ``.to`` the same device, a view of
+        those) aliases the buffer: a later write into the buffer shows in it. Then the snapshot a ``cat`` takes
+        differs wherever an alias of the result is used (or returned) after that write."""
+        chain = _chain(read.node, end)
+        if not all(_may_alias(n) for n in chain):
+            return False  # a copy on the way (torch.tensor, np.array, a transfer to another device)
+        if any(n.op == "call_method" and n.target == "to" and isinstance(meta_value(n), torch.Tensor)
+               and isinstance(meta_value(read.node), torch.Tensor)
+               and meta_value(n).device != meta_value(read.node).device for n in chain):
+            return False
+        positions = self.positions.get(read.buffer, [])
+        i = bisect.bisect_right(positions, self.order[read.node])
+        if i == len(positions):
+            return False
+        later = positions[i]
+        aliases, stack = set(), [end]
+        while stack:
+            n = stack.pop()
+            if n in aliases:
+                continue
+            aliases.add(n)
+            for u in n.users:  # a node added by this pass is not in ``order``: count it as after (conservative)
+                if u.op == "output" or self.order.get(u, len(self.order)) > later:
+                    return True
+                if _may_alias(u) and u.args and u.args[0] is n:
+                    stack.append(u)
         return False
-    later = next((n for n in graph.nodes if order[n] > order[read.node] and (
-        (lambda a: a is not None and a.is_write and a.buffer is read.buffer)(buffer_access(n))
-        or (is_side_effect_node(n) and mutated_buffer(n, {read.buffer}) is not None))), None)
-    if later is None:
-        return False
-    aliases, stack = set(), [end]
-    while stack:
-        n = stack.pop()
-        if n in aliases:
-            continue
-        aliases.add(n)
-        for u in n.users:
-            if u.op == "output" or order[u] > order[later]:
-                return True
-            if _may_alias(u) and u.args and u.args[0] is n:
-                stack.append(u)
-    return False
 
 
 def _chain(start, end):

@@ -32,7 +32,7 @@ import torch.fx
 
 from kvpass.pattern_api import (
     Emit, Report, buffer_access, feeds_buffer_access, forward_hops, is_side_effect_node, known_eq, meta_value,
-    mutated_buffer, mutates_in_place,
+    mutated_buffers, mutates_in_place,
 )
 
 NAME = "shared_read"
@@ -58,7 +58,8 @@ class SharedRead:
             acc = buffer_access(node)
             if acc is None:
                 if is_side_effect_node(node):
-                    open_reads.pop(mutated_buffer(node, open_reads), None)
+                    for buf in mutated_buffers(node, open_reads):
+                        open_reads.pop(buf)
                 continue
             if acc.is_write:
                 open_reads.pop(acc.buffer, None)

@@ -20,10 +20,10 @@ R = "tests/test_rewrite_api.py::"
 
 MUTATIONS = [
     ("buffer_history: aliasing read used after a later write", "patterns/buffer_history.py",
-     "        elif _used_after_next_write(read, end):", "        elif False:",
+     "        elif writes.alias_used_after_next_write(read, end):", "        elif False:",
      [G + "test_history_that_aliases_the_buffer_and_is_used_after_a_later_write"]),
     ("buffer_history: mutation through a view", "patterns/buffer_history.py",
-     "        buf = mutated_buffer(node, last_write)", "        buf = None",
+     "        for buf in mutated_buffers(node, last_write):", "        for buf in ():",
      [G + "test_buffer_mutated_through_a_view_between_write_and_read"]),
     ("engine: augmented assignment is a side effect", "kvpass/engine.py",
      '"setitem", "__setitem__", "wrapped___setitem__", "delitem", "__delitem__") or name in IN_PLACE_OPS',
