@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 
 __all__ = ["main"]
 
@@ -47,8 +46,8 @@ def main(argv=None) -> int:
     demo.add_argument("--no-timing", action="store_true", help="skip the timing table (no Inductor compiles)")
     demo.add_argument("--device", default="cpu", help="cpu (default) or cuda when available")
     demo.add_argument("--model", default="reference", help="'reference' (default, the bundled model) or 'hf-gemma4' (transformers, tiny random)")
-    bench = sub.add_parser("bench", help="decode-step latency: eager, inductor, kvpass, kvpass.compile (minutes)",
-                           add_help=False)
+    sub.add_parser("bench", help="decode-step latency: eager, inductor, kvpass, kvpass.compile (minutes)",
+                   add_help=False)
     chk = sub.add_parser(
         "check", help="find K/V that an exported program baked as constants (exit 1 if any, 0 if clean)",
         description="Check .pt2 files written by torch.export.save for K/V values that do not come from the "

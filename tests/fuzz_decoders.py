@@ -25,14 +25,31 @@ from __future__ import annotations
 import collections
 import dataclasses
 import math
+import os
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from hypothesis import HealthCheck, Phase, seed, settings
 from hypothesis import strategies as st
 from torch import nn
 
 COUNTS: collections.Counter = collections.Counter()  # what the fuzz tests ran (printed by conftest.py)
+
+SCALE = float(os.environ.get("KVPASS_FUZZ_SCALE", "1"))  # multiplies every fuzz test's number of cases
+SEED = os.environ.get("KVPASS_FUZZ_SEED")  # another draw; unset: hypothesis's fixed (derandomized) one
+
+
+def fuzz(n):
+    """``@given`` settings for ``n`` cases (times ``KVPASS_FUZZ_SCALE``): fixed seed unless ``KVPASS_FUZZ_SEED``."""
+    s = settings(max_examples=max(1, round(n * SCALE)), deadline=None, database=None, derandomize=SEED is None,
+                 suppress_health_check=list(HealthCheck), print_blob=True,
+                 phases=[Phase.explicit, Phase.generate])  # no shrinking: each case costs seconds; ids are readable
+
+    def wrap(f):
+        f = s(f)
+        return seed(int(SEED))(f) if SEED is not None else f
+    return wrap
 
 SLIDING, FULL = "sliding", "full"
 STORES = ("prealloc", "batched", "concat")
@@ -367,6 +384,18 @@ class Layer(nn.Module):
         return x + self.down(F.gelu(self.up(x)))
 
 
+def build_caches(case: Case) -> list:
+    """One cache per layer of ``case``: owners for the non-shared layers, followers of their owners after."""
+    caches = []
+    for i in range(case.num_layers):
+        if i < case.first_shared:
+            caches.append(OwnerCache(case.owners[i], case.kv_heads, case.max_len, case.head_dim(i), case.dtype,
+                                     case.seed + i))
+        else:
+            caches.append(FollowerCache(case.followers[i - case.first_shared], caches[case.owner_of(i)]))
+    return caches
+
+
 class FuzzDecoder(nn.Module):
     """The model a :class:`Case` describes; ``forward(ids [T])`` runs one step and returns logits ``[T, vocab]``."""
 
@@ -383,13 +412,7 @@ class FuzzDecoder(nn.Module):
         self.reset()
 
     def reset(self):
-        c = self.case
-        self.caches = []
-        for i in range(c.num_layers):
-            if i < c.first_shared:
-                self.caches.append(OwnerCache(c.owners[i], c.kv_heads, c.max_len, c.head_dim(i), c.dtype, c.seed + i))
-            else:
-                self.caches.append(FollowerCache(c.followers[i - c.first_shared], self.caches[c.owner_of(i)]))
+        self.caches = build_caches(self.case)
 
     def forward(self, ids):
         for cache in self.caches:
@@ -447,7 +470,7 @@ class CacheStep(nn.Module):
     def __init__(self, case: Case):
         super().__init__()
         self.case = case
-        FuzzDecoder.reset(self)
+        self.caches = build_caches(case)
 
     def forward(self, k, v):
         for cache in self.caches:

@@ -14,11 +14,9 @@ Fixed seed by default (hypothesis ``derandomize``): the same cases every run. A 
 The case counts are printed at the end of the test session (conftest.py).
 """
 
-import os
-
 import pytest
 import torch
-from hypothesis import HealthCheck, Phase, given, seed, settings
+from hypothesis import given
 
 import fuzz_decoders as fd
 import kvpass
@@ -26,22 +24,8 @@ from kvpass.tracing import tracing_context
 
 pytestmark = pytest.mark.filterwarnings("ignore:To copy construct from a tensor")  # the torch.tensor(a) idiom
 
-SCALE = float(os.environ.get("KVPASS_FUZZ_SCALE", "1"))
-SEED = os.environ.get("KVPASS_FUZZ_SEED")
 DECODER_CASES, CACHE_CASES = 30, 180  # through kvpass.rewrite(verify=True)
 INDUCTOR_DECODERS, INDUCTOR_CACHE_STEPS = 2, 18  # through backend="kvpass" (Inductor)
-
-
-def fuzz(n):
-    """``@given`` settings for ``n`` cases (times ``KVPASS_FUZZ_SCALE``): fixed seed unless ``KVPASS_FUZZ_SEED``."""
-    s = settings(max_examples=max(1, round(n * SCALE)), deadline=None, database=None, derandomize=SEED is None,
-                 suppress_health_check=list(HealthCheck), print_blob=True,
-                 phases=[Phase.explicit, Phase.generate])  # no shrinking: each case costs seconds; ids are readable
-
-    def wrap(f):
-        f = s(f)
-        return seed(int(SEED))(f) if SEED is not None else f
-    return wrap
 
 
 def tolerance(dtype, inductor=False):
@@ -94,14 +78,14 @@ def check_inductor(case, model, steps):
     assert_steps_close(got, want, case, **tolerance(case.dtype, inductor=True))
 
 
-@fuzz(DECODER_CASES)
+@fd.fuzz(DECODER_CASES)
 @given(fd.cases(max_layers=4, max_decode=1))
 def _fuzz_decoders(case):
     fd.COUNTS["rewrite graphs"] += check_rewrite(case, fd.build, fd.token_steps(case))
     fd.COUNTS["rewrite cases (decoders)"] += 1
 
 
-@fuzz(CACHE_CASES)
+@fd.fuzz(CACHE_CASES)
 @given(fd.cache_cases())
 def _fuzz_cache_steps(case):
     fd.COUNTS["rewrite graphs"] += check_rewrite(case, fd.CacheStep, fd.kv_steps(case), roots="clones")
@@ -111,23 +95,23 @@ def _fuzz_cache_steps(case):
 def test_generated_decoders_rewrite_exactly():
     before = fd.COUNTS["rewrite cases (decoders)"]
     _fuzz_decoders()
-    assert fd.COUNTS["rewrite cases (decoders)"] - before >= round(DECODER_CASES * SCALE) * 0.9  # allow dedupes
+    assert fd.COUNTS["rewrite cases (decoders)"] - before >= round(DECODER_CASES * fd.SCALE) * 0.9  # allow dedupes
 
 
 def test_generated_cache_steps_rewrite_exactly():
     before = fd.COUNTS["rewrite cases (cache steps)"]
     _fuzz_cache_steps()
-    assert fd.COUNTS["rewrite cases (cache steps)"] - before >= round(CACHE_CASES * SCALE) * 0.9
+    assert fd.COUNTS["rewrite cases (cache steps)"] - before >= round(CACHE_CASES * fd.SCALE) * 0.9
 
 
-@fuzz(INDUCTOR_DECODERS)
+@fd.fuzz(INDUCTOR_DECODERS)
 @given(fd.cases(max_layers=2, max_decode=2))
 def _fuzz_inductor_decoders(case):
     check_inductor(case, fd.build, fd.token_steps(case))
     fd.COUNTS["inductor cases (decoders)"] += 1
 
 
-@fuzz(INDUCTOR_CACHE_STEPS)
+@fd.fuzz(INDUCTOR_CACHE_STEPS)
 @given(fd.cache_cases(max_decode=2))
 def _fuzz_inductor_cache_steps(case):
     check_inductor(case, fd.CacheStep, fd.kv_steps(case))
@@ -138,11 +122,11 @@ def _fuzz_inductor_cache_steps(case):
 def test_generated_decoders_through_inductor_match_eager():
     before = fd.COUNTS["inductor cases (decoders)"]
     _fuzz_inductor_decoders()
-    assert fd.COUNTS["inductor cases (decoders)"] - before >= round(INDUCTOR_DECODERS * SCALE) * 0.9
+    assert fd.COUNTS["inductor cases (decoders)"] - before >= round(INDUCTOR_DECODERS * fd.SCALE) * 0.9
 
 
 @pytest.mark.slow
 def test_generated_cache_steps_through_inductor_match_eager():
     before = fd.COUNTS["inductor cases (cache steps)"]
     _fuzz_inductor_cache_steps()
-    assert fd.COUNTS["inductor cases (cache steps)"] - before >= round(INDUCTOR_CACHE_STEPS * SCALE) * 0.9
+    assert fd.COUNTS["inductor cases (cache steps)"] - before >= round(INDUCTOR_CACHE_STEPS * fd.SCALE) * 0.9

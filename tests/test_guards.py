@@ -8,7 +8,6 @@ import torch
 
 import idioms
 import kvpass
-from kvpass.testing import capture_graphs
 from kvpass.tracing import tracing_context
 
 
@@ -16,24 +15,18 @@ def rand(*shape, seed=0):
     return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
 
 
-def rewrite_all(fn, *args, patterns=None):
-    """Compile ``fn`` once, rewriting every graph with ``verify=True``; return (result, reports, eager result)."""
+def rewrite_all(fn, *args):
+    """Compile ``fn`` once, rewriting every graph with ``verify=True``; return (result, reports)."""
     reports = []
 
-    def transform(gm):
-        return kvpass.rewrite(gm, patterns=patterns, example_inputs=graphs_inputs.pop(0), verify=True)
-
-    graphs_inputs = []
-
-    def record_inputs(gm, example_inputs):
-        graphs_inputs.append(list(example_inputs))
-        gm, report = transform(gm)
+    def verifying_backend(gm, example_inputs):
+        gm, report = kvpass.rewrite(gm, example_inputs=example_inputs, verify=True)
         reports.append(report)
         return gm.forward
 
     torch._dynamo.reset()
     with tracing_context():
-        out = torch.compile(fn, backend=record_inputs)(*args)
+        out = torch.compile(fn, backend=verifying_backend)(*args)
     return out, reports
 
 

@@ -4,7 +4,7 @@ no round trip), and a model from transformers with no KV cache at all (BERT, tin
 
 import pytest
 import torch
-from hypothesis import HealthCheck, Phase, given, settings
+from hypothesis import given
 
 import fuzz_decoders as fd
 import kvpass
@@ -28,8 +28,7 @@ def assert_no_op(texts):
         assert not report.matches and not report.skips, report.format()
 
 
-@settings(max_examples=8, deadline=None, database=None, derandomize=True, suppress_health_check=list(HealthCheck),
-          phases=[Phase.explicit, Phase.generate])
+@fd.fuzz(8)
 @given(fd.cases(max_layers=4, max_decode=2, round_trips=False))
 def test_random_models_without_round_trips_are_left_identical(case):
     steps = fd.token_steps(case)

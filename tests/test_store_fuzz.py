@@ -3,21 +3,17 @@
 Random rows (contexts from padding ``-1`` to past block edges, zero-length rows, decode or prefill), block sizes,
 tables narrower than the rows need and ``-1`` holes, both layouts, three dtypes; caches poisoned with random
 values, so any slot written that should not be (or missed) shows. Both addressing modes (block table, and the same
-stores as chunk metadata) and ``store_paged_single`` are checked. Fixed seed; ``KVPASS_FUZZ_SCALE`` multiplies the
-number of batches (tests/test_fuzz_rewrite.py)."""
-
-import os
+stores as chunk metadata) and ``store_paged_single`` are checked. Fixed seed; ``KVPASS_FUZZ_SCALE`` and
+``KVPASS_FUZZ_SEED`` as for tests/test_fuzz_rewrite.py."""
 
 import torch
-from hypothesis import HealthCheck, Phase, given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 import fuzz_decoders as fd
 from kvpass.ops import store_paged_kv, store_paged_single
 from kvpass.ops.reference import reference_store
 from test_store_ops import Spec, build, chunks_of, expected_writes, written_slots
-
-SCALE = float(os.environ.get("KVPASS_FUZZ_SCALE", "1"))
 
 
 @st.composite
@@ -37,8 +33,7 @@ def specs(draw):
                 decode=decode, width=width, holes=holes, spare_blocks=draw(st.integers(0, 4)))
 
 
-@settings(max_examples=max(1, round(200 * SCALE)), deadline=None, database=None, derandomize=True,
-          suppress_health_check=list(HealthCheck), phases=[Phase.explicit, Phase.generate])
+@fd.fuzz(200)
 @given(spec=specs(), dtype=st.sampled_from([torch.float32, torch.float16, torch.bfloat16]),
        layout=st.sampled_from(["HND", "NHD"]), seed=st.integers(0, 2**16))
 def test_random_batches_match_the_per_token_reference(spec, dtype, layout, seed):
