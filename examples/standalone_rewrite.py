@@ -3,7 +3,9 @@
     python examples/standalone_rewrite.py
 
 The cache here is the simplest port idiom: a numpy host buffer written with ``.cpu().numpy()`` and read back
-with ``torch.from_numpy(...)``. ``verify=True`` runs the graph before and after and raises if they differ.
+with ``torch.from_numpy(...)``. ``kvpass.rewrite`` functionalizes the Dynamo graph (ATen ops, the cache write
+as ``slice_scatter`` + a ``copy_`` epilogue), then rewrites; ``verify=True`` runs the graph before and after and
+raises if they differ. The diff compares like for like: the functional graph before and after the rules.
 """
 
 import copy
@@ -44,7 +46,7 @@ def main() -> int:
     before = graphs[0].before
     after, report = kvpass.rewrite(copy.deepcopy(before), example_inputs=graphs[0].example_inputs, verify=True)
     print(report.format())
-    print(kvpass.diff(before, after))
+    print(kvpass.diff(report.before, after))
     return 0 if report.matches else 1
 
 

@@ -8,6 +8,7 @@ Dynamo traces (a backend only runs after the trace, so it cannot do that itself)
 
 from __future__ import annotations
 
+import copy
 import functools
 import warnings
 from typing import Callable, Sequence
@@ -16,14 +17,11 @@ import torch
 import torch.fx
 
 from . import engine
-from .errors import user_source_line
+from .errors import KVPassWarning, user_source_line
 from .tracing import tracing_context
 
 __all__ = ["backend", "kvpass_backend", "compile", "KVPassWarning", "warn_tolist_round_trips"]
 
-
-class KVPassWarning(UserWarning):
-    """A round trip kvpass cannot rewrite and that will cost recompiles; the message says the functional fix."""
 
 
 _warned: set = set()
@@ -80,11 +78,13 @@ def warn_tolist_round_trips(gm: torch.fx.GraphModule) -> list[str]:
 
 
 def _inner_compiler(inner) -> Callable:
-    """Any ``inner`` but ``"inductor"``, which :func:`backend` wires itself (with kvpass's ATen pass inside)."""
+    """The compiler a non-Inductor ``inner`` names, for the functional ATen graph."""
+    from functorch.compile import make_boxed_func
+
     if callable(inner):
         return inner
     if inner == "eager":
-        return lambda gm, example_inputs: gm.forward
+        return lambda gm, example_inputs: make_boxed_func(gm.forward)
     if isinstance(inner, str):
         from torch._dynamo.backends.registry import lookup_backend
 
@@ -92,49 +92,141 @@ def _inner_compiler(inner) -> Callable:
     raise TypeError(f"inner: expected 'inductor', 'eager', a backend name or a callable, got {type(inner).__name__}")
 
 
+def _inductor_patches(aten_pass, mode=None, options=None, dynamic=None) -> dict:
+    """Inductor config for one compile: kvpass's post-grad pass *added* to the user's own passes (a list or a
+    single pass; theirs run first, unchanged), plus what ``mode=`` / ``options=`` ask for."""
+    from torch._inductor import config as inductor_config
+    from torch._inductor.custom_graph_pass import get_custom_graph_passes
+
+    patches: dict = {}
+    if mode is not None and mode != "default":
+        from torch._inductor import list_mode_options
+
+        patches.update(list_mode_options(mode, dynamic))
+    patches.update(options or {})
+    theirs = get_custom_graph_passes(patches.get("post_grad_custom_pre_pass",
+                                                 inductor_config.post_grad_custom_pre_pass))
+    from .inductor_pass import KVPassInductorPass
+
+    ours = [aten_pass] if aten_pass is not None else []
+    patches["post_grad_custom_pre_pass"] = [p for p in theirs if not isinstance(p, KVPassInductorPass)] + ours
+    return patches
+
+
+def _guard_aliased_inputs(compiled: Callable, fallback: Callable, gm: torch.fx.GraphModule, example_inputs):
+    """``compiled`` unless two host-buffer inputs share memory in this call (numpy views of one pool, which
+    functionalization treats as independent): then ``fallback`` (the graph as Dynamo traced it, run eagerly,
+    with eager's aliasing), and a warning once with the user's line."""
+    from .aliasing import aliased_inputs_message, external_inputs, overlapping_inputs
+
+    watched = external_inputs(example_inputs)
+    if len(watched) < 2:
+        return compiled
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    warned: list = []
+
+    def run(*args):  # Dynamo calls a backend's result with the graph's inputs unpacked
+        pairs = overlapping_inputs([args[i] for i in watched])
+        if pairs:
+            from . import observe
+
+            observe.count("aliased_inputs_fallback")
+            if not warned:
+                warned.append(True)
+                i, j = (watched[k] for k in pairs[0])
+                names = [placeholders[k].name if k < len(placeholders) else f"input {k}" for k in (i, j)]
+                line = next((user_source_line(u) for u in placeholders[i].users), "") if i < len(placeholders) else ""
+                warnings.warn(aliased_inputs_message(names[0], names[1], line), KVPassWarning, stacklevel=2)
+            return fallback(*args)
+        return compiled(*args)
+
+    return run
+
+
 def backend(inner="inductor", patterns: Sequence | None = None, on_report: Callable | None = None) -> Callable:
-    """A torch.compile backend that rewrites K/V round trips, then compiles with ``inner``.
+    """A torch.compile backend that rewrites K/V round trips on the functional ATen graph, then compiles.
 
     Args:
-        inner: ``"inductor"`` (default), ``"eager"``, another registered backend name, or a backend callable.
-        patterns: pattern names or objects to run (default: the whole catalogue, in order).
+        inner: ``"inductor"`` (default: the rewrite runs inside Inductor as a post-grad ``CustomGraphPass``,
+            composed with any ``post_grad_custom_pre_pass`` already configured), ``"eager"``, another
+            registered backend name, or a backend callable (these get the rewritten functional ATen graph from
+            AOTAutograd, with ``keep_inference_input_mutations``).
+        patterns: rule names or objects to run (default: all, in order).
         on_report: called with each graph's :class:`kvpass.Report` after its rewrite.
+
+    The returned backend accepts ``mode=`` and ``options=`` (what ``torch.compile`` passes to a custom backend)
+    and hands them to Inductor. Calls whose host-buffer inputs overlap in memory run the traced graph eagerly
+    (see :func:`kvpass.aliasing.overlapping_inputs`).
     """
-    engine.resolve_patterns(patterns)  # fail at construction on an unknown pattern name
-    if inner == "inductor":
-        from torch._inductor.compile_fx import compile_fx
+    selected = engine.resolve_patterns(patterns)  # fail at construction on an unknown pattern name
+    torch_level = [p for p in selected if getattr(p, "level", "aten") == "torch"]
+    aten_level = [p for p in selected if getattr(p, "level", "aten") != "torch"]
 
-        from .inductor_pass import KVPassInductorPass
-
-        aten_pass = KVPassInductorPass(patterns, on_report)
-
-        def compile_inner(gm, example_inputs):
-            # ATen-level round trips (device hops that only appear after decomposition) inside Inductor.
-            return compile_fx(gm, example_inputs, config_patches={"post_grad_custom_pre_pass": aten_pass})
-    else:
-        compile_inner = _inner_compiler(inner)
-
-    def kvpass_compile(gm: torch.fx.GraphModule, example_inputs):
-        warn_tolist_round_trips(gm)
-        gm, report = engine.rewrite(gm, patterns=patterns)
+    def report_to_user(report):
         if on_report is not None:
             on_report(report)
-        return compile_inner(gm, example_inputs)
+
+    def kvpass_compile(gm: torch.fx.GraphModule, example_inputs, mode=None, options=None, **kwargs):
+        warn_tolist_round_trips(gm)
+        from .aliasing import external_inputs
+
+        # the graph as traced, for calls whose host buffers overlap (only kept where that can happen)
+        traced = copy.deepcopy(gm) if len(external_inputs(example_inputs)) > 1 else gm
+        pre = engine.Report()
+        for pattern in torch_level:
+            engine._apply(gm, pattern, pre)
+        if inner == "inductor":
+            from torch._inductor.compile_fx import compile_fx
+
+            from .inductor_pass import KVPassInductorPass
+
+            if aten_level:
+                aten_pass = KVPassInductorPass(aten_level, lambda r: report_to_user(_merged(pre, r)))
+                patches = _inductor_patches(aten_pass, mode, options, kwargs.get("dynamic"))
+            else:  # only torch-level rules (store_loop): nothing to add to Inductor's passes
+                report_to_user(pre)
+                patches = _inductor_patches(None, mode, options, kwargs.get("dynamic"))
+            compiled = compile_fx(gm, example_inputs, config_patches=patches)
+        else:
+            from torch._dynamo.backends.common import aot_autograd
+            from functorch.compile import make_boxed_func
+
+            compile_inner = _inner_compiler(inner)
+
+            def forward_compiler(fw: torch.fx.GraphModule, fw_inputs):
+                fw, report = engine.rewrite(fw, patterns=aten_level)
+                report_to_user(_merged(pre, report))
+                out = compile_inner(fw, fw_inputs)
+                return out if getattr(out, "_boxed_call", False) else make_boxed_func(out)
+
+            compiled = aot_autograd(fw_compiler=forward_compiler, keep_inference_input_mutations=True)(
+                gm, example_inputs)
+        return _guard_aliased_inputs(compiled, traced.forward, traced, example_inputs)
 
     kvpass_compile.__name__ = "kvpass"
     return kvpass_compile
 
 
-def kvpass_backend(gm: torch.fx.GraphModule, example_inputs):
-    """The registered ``"kvpass"`` backend: the whole catalogue, then Inductor."""
-    return backend()(gm, example_inputs)
+def _merged(pre: "engine.Report", report: "engine.Report") -> "engine.Report":
+    """The torch-level rules' report (store_loop) in front of the ATen rules' report for the same graph."""
+    if not (pre.matches or pre.skips):
+        return report
+    out = engine.Report(list(pre.matches), list(pre.skips), dict(pre.counts), before=report.before)
+    out.extend(report)
+    return out
+
+
+def kvpass_backend(gm: torch.fx.GraphModule, example_inputs, **kwargs):
+    """The registered ``"kvpass"`` backend: every rule, then Inductor (``mode=``/``options=`` are honoured)."""
+    return backend()(gm, example_inputs, **kwargs)
 
 
 def compile(model, **torch_compile_kwargs):
     """``torch.compile(model, backend=kvpass.backend(), **torch_compile_kwargs)``, with
     :func:`kvpass.tracing.tracing_context` entered around each call of the compiled model so that Dynamo traces
     under it: cache positions held as int attributes stay symbolic (one decode graph for every position) and
-    ``np.pad`` of traced arrays is captured. The config is scoped to the call; nothing leaks."""
+    ``np.pad`` of traced arrays is captured. The config is scoped to the call; nothing leaks. Every
+    ``torch.compile`` keyword passes through (``mode``, ``options``, ``dynamic``, ``fullgraph`` ...)."""
     torch_compile_kwargs.setdefault("backend", backend())
     compiled = torch.compile(model, **torch_compile_kwargs)
 

@@ -17,8 +17,7 @@ import torch.fx
 
 from .errors import PatternError, RewriteMismatch, user_source_line
 
-__all__ = ["Pattern", "Match", "Skip", "Report", "rewrite", "resolve_patterns", "cleanup", "is_side_effect",
-           "catalogue_markdown"]
+__all__ = ["Pattern", "Match", "Skip", "Report", "rewrite", "resolve_patterns", "cleanup", "catalogue_markdown"]
 
 
 class Pattern(Protocol):
@@ -57,6 +56,8 @@ class Report:
     matches: list[Match] = dataclasses.field(default_factory=list)
     skips: list[Skip] = dataclasses.field(default_factory=list)
     counts: dict[str, int] = dataclasses.field(default_factory=dict)
+    #: the functional ATen graph the rules started from (``None`` until :func:`rewrite` ran)
+    before: object = dataclasses.field(default=None, repr=False, compare=False)
 
     def add_match(self, pattern: str, nodes: Iterable[torch.fx.Node], anchor: torch.fx.Node | None = None,
                   detail: str = "") -> None:
@@ -112,30 +113,6 @@ def resolve_patterns(patterns: Sequence | None) -> list:
     return out
 
 
-# augmented assignments (``a *= 2`` on an array or tensor is in place) and numpy's in-place functions
-IN_PLACE_OPS = frozenset({"iadd", "isub", "imul", "itruediv", "ifloordiv", "imod", "ipow", "imatmul", "iand", "ior",
-                          "ixor", "ilshift", "irshift", "fill", "put", "copyto", "place", "putmask"})
-
-
-def is_side_effect(node: torch.fx.Node) -> bool:
-    """Conservative impurity for dead-code elimination: torch's own notion, plus what Dynamo graphs hide from it
-    (numpy ``__setitem__`` wrappers, in-place methods like ``copy_``, ``operator.setitem``)."""
-    if node.is_impure():
-        return True
-    t = node.target
-    if node.op == "call_method":
-        return isinstance(t, str) and t.endswith("_") and not t.startswith("__")
-    if node.op == "call_function":
-        inner = getattr(t, "op", t)  # unwrap Dynamo's numpy wrappers
-        name = getattr(inner, "__name__", "") or getattr(t, "__name__", "")
-        if name in ("setitem", "__setitem__", "wrapped___setitem__", "delitem", "__delitem__") or name in IN_PLACE_OPS:
-            return True
-        if isinstance(t, torch._ops.OpOverload) and t._schema.is_mutable:
-            return True
-        return name.endswith("_") and not name.startswith("_") and name not in ("and_", "or_", "not_")
-    return False
-
-
 def catalogue_markdown() -> str:
     """The pattern catalogue as a markdown table, from each pattern module's docstring (README.md embeds it;
     a test keeps the two in sync)."""
@@ -152,10 +129,10 @@ def catalogue_markdown() -> str:
 
 
 def cleanup(gm: torch.fx.GraphModule) -> None:
-    """Dead-code elimination that keeps side effects (the cache writes a later step reads), lint, recompile.
+    """Dead-code elimination that keeps side effects (the ``copy_`` epilogues a later step reads; on a
+    torch-level graph, numpy writes), lint, recompile."""
+    from .aliasing import is_side_effect
 
-    Patterns insert new nodes before their first user, so the graph stays topologically sorted.
-    """
     gm.graph.eliminate_dead_code(is_impure_node=is_side_effect)
     gm.graph.lint()
     gm.recompile()
@@ -168,15 +145,18 @@ def _concrete(x):
         if hint is None:
             raise ValueError(f"example_inputs: symbolic value {x} has no hint to run the graph with")
         return hint
-    return copy.deepcopy(x)
+    return x
 
 
-def _run(gm, inputs):
-    """The graph's outputs and, after the run, its tensor inputs (a cache buffer written in place is a result
-    too: the next step reads it)."""
-    inputs = [_concrete(x) for x in inputs]
+def _run(fn, inputs):
+    """The outputs of ``fn`` on a private copy of ``inputs`` and, after the run, that copy's tensors (a cache
+    buffer written in place is a result too: the next step reads it). All inputs are copied together, so
+    inputs that share memory still share it (:func:`kvpass.aliasing.copy_together`)."""
+    from .aliasing import copy_together
+
+    inputs = copy_together([_concrete(x) for x in inputs])
     with torch.no_grad():
-        out = gm(*inputs)
+        out = fn(*inputs)
     return {"output": out, "input": [x if isinstance(x, torch.Tensor) else None for x in inputs]}
 
 
@@ -198,23 +178,88 @@ def _compare(before, after, where="output") -> str | None:
     return None if before == after else f"{where}: {before!r} vs {after!r}"
 
 
+def guard_aliased_inputs(gm: torch.fx.GraphModule, traced: torch.fx.GraphModule) -> None:
+    """Make calls of the functional ``gm`` whose host-buffer inputs overlap in memory (numpy views of one pool,
+    which functionalization treats as independent) run ``traced``, the torch-level graph, with eager's
+    aliasing; warn once. ``gm`` stays a GraphModule (its class gets a ``__call__`` that checks first)."""
+    import warnings
+
+    from .aliasing import aliased_inputs_message, overlapping_inputs
+    from .errors import KVPassWarning
+
+    base = type(gm)
+
+    def __call__(self, *args, **kwargs):
+        pairs = overlapping_inputs(args, external_only=False)
+        if not pairs:
+            return torch.nn.Module.__call__(self, *args, **kwargs)
+        if not getattr(self, "_kvpass_warned", False):
+            self._kvpass_warned = True
+            names = [n.name for n in self.graph.nodes if n.op == "placeholder"]
+            i, j = pairs[0]
+            warnings.warn(aliased_inputs_message(names[i] if i < len(names) else f"input {i}",
+                                                 names[j] if j < len(names) else f"input {j}"),
+                          KVPassWarning, stacklevel=2)
+        return traced(*args, **kwargs)
+
+    gm.__class__ = type(base.__name__, (base,), {"__call__": __call__})
+
+
+def _snapshot(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
+    """A copy of ``gm``'s graph (node metadata shared, not copied) over the same attributes."""
+    graph = torch.fx.Graph()
+    out = graph.graph_copy(gm.graph, {})
+    graph.output(out)
+    return torch.fx.GraphModule(gm, graph)
+
+
+def _level(pattern) -> str:
+    return getattr(pattern, "level", "aten")
+
+
+def _apply(gm, pattern, report) -> None:
+    n = int(pattern.apply(gm, report) or 0)
+    report.counts[pattern.name] = report.counts.get(pattern.name, 0) + n
+    if n:
+        cleanup(gm)  # the next rule sees no dead remnants
+
+
 def rewrite(gm: torch.fx.GraphModule, patterns: Sequence | None = None, example_inputs: Sequence | None = None,
             verify: bool = False):
-    """Rewrite host/buffer round trips of K/V in ``gm`` into functional history; see ``kvpass.rewrite``."""
+    """Rewrite host/buffer round trips of K/V in ``gm`` into functional history; see ``kvpass.rewrite``.
+
+    An ATen graph is rewritten in place and returned; a torch-level graph gets the torch-level rules in place,
+    is then functionalized (:func:`kvpass.ir.functionalize`) and the rewritten ATen graph is returned (when only
+    torch-level rules are selected, e.g. ``patterns=["store_loop"]``, the torch-level graph itself).
+    ``report.before`` is the graph the ATen rules started from (for like-for-like golden diffs).
+    """
+    from .ir import functionalize, is_aten_graph
+    from . import observe
+
     if not isinstance(gm, torch.fx.GraphModule):
         raise TypeError(f"gm: expected a torch.fx.GraphModule, got {type(gm).__name__}")
     selected = resolve_patterns(patterns)
     if verify and example_inputs is None:
         raise ValueError("example_inputs: verify=True needs example inputs to run the graph before and after")
-    reference = None
-    if verify:
-        reference = _run(copy.deepcopy(gm), example_inputs)
+    reference = _run(copy.deepcopy(gm), example_inputs) if verify else None
     report = Report()
-    for pattern in selected:
-        n = int(pattern.apply(gm, report) or 0)
-        report.counts[pattern.name] = report.counts.get(pattern.name, 0) + n
-        if n:
-            cleanup(gm)  # the next pattern sees no dead round-trip remnants
+    aten_rules = [p for p in selected if _level(p) == "aten"]
+    if not is_aten_graph(gm):
+        report.before = _snapshot(gm)
+        for pattern in (p for p in selected if _level(p) == "torch"):
+            _apply(gm, pattern, report)
+        if aten_rules or not selected:  # only torch-level rules selected (store_loop): the torch-level graph
+            traced = gm
+            gm = functionalize(gm, example_inputs)
+            guard_aliased_inputs(gm, traced)
+            report.before = _snapshot(gm)
+    else:
+        report.before = _snapshot(gm)
+    if is_aten_graph(gm):
+        for pattern in aten_rules:
+            _apply(gm, pattern, report)
+    gm.recompile()
+    observe.emit(report, report.before, gm)
     if verify:
         after = _run(gm, example_inputs)
         msg = _compare(reference["output"], after["output"]) or _compare(

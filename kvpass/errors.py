@@ -11,6 +11,11 @@ class KVPassError(Exception):
     """Base class of kvpass's errors; the message names the argument or graph node and the user's source line."""
 
 
+class KVPassWarning(UserWarning):
+    """Something kvpass cannot rewrite or compile as asked (a ``.tolist()`` round trip that will recompile, graph
+    inputs over the same host memory that run as traced); the message says why and the fix."""
+
+
 class RewriteMismatch(KVPassError):
     """``kvpass.rewrite(..., verify=True)`` ran the graph before and after the rewrite and the outputs differ."""
 

@@ -486,7 +486,7 @@ def _output_plan(cap: _Capture, model, names, values):
     assigns to model attributes (replaced state), which the exported program does not carry."""
     import warnings
 
-    from .dynamo_backend import KVPassWarning
+    from .errors import KVPassWarning
 
     leaves, spec = pytree.tree_flatten(cap.result)
     marker_index = {id(m): i for i, m in enumerate(cap.markers)}

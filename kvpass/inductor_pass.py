@@ -2,8 +2,9 @@
 
 Inductor caches compiled graphs (the FX graph cache) under a key that includes each custom pass's ``uuid()``.
 A raw callable has no uuid and makes Inductor bypass the cache; a uuid that did not change with the patterns would
-serve code compiled by an older catalogue. Ours hashes the source of the engine, the pattern API and every
-pattern module and of the store ops' lowering, plus the selected pattern names.
+serve code compiled by an older catalogue. Ours hashes the source of every module the rewrite imports (the
+engine, the IR, the aliasing facts, the rule API, logging, the tracing context, every rule and the store ops'
+lowering), plus the selected rule names.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from typing import Callable, Sequence
 import torch
 from torch._inductor.custom_graph_pass import CustomGraphPass
 
-from . import engine, pattern_api
+from . import engine
 
 __all__ = ["KVPassInductorPass", "catalogue_files"]
 
@@ -24,9 +25,10 @@ __all__ = ["KVPassInductorPass", "catalogue_files"]
 def catalogue_files(patterns: Sequence) -> tuple[str, ...]:
     """The source files whose contents decide what the pass does (and what the ops it emits lower to: PyTorch's
     caches key a custom op on its name, not on its decomposition)."""
+    from . import aliasing, ir, observe, rules, tracing
     from .ops import _store
 
-    files = {inspect.getsourcefile(engine), inspect.getsourcefile(pattern_api), inspect.getsourcefile(_store)}
+    files = {inspect.getsourcefile(m) for m in (engine, aliasing, ir, observe, rules, tracing, _store)}
     for p in patterns:
         files.add(inspect.getsourcefile(type(p)))
     return tuple(sorted(f for f in files if f))

@@ -22,12 +22,12 @@ from .tracing import install_process_wide
 install_process_wide()
 
 
-def kvpass_backend(gm, example_inputs):
+def kvpass_backend(gm, example_inputs, **kwargs):
     """The registered ``"kvpass"`` backend: :func:`kvpass.dynamo_backend.kvpass_backend`, with the process-wide
     tracing settings re-asserted (idempotent) so that the traces after this one get them even if something reset
-    them since this module was imported."""
+    them since this module was imported. ``mode=``/``options=`` from ``torch.compile`` reach Inductor."""
     install_process_wide()
-    return dynamo_backend.kvpass_backend(gm, example_inputs)
+    return dynamo_backend.kvpass_backend(gm, example_inputs, **kwargs)
 
 
 __all__ = ["kvpass_backend"]

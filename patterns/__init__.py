@@ -1,21 +1,20 @@
-"""The rewrite catalogue, one rewrite per file, shipped as ``kvpass.patterns``.
+"""The rewrite rules, one per file, shipped as ``kvpass.patterns``.
 
-Each module documents the idiom it matches (as user code), the graph before and after, and why the rewrite
-preserves semantics. ``PATTERNS`` is the fixed order in which the pass manager runs them: host padding moves to
-the device first so that the buffer rewrites see device values; reads that repeat an earlier read of the same
-buffer are merged before reads become history; padding that meets its own slice collapses; pure host hops go
-last (what is left of a round trip after the buffer rewrites); a hand-written paged store loop becomes one
-store op (independent of the others, after them).
+Each module's docstring states its equation, its side conditions and the idiom families (as user code) it
+covers. ``PATTERNS`` is the fixed order the pass manager runs them in:
+
+1. ``store_loop`` runs on the torch-level (Dynamo) graph, before functionalization: it turns an unrolled
+   paged-store loop into one store op, which needs the loop's writes as written;
+2. on the functional ATen IR (``kvpass.ir``): ``scatter_slice`` decomposes reads of the cache buffers' writes
+   into the values written (K/V become graph edges), ``pad_slice`` cancels padding the reads slice off, and
+   ``host_elimination`` moves what is left of host round trips to the device, where the copies collapse.
 """
 
-from . import buffer_history, host_concat, host_hop, host_padding, pad_slice, shared_read, store_loop
+from . import host_elimination, pad_slice, scatter_slice, store_loop
 
 PATTERNS: list = [
-    host_padding.PATTERN,
-    host_concat.PATTERN,
-    shared_read.PATTERN,
-    buffer_history.PATTERN,
-    pad_slice.PATTERN,
-    host_hop.PATTERN,
     store_loop.PATTERN,
+    scatter_slice.PATTERN,
+    pad_slice.PATTERN,
+    host_elimination.PATTERN,
 ]

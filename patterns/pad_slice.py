@@ -1,70 +1,54 @@
-"""pad_slice: padding followed by the slice that removes it collapses to the unpadded tensor.
+"""pad_slice: a slice that removes exactly the padding ``constant_pad_nd`` added is the unpadded tensor.
 
-The idiom, as user code (a padded follower that pads its K up to the owner's head dim and slices the view back;
-after ``host_padding`` and ``buffer_history`` its own K meets its own slice)::
+The idiom families, as user code::
 
-    k_padded = F.pad(k, (0, D - d))
-    k_back = k_padded[..., :d]
+    padded = F.pad(k, (0, D - d))        # or np.pad / np.zeros + assign, written into an owner's wider buffer
+    k_back = padded[..., :d]             # ... and sliced back to the follower's head dim on read
 
-Graph before::
+Graph before (functional ATen IR; ``scatter_slice`` leaves ``slice(constant_pad_nd(k))`` where a follower's
+read of its owner's buffer meets its own padded write)::
 
-    pad = F.pad(k, [0, 8, 0, 0, 0, 0], value=0)
-    getitem = operator.getitem(pad, (:, 0:s, :8))
+    constant_pad_nd = aten.constant_pad_nd(k, [0, 8], 0.0)
+    slice_1 = aten.slice(constant_pad_nd, -1, 0, 8)
 
 Graph after::
 
-    getitem = operator.getitem(k, (:, 0:s, :))       # or k itself when nothing else is sliced
+    (uses of slice_1 use k)
 
-Also ATen ``aten.slice(aten.constant_pad_nd(x, pad), dim, lo, lo + n)``.
+The equation, for padding ``(before_i, after_i)`` on each dim ``i`` and a slice of dim ``d``::
 
-Why it is exact: on every padded dim the slice keeps exactly the positions ``[before, before + n)`` that hold
-``x`` (``n`` the size of ``x`` there, proved symbolically), so the padding constants are never read; slices on
-other dims apply to ``x`` unchanged.
+    slice(constant_pad_nd(x, pad, v), d, a, b) = slice(x, d, a - before_d, b - before_d)
+        if before_d <= a, b <= before_d + x.size(d), and no other dim is padded
+    (and = x when the slice is all of x's extent)
+
+Side conditions: constant pads only (``constant_pad_nd``, not reflect/replicate), non-negative pads (a negative
+pad crops), bounds proven for every value of the symbols; a slice that keeps any padded element, or a pad on a
+dim the slice leaves alone, is not rewritten.
+
+Why it is exact: inside ``[before_d, before_d + x.size(d))`` the padded tensor holds ``x`` shifted by
+``before_d``; the constant only fills the outside. Dtype and device are unchanged by ``constant_pad_nd``.
 """
 
 from __future__ import annotations
 
-import operator
-
 import torch
 import torch.fx
-import torch.nn.functional as F
 
-from kvpass.pattern_api import Emit, Report, known_eq, meta_value
+from kvpass.aliasing import meta_value
+from kvpass.engine import Report
+from kvpass.rules import Emitter, known_eq, known_le, norm_slice
 
 NAME = "pad_slice"
 aten = torch.ops.aten
 
 
-def _pads(node):
-    """``(x, {dim: (before, after)})`` for an F.pad / constant_pad_nd node, else ``(None, None)``."""
-    if node.op != "call_function" or node.target not in (F.pad, torch._C._nn.pad, aten.constant_pad_nd.default):
-        return None, None
-    x = node.args[0]
-    flat = node.args[1] if len(node.args) > 1 else node.kwargs.get("pad")
-    mode = node.kwargs.get("mode", node.args[2] if len(node.args) > 2 and node.target is not aten.constant_pad_nd.default else "constant")
-    xv = meta_value(x)
-    if mode != "constant" or not isinstance(xv, torch.Tensor) or not isinstance(flat, (list, tuple)) or \
-            len(flat) % 2 or not all(isinstance(p, int) and p >= 0 for p in flat):
-        return None, None
-    pads = {}
-    for i in range(len(flat) // 2):
-        if flat[2 * i] or flat[2 * i + 1]:
-            pads[xv.dim() - 1 - i] = (flat[2 * i], flat[2 * i + 1])
-    return x, pads
-
-
-def _normalize_index(index, ndim):
-    if not isinstance(index, tuple):
-        index = (index,)
-    if sum(i is Ellipsis for i in index) > 1:
-        return None
-    if Ellipsis in index:
-        k = index.index(Ellipsis)
-        index = index[:k] + (slice(None),) * (ndim - len(index) + 1) + index[k + 1:]
-    if len(index) > ndim or not all(isinstance(s, slice) and s.step in (None, 1) for s in index):
-        return None
-    return index + (slice(None),) * (ndim - len(index))
+def _pads(node, rank):
+    """``[(before, after)]`` per dim from constant_pad_nd's last-dim-first flat list."""
+    flat = list(node.args[1])
+    rows = [(0, 0)] * rank
+    for k in range(len(flat) // 2):
+        rows[rank - 1 - k] = (flat[2 * k], flat[2 * k + 1])
+    return rows
 
 
 class PadSlice:
@@ -75,58 +59,39 @@ class PadSlice:
     def apply(self, gm: torch.fx.GraphModule, report: Report) -> int:
         count = 0
         for node in list(gm.graph.nodes):
-            if node.op != "call_function":
+            if getattr(node, "_erased", False) or node.op != "call_function" or node.target is not aten.slice.Tensor:
                 continue
-            if node.target is operator.getitem and isinstance(node.args[0], torch.fx.Node):
-                count += self._getitem(gm.graph, node, report)
-            elif node.target is aten.slice.Tensor and isinstance(node.args[0], torch.fx.Node):
-                count += self._aten_slice(gm.graph, node, report)
+            pad = node.args[0]
+            if not (isinstance(pad, torch.fx.Node) and pad.target is aten.constant_pad_nd.default):
+                continue
+            x = pad.args[0]
+            xv, pv = meta_value(x), meta_value(pad)
+            if not isinstance(xv, torch.Tensor) or not isinstance(pv, torch.Tensor):
+                continue
+            d, a, b, step = norm_slice(node, pv.shape)
+            if a is None or step != 1:
+                continue
+            rows = _pads(pad, pv.dim())
+            if any(isinstance(v, int) and v < 0 for row in rows for v in row):
+                continue  # a negative pad crops
+            if any(row != (0, 0) for i, row in enumerate(rows) if i != d):
+                continue
+            before = rows[d][0]
+            em = Emitter(gm.graph, node)
+            end = em.add(before, xv.shape[d])
+            if not (known_le(before, a) and known_le(b, end)):
+                em.discard()
+                continue
+            if known_eq(a, before) and known_eq(b, end):
+                value = x
+            else:
+                value = em.call(aten.slice.Tensor, x, d, em.sub(a, before), em.sub(b, before))
+            em.discard() if value is x else None
+            node.replace_all_uses_with(value)
+            gm.graph.erase_node(node)
+            report.add_match(NAME, [node, pad], anchor=node)
+            count += 1
         return count
-
-    def _getitem(self, graph, node, report) -> int:
-        x, pads = _pads(node.args[0])
-        if x is None or not pads:
-            return 0
-        xv = meta_value(x)
-        index = _normalize_index(node.args[1], xv.dim())
-        if index is None:
-            return 0
-        new_index = list(index)
-        for d, (before, _after) in pads.items():
-            s = index[d]
-            start = 0 if s.start is None else s.start
-            if not (known_eq(start, before) and s.stop is not None and known_eq(_minus(s.stop, before), xv.shape[d])):
-                return 0
-            new_index[d] = slice(None)
-        if all(s == slice(None) for s in new_index):
-            new = x
-        else:
-            new = Emit(graph, node, aten_level=False).call(operator.getitem, x, tuple(new_index))
-        node.replace_all_uses_with(new)
-        report.add_match(NAME, [node.args[0], node], anchor=node, detail="slice removes exactly the padding")
-        return 1
-
-    def _aten_slice(self, graph, node, report) -> int:
-        x, pads = _pads(node.args[0])
-        if x is None or len(pads) != 1:
-            return 0
-        args = list(node.args) + [0, None, None][len(node.args) - 1:]
-        _, dim, start, stop = args[:4]
-        xv = meta_value(x)
-        dim %= xv.dim()
-        if dim not in pads or (len(node.args) > 4 and node.args[4] != 1):
-            return 0
-        before = pads[dim][0]
-        if known_eq(start or 0, before) and stop is not None and known_eq(_minus(stop, before), xv.shape[dim]):
-            node.replace_all_uses_with(x)
-            report.add_match(NAME, [node.args[0], node], anchor=node, detail="slice removes exactly the padding")
-            return 1
-        return 0
-
-
-def _minus(stop, before):
-    v = meta_value(stop)
-    return v - before if isinstance(v, (int, torch.SymInt)) else None
 
 
 PATTERN = PadSlice()

@@ -57,7 +57,8 @@ import torch
 import torch.fx
 from torch.multiprocessing.reductions import StorageWeakRef
 
-from kvpass.pattern_api import Report, is_side_effect_node, meta_value
+from kvpass.aliasing import is_side_effect as is_side_effect_node, meta_value
+from kvpass.engine import Report
 
 NAME = "store_loop"
 
@@ -257,6 +258,7 @@ class StoreLoop:
     """See the module docstring."""
 
     name = NAME
+    level = "torch"  # runs on the Dynamo graph, before functionalization (see the module docstring)
 
     def apply(self, gm: torch.fx.GraphModule, report: Report) -> int:
         graph = gm.graph

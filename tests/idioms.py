@@ -147,3 +147,22 @@ def one_token_write_read(cache, k):
     cache.k[:, cache.pos] = k[:, 0].detach().cpu().numpy()
     cache.pos += 1
     return torch.from_numpy(cache.k[:, : cache.pos]).to(k.device) * 2.0
+
+
+def shared_write_read(cache, k, kf):
+    """Owner and a shared follower in one step: the follower writes its K at its own position (last writer
+    wins) and reads the owner's whole view."""
+    t = k.shape[1]
+    cache.k[:, cache.pos : cache.pos + t] = k.detach().cpu().numpy()
+    cache.pos += t
+    cache.k[:, cache.pos - t : cache.pos] = kf.detach().cpu().numpy()
+    return torch.from_numpy(cache.k[:, : cache.pos]).to(k.device) * 1.0
+
+
+def history_before_write(cache, k):
+    """The old history read before the step's write, then concatenated with the new tokens."""
+    t = k.shape[1]
+    hist = torch.from_numpy(cache.k[:, : cache.pos]).clone()
+    cache.k[:, cache.pos : cache.pos + t] = k.detach().cpu().numpy()
+    cache.pos += t
+    return torch.cat([hist, k], 1) * 1.0

@@ -40,7 +40,7 @@ def test_demo_json(capsys):
     assert main(["demo", "--steps", "2", "--no-timing", "--json"]) == 0
     result = json.loads(capsys.readouterr().out)
     assert result["stock"]["make_fx_findings"] > 0 and result["kvpass"]["export_findings"] == 0
-    assert result["kvpass"]["report_counts"]["buffer_history"] == 12
+    assert result["kvpass"]["report_counts"]["scatter_slice"] == 16
 
 
 def test_demo_rejects_negative_steps(capsys):

@@ -26,6 +26,7 @@ from torch.export.graph_signature import InputKind
 from torch.fx.experimental.proxy_tensor import make_fx
 
 import kvpass
+from test_backend import attention_kv
 from kvpass.examples.shared_kv_model import PADDED, READONLY, SHARED, SharedKVConfig, reference_model
 from kvpass.faithful_export import ExportCaptureError, ExportInputError
 from kvpass.fidelity import CONSTANT_KV, MUTATED_CONSTANT, check
@@ -40,7 +41,7 @@ pytestmark = [
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 CONFIG = SharedKVConfig()  # followers: padded, shared, read-only; sandwich norms
 TOL = dict(rtol=1e-5, atol=1e-5)
-SDPA = torch.ops.aten.scaled_dot_product_attention.default
+SOFTMAX = (torch.ops.aten._safe_softmax.default, torch.ops.aten._softmax.default)
 
 
 def _ids(gen, n, vocab=64):
@@ -180,21 +181,20 @@ def test_export_contract_buffers_parameters_inputs(prefill):
     assert mutated == buffers
     assert check(decomposed) == []
     # the user's source lines survive (the readable part of a finding, were there one)
-    sdpa = [n for n in ep.graph.nodes if n.target is SDPA]
-    assert len(sdpa) == CONFIG.num_layers
-    assert all("F.scaled_dot_product_attention" in n.meta.get("stack_trace", "") for n in sdpa)
+    softmax = [n for n in ep.graph.nodes if n.target in SOFTMAX]  # kvpass exports the functional ATen graph:
+    assert len(softmax) == CONFIG.num_layers  # SDPA is decomposed there (bmm, softmax, bmm)
+    assert all("F.scaled_dot_product_attention" in n.meta.get("stack_trace", "") for n in softmax)
 
 
 @pytest.mark.parametrize("which", ["prefill", "decode"])
 def test_attention_kv_is_connected_to_k_proj_and_v_proj(which, prefill, decode):
     ep = prefill[2] if which == "prefill" else decode[1]
-    sdpa = [n for n in ep.graph.nodes if n.target is SDPA]
-    assert len(sdpa) == CONFIG.num_layers
+    attn = attention_kv(ep.graph_module)
+    assert len(attn) == CONFIG.num_layers
     # layers 0-2 own a cache, 3 (padded) and 4 (shared) write their own K/V; 5 (read-only follower of layer 1)
     # reads what layer 3, the last writer of that buffer in the step, wrote (last writer wins)
     writer = {0: 0, 1: 1, 2: 2, 3: 3, 4: 4, 5: 3}
-    for layer, node in enumerate(sdpa):
-        key, value = node.args[1], node.args[2]
+    for layer, (key, value) in enumerate(attn):
         w = writer[layer]
         assert f"layers.{w}.self_attn.k_proj.weight" in _upstream_params(ep, key), f"layer {layer} key"
         assert f"layers.{w}.self_attn.v_proj.weight" in _upstream_params(ep, value), f"layer {layer} value"

@@ -1,6 +1,8 @@
-"""Negative cases: programs where a rewrite would change what is computed. Each pins one guard of the catalogue:
-the pass must skip (with the reason in the report) or rewrite exactly, and ``verify=True`` (eager before vs
-after) would raise if the guard were removed. Found or hardened while fuzzing (tests/test_fuzz_rewrite.py)."""
+"""Negative cases: programs where a careless rewrite would change what is computed (found or hardened while
+fuzzing, tests/test_fuzz_rewrite.py). Each runs through ``kvpass.rewrite(verify=True)`` on every Dynamo graph and
+must equal eager; on the functional IR most of them are exact by construction (the in-place edit is one more
+scatter, in program order), and the tests that pin one side condition of a rule say which
+(``tests/mutate_guards.py`` removes each and watches its test fail)."""
 
 import numpy as np
 import pytest
@@ -22,7 +24,7 @@ def rewrite_all(fn, *args):
     def verifying_backend(gm, example_inputs):
         gm, report = kvpass.rewrite(gm, example_inputs=example_inputs, verify=True)
         reports.append(report)
-        return gm.forward
+        return gm.forward  # the functional graph writes the buffers itself (copy_ epilogue)
 
     torch._dynamo.reset()
     with tracing_context():
@@ -52,7 +54,7 @@ def test_history_that_aliases_the_buffer_and_is_used_after_a_later_write():
     want = step(idioms.HostCache(seed=3), k, k2)
     got, reports = rewrite_all(step, idioms.HostCache(seed=3), k, k2)
     torch.testing.assert_close(got, want)
-    assert "the read's result aliases the buffer and is used after a later write to it" in skips(reports)
+    assert "scatter_slice" in matches(reports)  # the later use reads the second write: k2
 
 
 def test_history_copied_before_a_later_write_is_rewritten():
@@ -70,7 +72,7 @@ def test_history_copied_before_a_later_write_is_rewritten():
     with pytest.warns(UserWarning, match="copy construct"):
         got, reports = rewrite_all(step, idioms.HostCache(seed=3), k, k2)
     torch.testing.assert_close(got, want)
-    assert "buffer_history" in matches(reports)
+    assert "scatter_slice" in matches(reports)
 
 
 def test_buffer_mutated_through_a_view_between_write_and_read():
@@ -87,7 +89,6 @@ def test_buffer_mutated_through_a_view_between_write_and_read():
     want = step(idioms.HostCache(seed=5), k)
     got, reports = rewrite_all(step, idioms.HostCache(seed=5), k)
     torch.testing.assert_close(got, want)
-    assert any("mutates the buffer in a way kvpass does not model" in s for s in skips(reports)), skips(reports)
 
 
 def test_two_rows_of_one_buffer_are_not_the_same_read():
@@ -101,7 +102,6 @@ def test_two_rows_of_one_buffer_are_not_the_same_read():
     k = rand(3, 4, 4, seed=7)
     got, reports = rewrite_all(step, buf, k)
     torch.testing.assert_close(got, step(buf, k))
-    assert "shared_read" not in matches(reports)
 
 
 def test_concatenated_history_mutated_before_the_rebuild():
@@ -114,7 +114,6 @@ def test_concatenated_history_mutated_before_the_rebuild():
     want = step(idioms.HostHistory(seed=9), k)
     got, reports = rewrite_all(step, idioms.HostHistory(seed=9), k)
     torch.testing.assert_close(got, want)
-    assert any("the concatenated host array is mutated in place" in s for s in skips(reports)), skips(reports)
 
 
 def test_tensor_rebuilt_from_concatenated_history_mutated_in_place():
@@ -128,8 +127,6 @@ def test_tensor_rebuilt_from_concatenated_history_mutated_in_place():
     want = step(idioms.HostHistory(seed=11), k)
     got, reports = rewrite_all(step, idioms.HostHistory(seed=11), k)
     torch.testing.assert_close(got, want)
-    assert any("rebuilt from the concatenated host array is mutated in place" in s for s in skips(reports)), \
-        skips(reports)
 
 
 def test_concatenated_history_sliced_before_the_rebuild_is_rewritten():
@@ -141,7 +138,6 @@ def test_concatenated_history_sliced_before_the_rebuild_is_rewritten():
     want = step(idioms.HostHistory(seed=13), k)
     got, reports = rewrite_all(step, idioms.HostHistory(seed=13), k)
     torch.testing.assert_close(got, want)
-    assert "host_concat" in matches(reports)
 
 
 def test_zero_buffer_written_twice_is_not_a_pad():
@@ -155,7 +151,6 @@ def test_zero_buffer_written_twice_is_not_a_pad():
     k = rand(2, 3, 4, seed=14)
     got, reports = rewrite_all(step, k)
     torch.testing.assert_close(got, step(k))
-    assert "the zero buffer is written more than once" in skips(reports)
 
 
 def test_value_that_escapes_to_python_stays_exact_across_the_break():
@@ -189,8 +184,7 @@ def test_dtype_change_through_the_buffer_is_not_history():
     k = rand(2, 3, 4, seed=18).double() / 3
     want = step(idioms.HostCache(seed=19), k)
     got, reports = rewrite_all(step, idioms.HostCache(seed=19), k)
-    torch.testing.assert_close(got, want, rtol=0, atol=0)
-    assert any("dtype changes through the buffer" in s for s in skips(reports)), skips(reports)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)  # scatter_slice keeps copy() when the dtype changes
 
 
 def test_rotary_table_built_on_the_host_is_left_exact():
@@ -204,7 +198,7 @@ def test_rotary_table_built_on_the_host_is_left_exact():
     q, positions = rand(3, 4, seed=17), torch.arange(3)
     got, reports = rewrite_all(step, q, positions)  # verify=True: the graph's result is unchanged by the rewrite
     torch.testing.assert_close(got, step(q, positions))  # Dynamo traces np.cos as torch.cos: rounding differs
-    assert set(matches(reports)) <= {"host_concat"}  # the table's np.concatenate may become torch.cat: same values
+    assert not matches(reports)  # no cache buffer: nothing to rewrite
 
 
 def test_history_mutated_in_place_writes_the_buffer():
@@ -224,7 +218,6 @@ def test_history_mutated_in_place_writes_the_buffer():
     got, reports = rewrite_all(step, cache, k)
     torch.testing.assert_close(got, want)
     np.testing.assert_array_equal(cache.k, eager_cache.k)
-    assert any("mutated in place" in s for s in skips(reports)), skips(reports)
 
 
 def test_dtype_round_trip_through_the_host_is_not_a_hop():
@@ -239,3 +232,153 @@ def test_dtype_round_trip_through_the_host_is_not_a_hop():
     got, reports = rewrite_all(step, k)
     torch.testing.assert_close(got, want, rtol=0, atol=0)  # zero only if the rounding were lost
     assert want.abs().max() > 0
+
+
+# ---- side conditions of the rules on the functional IR (tests/mutate_guards.py removes each) ---------------
+
+
+def test_read_past_the_end_of_the_write_keeps_the_buffer_tail():
+    """Write ``[p, p+t)``, read ``[p, p+t+2)``: the read is not inside the write (scatter_slice's ``b <= e``)."""
+    def step(cache, k):
+        t = k.shape[1]
+        cache.k[:, cache.pos : cache.pos + t] = k.detach().cpu().numpy()
+        out = torch.from_numpy(cache.k[:, cache.pos : cache.pos + t + 2]) * 1.0
+        cache.pos += t
+        return out
+
+    k = rand(2, 3, 4, seed=23)
+    want = step(idioms.HostCache(seed=24), k)
+    got, reports = rewrite_all(step, idioms.HostCache(seed=24), k)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    assert "scatter_slice" in matches(reports)
+
+
+def test_read_overlapping_the_write_partially_is_left_alone():
+    """Write ``[2, 5)``, read ``[3, 8)``: neither inside, outside nor around (the ``a <= s, e <= b`` case)."""
+    def step(cache, k):
+        cache.k[:, 2:5] = k.detach().cpu().numpy()
+        return torch.from_numpy(cache.k[:, 3:8]) * 1.0
+
+    k = rand(2, 3, 4, seed=25)
+    want = step(idioms.HostCache(seed=26), k)
+    got, reports = rewrite_all(step, idioms.HostCache(seed=26), k)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    assert any("cannot be proven inside, outside or around" in s for s in skips(reports)), skips(reports)
+
+
+def test_one_position_write_then_a_read_of_another_position():
+    """``buf[:, p] = k``, then ``buf[:, p - 1]``: a select of another index is the old buffer (``i != j``)."""
+    def step(cache, k):
+        cache.k[:, 5] = k[:, 0].detach().cpu().numpy()
+        return torch.from_numpy(cache.k[:, 4]) * 1.0 + torch.from_numpy(cache.k[:, 5]) * 2.0
+
+    k = rand(2, 1, 4, seed=27)
+    want = step(idioms.HostCache(seed=28), k)
+    got, reports = rewrite_all(step, idioms.HostCache(seed=28), k)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    assert "scatter_slice" in matches(reports)
+
+
+def test_scatter_into_an_intermediate_is_not_a_cache():
+    """Gemma3n's AltUp ``corrected[1:] += first`` read back as ``hidden[0]``: no graph input is written, so the
+    rule leaves it alone and reports nothing (a skip is a message about the user's cache)."""
+    def step(x, y):
+        buf = x * 2
+        buf[1:] += y
+        return buf[0] + 1
+
+    x, y = rand(4, 3, seed=29), rand(3, 3, seed=30)
+    got, reports = rewrite_all(step, x, y)
+    torch.testing.assert_close(got, step(x, y))
+    assert not matches(reports) and not skips(reports)
+
+
+def test_two_caches_on_one_numpy_pool_run_as_eager():
+    """``a.k = pool[:]``, ``b.k = pool[:]``: two graph inputs over the same memory, which functionalization
+    treats as independent. The backend sees the overlap at call time and runs the traced graph (a warning)."""
+    class Cache:
+        def __init__(self, pool):
+            self.k = pool[:]
+            self.pos = 0
+
+    def step(a, b, k):
+        t = k.shape[1]
+        a.k[:, a.pos : a.pos + t] = k.detach().cpu().numpy()
+        a.pos += t
+        return torch.from_numpy(b.k[:, : a.pos]) * 1.0  # b sees a's write in eager
+
+    def fresh():
+        pool = np.random.default_rng(31).standard_normal((2, 16, 4)).astype(np.float32)
+        return Cache(pool), Cache(pool), pool
+
+    k = rand(2, 3, 4, seed=32)
+    a, b, pool = fresh()
+    want = step(a, b, k)
+    a2, b2, pool2 = fresh()
+    torch._dynamo.reset()
+    with pytest.warns(kvpass.KVPassWarning, match="views of the same host memory"):
+        got = kvpass.compile(step, backend=kvpass.backend(inner="eager"))(a2, b2, k)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    np.testing.assert_array_equal(pool2, pool)
+
+
+def test_rewritten_graph_runs_as_traced_on_inputs_that_share_memory():
+    """``kvpass.rewrite`` returns a module that checks its inputs: over one numpy pool it runs the graph as traced
+    (eager's aliasing), so ``verify`` passes and so does a later call on other aliased inputs."""
+    from kvpass.testing import capture_graphs
+
+    def step(a, b, k):
+        a[:, 0:3] = k.detach().cpu().numpy()
+        return torch.from_numpy(b[:, :3]) * 1.0  # b sees a's write in eager
+
+    def pool():
+        return np.random.default_rng(33).standard_normal((2, 16, 4)).astype(np.float32)
+
+    k = rand(2, 3, 4, seed=34)
+    with tracing_context():
+        _, graphs = capture_graphs(step, pool(), pool(), k, transform=lambda gm: gm)
+    (g,) = graphs
+    names = [n.name for n in g.before.graph.nodes if n.op == "placeholder"]
+    shared = pool()
+    inputs = [k if "k" in name else torch.from_numpy(shared[:]) for name in names]  # a and b: one pool
+    with pytest.warns(kvpass.KVPassWarning, match="views of the same host memory"):  # once, in verify's run
+        gm, _ = kvpass.rewrite(g.before, example_inputs=inputs, verify=True)
+    shared2 = pool()
+    want = step(pool_a := pool(), pool_a, k)
+    got = gm(*[k if "k" in name else torch.from_numpy(shared2[:]) for name in names])
+    torch.testing.assert_close(got[0], want, rtol=0, atol=0)
+    np.testing.assert_array_equal(shared2, pool_a)
+
+
+def test_verify_copies_inputs_that_share_memory_together():
+    """``verify`` runs both graphs on copies that overlap where the inputs overlap (one deepcopy memo would not
+    do it for two numpy views: they are two storages), and never writes the caller's arrays."""
+    from kvpass.aliasing import copy_together
+
+    pool = np.random.default_rng(36).standard_normal((2, 16, 4)).astype(np.float32)
+    a, b = torch.from_numpy(pool[:, 2:]), torch.from_numpy(pool[:, :8])
+    ca, cb = copy_together([a, b])
+    ca[:, 0] = 7.0  # pool[:, 2] in both
+    assert (cb[:, 2] == 7.0).all() and not (pool == 7.0).any()
+    torch.testing.assert_close(cb[:, 3:], b[:, 3:], rtol=0, atol=0)
+
+
+def test_padding_on_another_dim_is_not_cancelled():
+    """``F.pad`` on two dims, sliced on one: the other dim's padding stays (pad_slice's side condition)."""
+    def step(k):
+        return torch.nn.functional.pad(k, (0, 4, 1, 1))[..., : k.shape[-1]] * 3.0
+
+    k = rand(2, 3, 4, seed=35)
+    got, reports = rewrite_all(step, k)
+    torch.testing.assert_close(got, step(k), rtol=0, atol=0)
+    assert "pad_slice" not in matches(reports)
+
+
+def test_slice_that_keeps_padding_is_not_cancelled():
+    def step(k):
+        return torch.nn.functional.pad(k, (0, 4))[..., : k.shape[-1] + 2] * 3.0
+
+    k = rand(2, 3, 4, seed=36)
+    got, reports = rewrite_all(step, k)
+    torch.testing.assert_close(got, step(k), rtol=0, atol=0)
+    assert "pad_slice" not in matches(reports)

@@ -1,5 +1,5 @@
-"""No false rewrites: on graphs with no host round trip the rewrite returns the identical graph and an empty report
-(no match, no skip). Random small models (``fuzz_decoders`` with device caches), Hugging Face Gemma4 (shared KV,
+"""No false rewrites: on graphs with no host round trip the rules leave the functional graph identical
+(``report.before`` vs the result) and the report empty (no match, no skip). Random small models (``fuzz_decoders`` with device caches), Hugging Face Gemma4 (shared KV,
 no round trip), and a model from transformers with no KV cache at all (BERT, tiny random config)."""
 
 import pytest
@@ -14,9 +14,8 @@ from kvpass.tracing import tracing_context
 def unchanged_backend(texts):
     """A backend that rewrites each graph and records its text before and after, and the report."""
     def backend(gm, example_inputs):
-        before = kvpass.graph_text(gm)
         gm, report = kvpass.rewrite(gm)
-        texts.append((before, kvpass.graph_text(gm), report))
+        texts.append((kvpass.graph_text(report.before), kvpass.graph_text(gm), report))
         return gm.forward
     return backend
 
@@ -37,10 +36,14 @@ def test_random_models_without_round_trips_are_left_identical(case):
     torch._dynamo.reset()
     with tracing_context():
         got = fd.run_steps(torch.compile(fd.build(case), backend=unchanged_backend(texts)), steps)
-    for g, w in zip(got, want):
-        torch.testing.assert_close(g, w, rtol=0, atol=0)
+    for g, w in zip(got, want):  # the functional graph decomposes attention: its own rounding
+        torch.testing.assert_close(g, w, **fd_tolerance(case))
     assert_no_op(texts)
     fd.COUNTS["no-op cases"] += 1
+
+
+def fd_tolerance(case):
+    return dict(rtol=1e-3, atol=1e-3) if case.dtype == torch.float16 else dict(rtol=1e-5, atol=1e-5)
 
 
 def test_hf_gemma4_is_left_identical(gemma4):
@@ -67,6 +70,6 @@ def test_transformers_model_without_kv_cache_is_left_identical():
         texts = []
         torch._dynamo.reset()
         got = torch.compile(model, backend=unchanged_backend(texts))(input_ids=ids).last_hidden_state
-    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     assert want.abs().max() > 0.1
     assert_no_op(texts)

@@ -9,7 +9,7 @@ import torch
 
 import kvpass
 from kvpass.examples.shared_kv_model import FULL, PADDED, READONLY, SHARED, SLIDING, SharedKVConfig, reference_model
-from test_backend import Recorder, host_nodes, is_proj, reaches, sdpa_nodes
+from test_backend import Recorder, attention_kv, host_nodes, is_proj, reaches
 
 
 def schemes(n, seed=0):
@@ -48,5 +48,7 @@ def test_scheme_compiles_exactly(scheme):
     assert len(recorder.graphs) == 2
     for gm in recorder.graphs:
         assert host_nodes(gm) == []
-        for node in sdpa_nodes(gm):
-            assert reaches(node.args[1], is_proj("k_proj")) and reaches(node.args[2], is_proj("v_proj"))
+        attn = attention_kv(gm)
+        assert len(attn) == len(cfg.layer_types)
+        for k, v in attn:
+            assert reaches(k, is_proj("k_proj")) and reaches(v, is_proj("v_proj"))

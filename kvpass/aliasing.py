@@ -1,0 +1,195 @@
+"""Aliasing and mutation facts: the one place kvpass decides what writes what and what shares memory.
+
+On the functional ATen IR (``kvpass.ir``) most of this is structure: values are SSA, a write is a
+``*_scatter`` that returns a new value, and the only mutations left are the ``copy_`` epilogues into graph
+inputs (:func:`state_inputs`). Two facts are not in the graph and live here too:
+
+- **memory shared by graph inputs that torch cannot see**: two numpy views of one pool (``a.k = pool[:]``,
+  ``b.k = pool[:]``, or a follower holding ``owner.k[:, :, :d]``) reach the graph as two tensors with unrelated
+  storages, so functionalization treats them as independent. :func:`overlapping_inputs` finds them at call
+  time; the backend then runs the graph the way eager does (``kvpass.dynamo_backend``);
+- **side effects in torch-level graphs** (Dynamo's numpy ``__setitem__`` wrappers, in-place methods,
+  augmented assignment), for the one rule that still runs before functionalization (``store_loop``) and for
+  dead-code elimination there: :func:`is_side_effect`.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any, Sequence
+
+import torch
+import torch.fx
+
+__all__ = ["meta_value", "is_pure", "state_inputs", "scatter_base", "overlapping_inputs", "external_inputs",
+           "copy_together", "aliased_inputs_message", "is_side_effect", "SCATTER_OPS"]
+
+aten = torch.ops.aten
+
+#: Functional writes: ``op(base, value, ...)`` returns ``base`` with a region replaced by ``value``.
+SCATTER_OPS = frozenset({aten.slice_scatter.default, aten.select_scatter.default, aten.index_put.default,
+                         aten.index_copy.default, aten.diagonal_scatter.default, aten.as_strided_scatter.default,
+                         aten.copy.default})
+
+
+def meta_value(node: Any):
+    """The traced value of a node (``val`` in ATen graphs, Dynamo's ``example_value``), or a constant itself."""
+    if isinstance(node, torch.fx.Node):
+        return node.meta.get("val", node.meta.get("example_value"))
+    return node
+
+
+def is_pure(node: torch.fx.Node) -> bool:
+    """An ATen node that only computes its outputs from its inputs: no mutation, no randomness, no effect.
+    Views count as pure here: on the functional IR nothing writes through them."""
+    if node.op != "call_function":
+        return False
+    target = node.target
+    if not isinstance(target, torch._ops.OpOverload):
+        return not node.is_impure()  # SymInt arithmetic
+    schema = target._schema
+    if schema.is_mutable or torch.Tag.nondeterministic_seeded in target.tags:
+        return False
+    return not node.is_impure()
+
+
+def state_inputs(graph: torch.fx.Graph) -> dict[torch.fx.Node, torch.fx.Node]:
+    """The graph inputs the program mutates (cache buffers), each with the value its ``copy_`` epilogue writes:
+    ``{placeholder: new_value}``. On the functional IR these are the program's state."""
+    out = {}
+    for node in graph.nodes:
+        if node.op == "call_function" and node.target is aten.copy_.default and \
+                isinstance(node.args[0], torch.fx.Node) and node.args[0].op == "placeholder":
+            out[node.args[0]] = node.args[1]
+    return out
+
+
+def scatter_base(node: Any) -> torch.fx.Node | None:
+    """Follow ``node`` down its chain of functional writes (``slice_scatter(base, ...)`` etc.) and views of
+    them to the value it started from; ``None`` if ``node`` is not such a chain."""
+    seen = 0
+    while isinstance(node, torch.fx.Node) and node.op == "call_function" and seen < 10_000:
+        if node.target in SCATTER_OPS or node.target in (aten.slice.Tensor, aten.select.int):
+            node = node.args[0]
+            seen += 1
+            continue
+        break
+    return node if seen and isinstance(node, torch.fx.Node) else None
+
+
+def _memory_range(t: torch.Tensor) -> tuple[int, int] | None:
+    if t.numel() == 0:
+        return None
+    start = t.data_ptr()
+    extent = sum((size - 1) * abs(stride) for size, stride in zip(t.shape, t.stride())) + 1
+    low = start - sum((size - 1) * abs(stride) for size, stride in zip(t.shape, t.stride()) if stride < 0) \
+        * t.element_size()
+    return low, low + extent * t.element_size()
+
+
+def external_inputs(inputs: Sequence[Any]) -> list[int]:
+    """Indices of the tensor inputs whose memory torch does not own (numpy arrays, DLPack): the only ones that
+    can overlap without torch knowing. Computed once per compiled graph from its example inputs."""
+    return [i for i, x in enumerate(inputs) if isinstance(x, torch.Tensor) and x.device.type == "cpu"
+            and not isinstance(x, torch._subclasses.FakeTensor) and x.layout is torch.strided
+            and not x.untyped_storage().resizable()]
+
+
+def copy_together(inputs: Sequence[Any]) -> list:
+    """Copies of ``inputs`` that keep every memory overlap among them: tensors that torch knows alias share one
+    ``deepcopy`` memo, and tensors over overlapping external memory (numpy views of one pool) are rebuilt as
+    views of one copied block. What a run of a graph sees is then what it would see on the originals."""
+    memo: dict = {}
+    out = [copy.deepcopy(x, memo) for x in inputs]
+    groups: dict[int, set[int]] = {}
+    for i, j in overlapping_inputs(inputs, external_only=True):
+        g = groups.get(i, {i}) | groups.get(j, {j})
+        for k in g:
+            groups[k] = g
+    for group in {id(g): g for g in groups.values()}.values():
+        members = sorted(group)
+        ranges = [_memory_range(inputs[k]) for k in members]
+        low, high = min(r[0] for r in ranges), max(r[1] for r in ranges)
+        import ctypes
+
+        import numpy as np
+
+        block = torch.zeros((high - low + 15) // 16 * 16, dtype=torch.uint8)  # a whole number of any element
+        block[: high - low] = torch.from_numpy(np.ctypeslib.as_array((ctypes.c_uint8 * (high - low)).from_address(low)))
+        for k in members:
+            t = inputs[k]
+            offset = t.data_ptr() - low
+            if offset % t.element_size():
+                raise ValueError(f"example_inputs[{k}]: overlaps another input at a misaligned address")
+            out[k] = torch.as_strided(block.view(t.dtype), t.shape, t.stride(), offset // t.element_size())
+    return out
+
+
+def aliased_inputs_message(first: str, second: str, line: str = "") -> str:
+    """The one warning for graph inputs over the same host memory (the call runs the graph as traced)."""
+    where = f" at {line}" if line else ""
+    return (f"kvpass: graph inputs {first} and {second} are views of the same host memory (e.g. two caches on one "
+            f"numpy pool, or a follower holding a view of its owner's buffer){where}; torch cannot see that, so this "
+            "call runs the graph as traced (eager semantics), not the compiled rewrite.")
+
+
+def overlapping_inputs(inputs: Sequence[Any], external_only: bool = True) -> list[tuple[int, int]]:
+    """Pairs ``(i, j)`` of CPU tensor inputs whose memory overlaps.
+
+    ``external_only`` (what the backend checks): only memory torch does not own (numpy arrays, DLPack: storages
+    that are not resizable) and only across two storage objects, which is what torch cannot see; torch-owned
+    aliasing is one storage, which Dynamo guards on and AOTAutograd handles. Otherwise (a standalone rewritten
+    graph, which has no such wrapper) any two distinct inputs that overlap. Runs on every call, so it only sorts
+    address ranges: O(n log n) in the number of candidate inputs.
+    """
+    ranges = []
+    for i, x in enumerate(inputs):
+        if isinstance(x, torch.Tensor) and x.device.type == "cpu" and not isinstance(
+                x, torch._subclasses.FakeTensor) and x.layout is torch.strided:
+            storage = x.untyped_storage()
+            if external_only and storage.resizable():
+                continue
+            r = _memory_range(x)
+            if r is not None:
+                ranges.append((r[0], r[1], storage._cdata, i))
+    if len(ranges) < 2:
+        return []
+    ranges.sort()
+    pairs = []
+    open_ranges: list[tuple[int, int, int]] = []  # (end, storage, index)
+    for low, high, storage, i in ranges:
+        open_ranges = [r for r in open_ranges if r[0] > low]
+        # one storage object: torch knows they alias; two from_numpy views of one array are two storage objects
+        # over the same bytes
+        pairs += [(j, i) for _end, other, j in open_ranges
+                  if (other != storage or not external_only) and inputs[j] is not inputs[i]]
+        open_ranges.append((high, storage, i))
+    return pairs
+
+
+# augmented assignments (``a *= 2`` on an array or tensor is in place) and numpy's in-place functions
+_IN_PLACE_NAMES = frozenset({"iadd", "isub", "imul", "itruediv", "ifloordiv", "imod", "ipow", "imatmul", "iand",
+                             "ior", "ixor", "ilshift", "irshift", "fill", "put", "copyto", "place", "putmask",
+                             "setitem", "__setitem__", "wrapped___setitem__", "delitem", "__delitem__"})
+
+
+def is_side_effect(node: torch.fx.Node) -> bool:
+    """Conservative impurity of a node of a torch-level or ATen graph (for dead-code elimination): torch's own
+    notion, plus what Dynamo graphs hide from it (numpy ``__setitem__`` wrappers, ``out=`` arguments, in-place
+    methods such as ``copy_``, ``operator.setitem``, augmented assignment)."""
+    if node.is_impure():
+        return True
+    if node.kwargs.get("out") is not None:
+        return True
+    t = node.target
+    if node.op == "call_method":
+        return isinstance(t, str) and t.endswith("_") and not t.startswith("__")
+    if node.op == "call_function":
+        inner = getattr(t, "op", None) or getattr(t, "f", None) or getattr(t, "method", None) or t
+        names = {getattr(inner, "__name__", "") if not isinstance(inner, str) else inner, getattr(t, "__name__", "")}
+        if names & _IN_PLACE_NAMES:
+            return True
+        if isinstance(t, torch._ops.OpOverload) and t._schema.is_mutable:
+            return True
+        return any(n.endswith("_") and not n.startswith("_") and n not in ("and_", "or_", "not_") for n in names if n)
+    return False

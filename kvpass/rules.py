@@ -1,0 +1,233 @@
+"""The small API rules in ``kvpass.patterns`` build on: symbolic facts about sizes and positions, and an
+emitter that adds ATen nodes with their traced values and the user's source line.
+
+Facts are *proofs*: :func:`known_le` and friends answer True only when the relation holds for every value of
+the graph's symbols (``statically_known_true``); False means "not proven", never "proven false". Nothing here
+adds a guard to the graph's ShapeEnv.
+"""
+
+from __future__ import annotations
+
+import operator
+from typing import Any
+
+import torch
+import torch.fx
+from torch.fx.experimental.symbolic_shapes import statically_known_true
+
+from .aliasing import meta_value
+
+__all__ = ["known_le", "known_lt", "known_eq", "known_ne", "sym_value", "norm_dim", "norm_index", "norm_slice",
+           "Emitter"]
+
+aten = torch.ops.aten
+_INT_MAX = 2 ** 62
+
+
+def sym_value(x: Any):
+    """An int or SymInt for a bound given as an int, a SymInt or a graph node producing one."""
+    v = meta_value(x) if isinstance(x, torch.fx.Node) else x
+    return v
+
+
+def _known(pred) -> bool:
+    if isinstance(pred, bool):
+        return pred
+    try:
+        return bool(statically_known_true(pred))
+    except Exception:  # noqa: BLE001 - an expression sympy cannot decide is not proven
+        return False
+
+
+def known_le(a, b) -> bool:
+    """``a <= b`` for every value of the symbols."""
+    va, vb = sym_value(a), sym_value(b)
+    if va is None or vb is None:
+        return False
+    return _known(va <= vb)
+
+
+def known_lt(a, b) -> bool:
+    """``a < b`` for every value of the symbols."""
+    va, vb = sym_value(a), sym_value(b)
+    if va is None or vb is None:
+        return False
+    return _known(va < vb)
+
+
+def known_eq(a, b) -> bool:
+    """``a == b`` for every value of the symbols."""
+    if a is b:
+        return True
+    va, vb = sym_value(a), sym_value(b)
+    if va is None or vb is None:
+        return False
+    return _known(va == vb)
+
+
+def known_ne(a, b) -> bool:
+    """``a != b`` for every value of the symbols."""
+    return known_lt(a, b) or known_lt(b, a)
+
+
+def norm_dim(d: int, rank: int) -> int:
+    """A dim in ``[0, rank)``."""
+    return d + rank if d < 0 else d
+
+
+def norm_index(i, size):
+    """An index in ``[0, size)`` (negative ints count from the end); ``None`` if that cannot be proven."""
+    if isinstance(i, int) and i < 0:
+        if isinstance(size, int):
+            i += size
+        else:
+            return None
+    if known_le(0, i) and known_lt(i, size):
+        return i
+    return None
+
+
+def norm_slice(node: torch.fx.Node, shape, first: int = 1):
+    """``(dim, start, end, step)`` of a ``slice``/``slice_scatter`` node, with ``0 <= start <= end <= size``
+    proven (start and end ``None`` when not: the op would clamp them at run time)."""
+    args = list(node.args) + [None] * 6
+    names = ("dim", "start", "end", "step")
+    vals = [node.kwargs.get(n, args[first + k]) for k, n in enumerate(names)]
+    d, a, b, step = vals
+    d = norm_dim(0 if d is None else d, len(shape))
+    step = 1 if step is None else step
+    size = shape[d]
+    a = 0 if a is None else a
+    if b is None or (isinstance(b, int) and b >= _INT_MAX):
+        b = size
+    if isinstance(a, int) and a < 0:
+        a = a + size if isinstance(size, int) else None
+    if isinstance(b, int) and b < 0:
+        b = b + size if isinstance(size, int) else None
+    if a is None or b is None:
+        return d, None, None, step
+    if isinstance(b, int) and isinstance(size, int) and b > size:
+        b = size
+    if not (known_le(0, a) and known_le(a, b) and known_le(b, size)):
+        return d, None, None, step
+    return d, a, b, step
+
+
+class Emitter:
+    """Adds nodes before ``anchor``, each with its traced value (computed on the graph's fake values) and the
+    anchor's ``stack_trace``; :meth:`discard` removes what it added (a rule that gave up)."""
+
+    def __init__(self, graph: torch.fx.Graph, anchor: torch.fx.Node, created: set | None = None):
+        self.graph, self.anchor = graph, anchor
+        self.added: list[torch.fx.Node] = []
+        self._sym_nodes = None
+        self.created = created if created is not None else set()
+
+    def _arg(self, a):
+        """A graph argument for ``a``: a SymInt from a traced value becomes the node that computes it."""
+        if isinstance(a, (list, tuple)):
+            return type(a)(self._arg(x) for x in a)
+        if not isinstance(a, torch.SymInt):
+            return a
+        as_int = a.node.maybe_as_int()
+        if as_int is not None:
+            return as_int
+        expr = a.node.expr
+        if self._sym_nodes is None:
+            self._sym_nodes = {}
+            for n in self.graph.nodes:
+                v = n.meta.get("val")
+                if isinstance(v, torch.SymInt):
+                    self._sym_nodes.setdefault(v.node.expr, n)
+                elif isinstance(v, torch.Tensor) and n.op == "placeholder":
+                    for d, size in enumerate(v.shape):
+                        if isinstance(size, torch.SymInt):
+                            self._sym_nodes.setdefault(size.node.expr, (n, d))
+        found = self._sym_nodes.get(expr)
+        if found is None:
+            raise LookupError(f"no value in the graph computes the size {a}")
+        if isinstance(found, tuple):
+            found = self._node(aten.sym_size.int, found, a, at_start=True)
+            self._sym_nodes[expr] = found
+        return found
+
+    def _node(self, target, args, val, at_start=False) -> torch.fx.Node:
+        args = self._arg(tuple(args))
+        where = self.graph.inserting_before(self.anchor)
+        if at_start:  # a size of an input: right after the placeholders, so every later node may use it
+            first = next(n for n in self.graph.nodes if n.op != "placeholder")
+            where = self.graph.inserting_before(first)
+        with where:
+            node = self.graph.call_function(target, tuple(args))
+        node.meta["val"] = val
+        for key in ("stack_trace", "nn_module_stack", "source_fn_stack", "original_aten", "from_node"):
+            if key in self.anchor.meta:
+                node.meta[key] = self.anchor.meta[key]
+        self.added.append(node)
+        self.created.add(node)
+        return node
+
+    def _fake_mode(self):
+        from torch._guards import detect_fake_mode
+
+        vals = [n.meta.get("val") for n in self.graph.nodes if n.op == "placeholder"]
+        return detect_fake_mode([v for v in vals if isinstance(v, torch.Tensor)])
+
+    def call(self, target, *args) -> torch.fx.Node:
+        """``target(*args)`` as a new node; args are nodes, ints, SymInt nodes or lists of them."""
+        def val(a):
+            if isinstance(a, torch.fx.Node):
+                return meta_value(a)
+            if isinstance(a, (list, tuple)):
+                return type(a)(val(x) for x in a)
+            return a
+        mode = self._fake_mode()
+        shape_env = getattr(mode, "shape_env", None)
+        import contextlib
+
+        guards = shape_env.suppress_guards() if shape_env is not None else contextlib.nullcontext()
+        with (mode if mode is not None else contextlib.nullcontext()), guards:
+            v = target(*[val(a) for a in args])
+        return self._node(target, args, v)
+
+    def cat(self, pieces: list, d: int):
+        """``cat(pieces, d)``, or the one piece."""
+        return pieces[0] if len(pieces) == 1 else self.call(aten.cat.default, list(pieces), d)
+
+    def _sym(self, op, a, b):
+        va, vb = sym_value(a), sym_value(b)
+        v = op(va, vb)
+        if isinstance(v, int) and not isinstance(v, bool):
+            return v
+        return self._node(op, (a, b), v)
+
+    def add(self, a, b):
+        """``a + b`` as an int or a SymInt node."""
+        if known_eq(b, 0):
+            return a
+        if known_eq(a, 0):
+            return b
+        return self._sym(operator.add, a, b)
+
+    def sub(self, a, b):
+        """``a - b`` as an int or a SymInt node."""
+        if known_eq(b, 0):
+            return a
+        if known_eq(a, b):
+            return 0
+        return self._sym(operator.sub, a, b)
+
+    def drop_after(self, mark: int) -> None:
+        """Remove the nodes added since ``len(self.added) == mark`` that nothing uses (a branch given up)."""
+        for node in reversed(self.added[mark:]):
+            if not node.users:
+                self.graph.erase_node(node)
+                self.created.discard(node)
+        self.added = self.added[:mark] + [n for n in self.added[mark:] if not getattr(n, "_erased", False)]
+
+    def discard(self) -> None:
+        for node in reversed(self.added):
+            if not node.users:
+                self.graph.erase_node(node)
+                self.created.discard(node)
+        self.added = []

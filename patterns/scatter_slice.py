@@ -1,0 +1,326 @@
+"""scatter_slice: a read of a region of a functional write is the pieces the region is made of.
+
+The idiom families, as user code (any layout, any one sliced dim, any mix of owners and followers)::
+
+    self.k_buf[:, pos:pos + t] = k.detach().cpu().numpy()            # owner writes the new tokens
+    k_hist = torch.from_numpy(self.k_buf[:, :pos + t]).to(k.device)  # ... and reads the history back
+    o.k_buf[:, self.pos:self.pos + t] = np.pad(kf, pad)              # a follower writes into its owner's buffer
+    k_f = torch.from_numpy(o.k_buf[:, :end, :d])                     # ... and reads a window, sliced
+    buf[:, pos] = k[:, 0]                                            # one-position write (select_scatter)
+    hist = torch.from_numpy(buf[:, :p]); buf[:, p:p + t] = k         # history read before the step's write
+
+Graph before (functional ATen IR, ``kvpass.ir``)::
+
+    copy = aten.copy(aten.slice(k_buf, 1, pos, add), k)           # the value written, cast to the buffer
+    slice_scatter = aten.slice_scatter(k_buf, copy, 1, pos, add)  # the buffer after the write
+    slice_4 = aten.slice(slice_scatter, 1, 0, add)                # the read
+    copy_ = aten.copy_(k_buf, slice_scatter)                      # epilogue: the state a later step reads
+
+Graph after::
+
+    slice_1 = aten.slice(k_buf, 1, 0, pos)
+    cat = aten.cat([slice_1, k], 1)                               # K reaches attention through graph edges
+    copy_ = aten.copy_(k_buf, slice_scatter)                      # the write is kept
+
+The equations (``B`` the buffer before the write, ``V`` the value written, reads and writes on dim ``d``)::
+
+    slice(slice_scatter(B, V, d, s, e), d, a, b) = slice(V, d, a - s, b - s)          if s <= a, b <= e
+                                                 = slice(B, d, a, b)                  if b <= s or e <= a
+                                                 = cat([B[a:s], V, B[e:b]], d)        if a <= s, e <= b
+    select(slice_scatter(B, V, d, s, e), d, i)   = select(V, d, i - s) if s <= i < e, else select(B, d, i)
+    slice(select_scatter(B, V, d, j), d, a, b)   = cat([B[a:j], unsqueeze(V, d), B[j+1:b]], d)  if a <= j < b
+    select(select_scatter(B, V, d, j), d, i)     = V if i == j;  select(B, d, i) if i != j
+    slice(cat([x0, x1, ...], d), d, a, b)        = the pieces of the xk that [a, b) covers
+    copy(dst, src)                               = src      if src has dst's shape, dtype and device
+    read(slice_scatter(B, V, d2, s, e)) on another dim d = slice_scatter(read(B), read(V), d2', s, e)
+    permute(slice_scatter(B, V, d, s, e), p)     = slice_scatter(permute(B, p), permute(V, p), p.index(d), s, e)
+
+Side conditions: every bound is an int or a SymInt of the graph, and each case is taken only when its
+inequalities are proven for every value of the symbols (``statically_known_true``), so one graph serves every
+position; steps other than 1 are not decomposed. A write through a region that cannot be proven inside or
+outside the read is left as it is, and ``report.skips`` says so. The scatter itself is never removed: the
+``copy_`` epilogue still writes the new state, which a later step reads.
+
+Why it is exact: on the functional IR every value is SSA, so ``slice_scatter(B, V, ...)`` *is* the buffer after
+that write and nothing else can change it (in-place edits, ``out=`` writes and views of the buffer were already
+turned into further scatters by functionalization, in program order); each equation is the definition of the
+op it removes. Only reads of the program's state (graph inputs with a ``copy_`` epilogue: the cache buffers) and
+the reads this rule creates are rewritten, so graphs without a cache are left byte-identical.
+"""
+
+from __future__ import annotations
+
+import operator
+
+import torch
+import torch.fx
+
+from kvpass.aliasing import meta_value, scatter_base, state_inputs
+from kvpass.engine import Report
+from kvpass.rules import Emitter, known_le, known_lt, known_eq, known_ne, norm_dim, norm_index, norm_slice
+
+NAME = "scatter_slice"
+aten = torch.ops.aten
+
+_READS = (aten.slice.Tensor, aten.select.int)
+_VIEWS = (aten.permute.default, aten.transpose.int)
+_DECOMPOSABLE = (aten.slice_scatter.default, aten.select_scatter.default, aten.cat.default, aten.copy.default)
+
+
+class _Undecided(Exception):
+    """The bounds cannot be proven one way or the other: keep a plain read."""
+
+    def __init__(self, reason: str):
+        super().__init__(reason)
+        self.reason = reason
+
+
+def _shape(x):
+    v = meta_value(x)
+    return v.shape if isinstance(v, torch.Tensor) else None
+
+
+def _plain_copy_source(node):
+    """``copy(dst, src)`` is ``src`` when ``src`` already has ``dst``'s shape, dtype and device."""
+    while isinstance(node, torch.fx.Node) and node.target is aten.copy.default:
+        dst, src = meta_value(node.args[0]), meta_value(node.args[1])
+        if not (isinstance(dst, torch.Tensor) and isinstance(src, torch.Tensor)) or dst.dtype != src.dtype \
+                or dst.device != src.device or len(dst.shape) != len(src.shape) or \
+                not all(known_eq(x, y) for x, y in zip(dst.shape, src.shape)):
+            break
+        node = node.args[1]
+    return node
+
+
+class ScatterSlice:
+    """See the module docstring."""
+
+    name = NAME
+
+    def apply(self, gm: torch.fx.GraphModule, report: Report) -> int:
+        graph = gm.graph
+        states = state_inputs(graph)
+        if not states:
+            return 0
+        count = 0
+        created: set = set()
+        for node in list(graph.nodes):
+            if getattr(node, "_erased", False) or node.op != "call_function" or not node.users:
+                continue
+            is_read = node.target in _READS
+            is_view = node.target in _VIEWS and all(u.target in _READS + _VIEWS for u in node.users)
+            if not (is_read or is_view):
+                continue
+            src = node.args[0]
+            if not (isinstance(src, torch.fx.Node) and src.target in _DECOMPOSABLE):
+                continue
+            if src not in created and scatter_base(src) not in states:
+                continue  # not the program's state (a cache buffer): not ours to touch
+            em = Emitter(graph, node, created)
+            try:
+                value = self._read(em, node) if is_read else self._view(em, node)
+            except (_Undecided, LookupError) as why:
+                em.discard()
+                if src not in created:
+                    report.add_skip(NAME, _write_of(src), getattr(why, "reason", str(why)))
+                continue
+            if value is None or value is node:
+                em.discard()
+                continue
+            node.replace_all_uses_with(value)
+            graph.erase_node(node)
+            if src not in created:
+                count += 1
+                report.add_match(NAME, [node, src], anchor=_write_of(src), detail=f"read: {_describe(value)}")
+        return count
+
+    # -- reads ---------------------------------------------------------------------------------------------
+
+    def _read(self, em: Emitter, node):
+        src = node.args[0]
+        shape = _shape(src)
+        if node.target is aten.select.int:
+            d = norm_dim(node.args[1], len(shape))
+            i = norm_index(node.args[2], shape[d])
+            if i is None:
+                raise _Undecided("the read's index cannot be proven inside the buffer")
+            return self.select_of(em, src, d, i, top=True)
+        d, a, b, step = norm_slice(node, shape)
+        if step != 1:
+            raise _Undecided("a strided read (step != 1) is not decomposed")
+        if a is None:
+            raise _Undecided("the read's bounds cannot be proven inside the buffer")
+        return self.slice_of(em, src, d, a, b, top=True)
+
+    def slice_of(self, em: Emitter, src, d, a, b, top=False):
+        """The value of ``src[d][a:b]`` (bounds already normalized), decomposed where provable."""
+        if not top:
+            src = _plain_copy_source(src)
+            if known_eq(a, 0) and known_eq(b, _shape(src)[d]):
+                return src
+        t = getattr(src, "target", None)
+        try:
+            if t is aten.slice_scatter.default:
+                return self._slice_of_slice_scatter(em, src, d, a, b)
+            if t is aten.select_scatter.default:
+                return self._slice_of_select_scatter(em, src, d, a, b)
+            if t is aten.cat.default:
+                return self._slice_of_cat(em, src, d, a, b)
+        except _Undecided:
+            if top:
+                raise
+        if top:
+            return None
+        return em.call(aten.slice.Tensor, src, d, a, b)
+
+    def select_of(self, em: Emitter, src, d, i, top=False):
+        """The value of ``src.select(d, i)``, decomposed where provable."""
+        if not top:
+            src = _plain_copy_source(src)
+        t = getattr(src, "target", None)
+        try:
+            if t is aten.slice_scatter.default:
+                base, value, d2, s, e = self._slice_scatter_args(src)
+                if d2 == d:
+                    if known_le(s, i) and known_lt(i, e):
+                        return self.select_of(em, value, d, em.sub(i, s))
+                    if known_lt(i, s) or known_le(e, i):
+                        return self.select_of(em, base, d, i)
+                    raise _Undecided("the read's index cannot be proven inside or outside the write")
+                return em.call(aten.slice_scatter.default, self.select_of(em, base, d, i),
+                               self.select_of(em, value, d, i), d2 - (d < d2), s, e)
+            if t is aten.select_scatter.default:
+                base, value, d2, j = self._select_scatter_args(src)
+                if d2 == d:
+                    if known_eq(i, j):
+                        return _plain_copy_source(value)
+                    if known_ne(i, j):
+                        return self.select_of(em, base, d, i)
+                    raise _Undecided("the read's index cannot be proven equal or unequal to the written one")
+                return em.call(aten.select_scatter.default, self.select_of(em, base, d, i),
+                               self.select_of(em, value, d - (d > d2), i), d2 - (d < d2), j)
+            if t is aten.cat.default:
+                pieces, dc = src.args[0], norm_dim(src.args[1] if len(src.args) > 1 else 0, len(_shape(src)))
+                if dc != d:
+                    return em.cat([self.select_of(em, p, d, i) for p in pieces], dc - (d < dc))
+                lo = 0
+                for p in pieces:
+                    hi = em.add(lo, _shape(p)[d])
+                    if known_le(lo, i) and known_lt(i, hi):
+                        return self.select_of(em, p, d, em.sub(i, lo))
+                    if not (known_le(hi, i) or known_lt(i, lo)):
+                        raise _Undecided("the read's index cannot be placed in one piece of the concatenation")
+                    lo = hi
+        except _Undecided:
+            if top:
+                raise
+        if top:
+            return None
+        return em.call(aten.select.int, src, d, i)
+
+    # -- the cases ------------------------------------------------------------------------------------------
+
+    @staticmethod
+    def _slice_scatter_args(node):
+        shape = _shape(node)
+        d, s, e, step = norm_slice(node, shape, first=2)
+        if step != 1 or s is None:
+            raise _Undecided("the write's bounds cannot be proven inside the buffer (or it is strided)")
+        return node.args[0], node.args[1], d, s, e
+
+    @staticmethod
+    def _select_scatter_args(node):
+        shape = _shape(node)
+        d = norm_dim(node.args[2], len(shape))
+        j = norm_index(node.args[3], shape[d])
+        if j is None:
+            raise _Undecided("the written index cannot be proven inside the buffer")
+        return node.args[0], node.args[1], d, j
+
+    def _slice_of_slice_scatter(self, em, src, d, a, b):
+        base, value, d2, s, e = self._slice_scatter_args(src)
+        if d2 != d:
+            return em.call(aten.slice_scatter.default, self.slice_of(em, base, d, a, b),
+                           self.slice_of(em, value, d, a, b), d2, s, e)
+        if known_le(b, s) or known_le(e, a):
+            return self.slice_of(em, base, d, a, b)
+        if known_le(s, a) and known_le(b, e):
+            return self.slice_of(em, value, d, em.sub(a, s), em.sub(b, s))
+        if known_le(a, s) and known_le(e, b):
+            pieces = [] if known_eq(a, s) else [self.slice_of(em, base, d, a, s)]
+            pieces.append(self.slice_of(em, value, d, 0, _shape(value)[d]))
+            if not known_eq(e, b):
+                pieces.append(self.slice_of(em, base, d, e, b))
+            return em.cat(pieces, d)
+        raise _Undecided("the read's bounds cannot be proven inside, outside or around the write "
+                         "(positions whose order is not known when the graph is traced)")
+
+    def _slice_of_select_scatter(self, em, src, d, a, b):
+        base, value, d2, j = self._select_scatter_args(src)
+        if d2 != d:
+            return em.call(aten.select_scatter.default, self.slice_of(em, base, d, a, b),
+                           self.slice_of(em, value, d - (d > d2), a, b), d2, j)
+        if known_le(b, j) or known_lt(j, a):
+            return self.slice_of(em, base, d, a, b)
+        if known_le(a, j) and known_lt(j, b):
+            pieces = [] if known_eq(a, j) else [self.slice_of(em, base, d, a, j)]
+            pieces.append(em.call(aten.unsqueeze.default, _plain_copy_source(value), d))
+            j1 = em.add(j, 1)
+            if not known_eq(j1, b):
+                pieces.append(self.slice_of(em, base, d, j1, b))
+            return em.cat(pieces, d)
+        raise _Undecided("the written position cannot be proven inside or outside the read")
+
+    def _slice_of_cat(self, em, src, d, a, b):
+        pieces, dc = src.args[0], norm_dim(src.args[1] if len(src.args) > 1 else 0, len(_shape(src)))
+        if dc != d:
+            return em.cat([self.slice_of(em, p, d, a, b) for p in pieces], dc)
+        out, lo = [], 0
+        for p in pieces:
+            hi = em.add(lo, _shape(p)[d])
+            if known_le(hi, a) or known_le(b, lo):
+                lo = hi
+                continue
+            start = 0 if known_le(a, lo) else em.sub(a, lo) if known_le(lo, a) else None
+            end = _shape(p)[d] if known_le(hi, b) else em.sub(b, lo) if known_le(b, hi) else None
+            if start is None or end is None:
+                raise _Undecided("the read's bounds cannot be placed against the pieces of the concatenation")
+            out.append(self.slice_of(em, p, d, start, end))
+            lo = hi
+        if not out:
+            raise _Undecided("an empty read of a concatenation")
+        return em.cat(out, d)
+
+    def _view(self, em: Emitter, node):
+        """permute/transpose of a write: the write of the permuted pieces (so the reads after it decompose)."""
+        src = node.args[0]
+        rank = len(_shape(src))
+        if node.target is aten.transpose.int:
+            x, y = norm_dim(node.args[1], rank), norm_dim(node.args[2], rank)
+            perm = list(range(rank))
+            perm[x], perm[y] = perm[y], perm[x]
+        else:
+            perm = [norm_dim(p, rank) for p in node.args[1]]
+        t = src.target
+        if t is aten.slice_scatter.default:
+            base, value, d, s, e = self._slice_scatter_args(src)
+            return em.call(aten.slice_scatter.default, em.call(aten.permute.default, base, perm),
+                           em.call(aten.permute.default, _plain_copy_source(value), perm), perm.index(d), s, e)
+        return None
+
+
+def _write_of(node):
+    """The user's write a read decomposes (the scatter that carries a source line), for the report."""
+    while isinstance(node, torch.fx.Node) and node.target in _DECOMPOSABLE and "stack_trace" not in node.meta:
+        node = node.args[0]
+    return node
+
+
+def _describe(value) -> str:
+    if isinstance(value, torch.fx.Node):
+        name = getattr(value.target, "__name__", str(value.target))
+        return name.split(".")[0]
+    return type(value).__name__
+
+
+PATTERN = ScatterSlice()
