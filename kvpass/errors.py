@@ -32,7 +32,12 @@ def user_source_line(node: torch.fx.Node | None) -> str:
     """
     if node is None:
         return "<unknown>"
-    trace = node.meta.get("stack_trace") or ""
+    return source_line_of_trace(node.meta.get("stack_trace"))
+
+
+def source_line_of_trace(trace: str | None) -> str:
+    """:func:`user_source_line` of a ``stack_trace`` string (``"<unknown>"`` for none)."""
+    trace = trace or ""
     frames = []
     lines = trace.strip().splitlines()
     for i, line in enumerate(lines):

@@ -35,7 +35,8 @@ import torch
 import torch.fx
 
 from kvpass.aliasing import meta_value
-from kvpass.engine import Report
+from kvpass.engine import Match, Report
+from kvpass.errors import source_line_of_trace
 from kvpass.rules import Emitter, known_eq, known_le, norm_slice
 
 NAME = "pad_slice"
@@ -51,47 +52,78 @@ def _pads(node, rank):
     return rows
 
 
+def _cancel(node: torch.fx.Node):
+    """The value ``node`` (a ``slice`` of a ``constant_pad_nd``) equals, or ``None`` when a side condition fails."""
+    pad = node.args[0]
+    x = pad.args[0]
+    xv, pv = meta_value(x), meta_value(pad)
+    if not isinstance(xv, torch.Tensor) or not isinstance(pv, torch.Tensor):
+        return None
+    d, a, b, step = norm_slice(node, pv.shape)
+    if a is None or step != 1:
+        return None
+    rows = _pads(pad, pv.dim())
+    if any(isinstance(v, int) and v < 0 for row in rows for v in row):
+        return None  # a negative pad crops
+    if any(row != (0, 0) for i, row in enumerate(rows) if i != d):
+        return None
+    before = rows[d][0]
+    em = Emitter(node.graph, node)
+    end = em.add(before, xv.shape[d])
+    if not (known_le(before, a) and known_le(b, end)):
+        em.discard()
+        return None
+    if known_eq(a, before) and known_eq(b, end):
+        em.discard()
+        return x
+    return em.call(aten.slice.Tensor, x, d, em.sub(a, before), em.sub(b, before))
+
+
+def _patterns():
+    """``slice(constant_pad_nd(x, pad[, value]), dim[, start[, end[, step]]])`` in every arity ATen graphs use."""
+    from torch._inductor.pattern_matcher import MULTIPLE, CallFunction, KeywordArg
+
+    for pad_args in (2, 3):
+        pad = CallFunction(aten.constant_pad_nd.default, KeywordArg("x"), KeywordArg("pad"),
+                           *([KeywordArg("value")] if pad_args == 3 else []), _users=MULTIPLE)
+        for n in range(1, 5):
+            yield CallFunction(aten.slice.Tensor, pad, *[KeywordArg(f"s{i}") for i in range(n)])
+
+
 class PadSlice:
-    """See the module docstring."""
+    """See the module docstring. A fixed shape: matched with ``torch._inductor.pattern_matcher``."""
 
     name = NAME
 
+    def __init__(self):
+        self._pass = None
+        self._found: list = []
+
+    def _matcher(self):
+        if self._pass is None:
+            from torch._inductor.pattern_matcher import PatternMatcherPass, register_graph_pattern
+
+            self._pass = PatternMatcherPass(pass_name="kvpass_pad_slice")
+
+            def handler(match, **_kwargs):
+                node = match.output_node()
+                value = _cancel(node)
+                if value is None:
+                    return
+                self._found.append((node.name, node.args[0].name, node.meta.get("stack_trace")))
+                node.replace_all_uses_with(value)
+                node.graph.erase_node(node)
+
+            for pattern in _patterns():
+                register_graph_pattern(pattern, pass_dict=self._pass)(handler)
+        return self._pass
+
     def apply(self, gm: torch.fx.GraphModule, report: Report) -> int:
-        count = 0
-        for node in list(gm.graph.nodes):
-            if getattr(node, "_erased", False) or node.op != "call_function" or node.target is not aten.slice.Tensor:
-                continue
-            pad = node.args[0]
-            if not (isinstance(pad, torch.fx.Node) and pad.target is aten.constant_pad_nd.default):
-                continue
-            x = pad.args[0]
-            xv, pv = meta_value(x), meta_value(pad)
-            if not isinstance(xv, torch.Tensor) or not isinstance(pv, torch.Tensor):
-                continue
-            d, a, b, step = norm_slice(node, pv.shape)
-            if a is None or step != 1:
-                continue
-            rows = _pads(pad, pv.dim())
-            if any(isinstance(v, int) and v < 0 for row in rows for v in row):
-                continue  # a negative pad crops
-            if any(row != (0, 0) for i, row in enumerate(rows) if i != d):
-                continue
-            before = rows[d][0]
-            em = Emitter(gm.graph, node)
-            end = em.add(before, xv.shape[d])
-            if not (known_le(before, a) and known_le(b, end)):
-                em.discard()
-                continue
-            if known_eq(a, before) and known_eq(b, end):
-                value = x
-            else:
-                value = em.call(aten.slice.Tensor, x, d, em.sub(a, before), em.sub(b, before))
-            em.discard() if value is x else None
-            node.replace_all_uses_with(value)
-            gm.graph.erase_node(node)
-            report.add_match(NAME, [node, pad], anchor=node)
-            count += 1
-        return count
+        self._found = []
+        self._matcher().apply(gm)
+        for read, pad, trace in self._found:
+            report.matches.append(Match(NAME, [read, pad], source_line_of_trace(trace)))
+        return len(self._found)
 
 
 PATTERN = PadSlice()
