@@ -83,7 +83,6 @@ EDIT_HOST = ("none", "copy_edit", "alias_edit")
 WRITE_VIA = ("assign", "out")
 HIST_OPS = ("none", "float", "swapdims", "unbind", "split")
 HIST_EDITS = ("none", "clone_edit", "view_edit")
-UNSTRUCTURED = "families no rewrite can remove soundly: checked for results only"
 DTYPES = (torch.float32, torch.float64, torch.float16)
 
 
@@ -298,10 +297,10 @@ class OwnerCache:
     def _layout(self, x):  # [heads, t, d] -> the buffer's layout
         return x if self.idiom.layout == "hsd" else x.transpose(0, 1)
 
-    def _store(self, buf, x, start, host, idiom=None):
+    def _store(self, buf, x, start, host):
         """Write ``x [heads, t, d]`` at ``[start, start + t)`` of ``buf``, ``host(tensor)`` making the numpy
         array; return the (possibly new) buffer."""
-        i, t = idiom or self.idiom, x.shape[1]
+        i, t = self.idiom, x.shape[1]
         if i.store == "concat":
             return np.concatenate([buf, host(self._layout(x))], axis=1 if i.layout == "hsd" else 0)
         view = buf[0] if i.store == "batched" else buf

@@ -60,7 +60,7 @@ def check_rewrite(case, model, steps, roots=None):
 
     def verifying_backend(gm, example_inputs):
         gm, report = kvpass.rewrite(gm, example_inputs=example_inputs, verify=True)
-        if case.structural:  # else: a family no rewrite can remove soundly (fd.UNSTRUCTURED), results only
+        if case.structural:  # else: a family no rewrite can remove soundly (Case.structural), results only
             left = fd.kv_path_host_nodes(gm, roots)
             assert not left, f"{case.short()}\nhost ops left on the K/V path: {[n.name for n in left]}\n{report.format()}"
         once = kvpass.graph_text(gm)
