@@ -9,8 +9,12 @@ final cache contents (the cache is a result too), through:
 (b) ``kvpass.compile(model)`` (Inductor; ``slow``);
 (c) standalone: each Dynamo graph (captured with ``kvpass.testing.capture_graphs``, one per step) through
     ``kvpass.rewrite(copy.deepcopy(g.before), example_inputs=g.example_inputs, verify=True)``, which must not
-    raise; the rewritten graph is then run again on the live inputs (the real numpy memory, so inputs that alias
-    still alias) against the graph rewritten with no pattern (the same IR, nothing rewritten);
+    raise; the example inputs hold the values from before their step (after it, a dropped write re-reads what
+    the real run wrote and hides). The rewritten graph is then run again on the live inputs (the real numpy
+    memory, so inputs that alias still alias: items 4 and 5) against the graph rewritten with no pattern
+    (``patterns=[]``: the same IR, nothing rewritten). So the module ``rewrite`` returns must itself be right on
+    overlapping inputs: carry the call-time overlap guard, or leave such a graph unrewritten. (Today ``verify``
+    deep-copies each input on its own, so it passes items 4 and 5; only this live run catches them.)
 (d) item 12: the module ``kvpass.rewrite`` returns runs the code of its graph (``recompile()`` was called), and a
     rewrite that changed the graph reports at least one match.
 
@@ -32,6 +36,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch._inductor.custom_graph_pass import CustomGraphPass
 
 import kvpass
 from kvpass.testing import capture_graphs
@@ -384,7 +389,6 @@ IDIOMS = {
     "11_tensor_copy_then_edit": TensorCopyThenEdit,
     "12_write_only_store": WriteOnlyStore,
 }
-ALIASING = {"04_follower_view_of_owner", "05_two_caches_one_pool"}  # two graph inputs share memory
 
 
 # ---- runners ------------------------------------------------------------------------------------------------
@@ -580,9 +584,6 @@ class TinyHostCache(IdiomModel):
         kh = torch.from_numpy(self.k_buf[:, : p + t]).to(x.device)
         vh = torch.from_numpy(self.v_buf[:, : p + t]).to(x.device)
         return attend(k, kh, vh)
-
-
-from torch._inductor.custom_graph_pass import CustomGraphPass  # noqa: E402
 
 
 class CountingPass(CustomGraphPass):
