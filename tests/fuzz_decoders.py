@@ -595,7 +595,9 @@ def issue11_owner_idioms(draw):
 @st.composite
 def cache_cases(draw, max_decode=3, dtypes=DTYPES, issue11=True):
     """One owner cache and up to two followers of it, driven directly with K/V (no projections, no attention).
-    ``issue11``: also draw issue 11's idiom families (module docstring), mixed with the others."""
+    ``issue11``: also draw issue 11's idiom families (module docstring), mixed with the others, in about three
+    cases of four (the fourth keeps the plain idioms alone)."""
+    issue11 = issue11 and draw(st.integers(0, 3)) > 0
     owner = draw(issue11_owner_idioms() if issue11 else owner_idioms)
     dim = draw(st.sampled_from([4, 6, 8, 16]))
     kinds = (CACHE_FOLLOWERS if issue11 else FOLLOWERS) if owner.store != "concat" else ("readonly",)

@@ -9,8 +9,9 @@ change nothing (idempotence).
 
 The cache-step cases also draw issue 11's idiom families (in-place edits of host copies and of history through
 views, workspace reuse, aliased numpy views, ``out=`` writes, history used after a later write, clone-then-edit;
-see ``fuzz_decoders``), mixed with the plain ones: 30 decoders + 180 cache steps = 210 cases per run through
-``kvpass.rewrite(verify=True)`` and compiled-vs-eager.
+see ``fuzz_decoders``) in about three cases of four, mixed with the plain ones: 30 decoders + 180 cache steps =
+210 cases per run through ``kvpass.rewrite(verify=True)`` and compiled-vs-eager (and 18 cache steps through
+Inductor).
 
 Fixed seed by default (hypothesis ``derandomize``): the same cases every run. A longer or different run::
 
