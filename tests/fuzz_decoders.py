@@ -18,6 +18,26 @@ catalogue covers, alone and mixed:
   ``padded`` (a smaller head dim, zero-padded on write with ``np.pad``, ``np.zeros`` + assign or
   ``np.concatenate`` with zeros, sliced back on read), ``readonly`` (reads the owner's history, never writes);
 * a round trip that is not K/V: the attention mask built with numpy (``np.tril``) and brought to the device.
+
+The cache-step cases (:func:`cache_cases`) also draw the idiom families of issue 11 (the ones that changed results),
+mixed with the above:
+
+* in-place edits of the host copy before it is written (``edit_host``): of a ``.copy()`` (``copy_edit``), or of
+  the array itself, which on CPU shares memory with K (``alias_edit``: the edit reaches K);
+* a device workspace reused for K then V (``workspace``: ``ws.copy_(k)``, write, ``ws.copy_(v)``, write);
+* cache writes through ``out=`` (``write_via="out"``: ``np.multiply(a, 0.5, out=buf[:, p:p+t])``);
+* the history converted or split (``hist_op``: ``.float()``, ``swapdims``, ``unbind`` + ``stack``, ``split`` +
+  ``cat``), and used after a later write into the same positions (``late_write``: last writer wins where the
+  history aliases the buffer);
+* edits of the history: of a ``.clone()`` followed by a second read of the same region (``clone_edit``), or
+  in place through a view of the history (``view_edit``: reaches the buffer where the history aliases it);
+* aliased numpy views: a ``view`` follower holds ``owner.k[..., :d]`` (two caches on one pool when ``d`` is the
+  owner's head dim) and writes its own K/V through it; ``reread``: the owner's history is read again after
+  every follower ran.
+
+Families that no rewrite can remove soundly (the aliasing one, which only a call-time overlap check can see, and
+``alias_edit``, whose meaning depends on ``.cpu()`` being a no-op) make :attr:`Case.structural` false: for those
+only the results are checked, not that host ops left the K/V path.
 """
 
 from __future__ import annotations
@@ -58,6 +78,11 @@ TO_HOST = ("detach_cpu_numpy", "cpu_numpy", "detach_numpy")
 TO_DEVICE = ("from_numpy_to", "as_tensor", "tensor", "ascontiguous")
 PADS = ("np_pad", "zeros_assign", "concat_zeros")
 FOLLOWERS = ("shared", "padded", "readonly")
+CACHE_FOLLOWERS = FOLLOWERS + ("view",)  # cache-step cases only: a numpy view of the owner's buffers
+EDIT_HOST = ("none", "copy_edit", "alias_edit")
+WRITE_VIA = ("assign", "out")
+HIST_OPS = ("none", "float", "swapdims", "unbind", "split")
+HIST_EDITS = ("none", "clone_edit", "view_edit")
 DTYPES = (torch.float32, torch.float64, torch.float16)
 
 
@@ -71,6 +96,22 @@ class OwnerIdiom:
     to_device: str = "from_numpy_to"
     int_index_decode: bool = False  # buf[:, pos] = k[:, 0] when one token is written
     k_hop: bool = False  # K makes a pure host round trip before the cache
+    # issue 11's families (cache-step cases only; the defaults are the plain idioms above)
+    edit_host: str = "none"  # the host copy edited before the write: copy_edit | alias_edit
+    workspace: bool = False  # one device workspace: ws.copy_(k), write, ws.copy_(v), write
+    write_via: str = "assign"  # or "out": np.multiply(a, 0.5, out=buf[...])
+    hist_op: str = "none"  # the history converted or split before use
+    late_write: bool = False  # the same positions written again after the read (other values)
+    hist_edit: str = "none"  # clone_edit | view_edit
+    reread: bool = False  # the owner's history read again after the followers ran
+
+    def extras(self) -> str:
+        """The issue-11 flags that are set, for a case id."""
+        out = [f"edit={self.edit_host}" if self.edit_host != "none" else "", "ws" if self.workspace else "",
+               "out=" if self.write_via == "out" else "", f"hist={self.hist_op}" if self.hist_op != "none" else "",
+               "late" if self.late_write else "", self.hist_edit if self.hist_edit != "none" else "",
+               "reread" if self.reread else ""]
+        return "".join("/" + x for x in out if x)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -118,6 +159,12 @@ class Case:
         return self.head_dims[self.layer_types[i] == FULL]
 
     @property
+    def structural(self) -> bool:
+        """Whether every round trip on the K/V path must be gone after the rewrite (see the module docstring)."""
+        return not (any(o.edit_host == "alias_edit" for o in self.owners)
+                    or any(f.kind == "view" for f in self.followers))
+
+    @property
     def max_len(self) -> int:
         return self.prompt_len + self.decode_steps
 
@@ -128,10 +175,11 @@ class Case:
             if i < self.first_shared:
                 o = self.owners[i]
                 layers.append(f"{t[0]}:{o.store}/{o.layout}/{o.to_host}/{o.to_device}"
-                              + ("/int" if o.int_index_decode else "") + ("/hop" if o.k_hop else ""))
+                              + ("/int" if o.int_index_decode else "") + ("/hop" if o.k_hop else "") + o.extras())
             else:
                 f = self.followers[i - self.first_shared]
                 layers.append(f"{t[0]}<{self.owner_of(i)}:{f.kind}" + (f"/{f.pad}/d{f.head_dim}" if f.kind == "padded" else "")
+                              + (f"/d{f.head_dim}" if f.kind == "view" else "")
                               + f"/{f.to_device}")
         return (f"kv{self.kv_heads}x{self.q_per_kv} d{self.head_dims} {str(self.dtype)[6:]} p{self.prompt_len}"
                 f"+{self.decode_steps}{' npmask' if self.numpy_mask else ''} [" + " | ".join(layers) + "]")
@@ -214,13 +262,15 @@ def host_pad(a: np.ndarray, width: int, how: str, dtype) -> np.ndarray:
 
 class OwnerCache:
     """A non-shared layer's cache: K and V on the host, stored with ``idiom``; ``update`` returns the history
-    ``[heads, pos, d]`` on the device."""
+    ``[heads, pos, d]`` on the device (and leaves any extra value it made, e.g. an edited clone, in ``extra``)."""
 
     writes = True
 
     def __init__(self, idiom: OwnerIdiom, kv_heads: int, max_len: int, head_dim: int, dtype: torch.dtype, seed: int):
         self.idiom, self.head_dim, self.pos, self.step_start = idiom, head_dim, 0, None
+        self.dtype = dtype
         self.np_dtype = np_dtype = torch.empty(0, dtype=dtype).numpy().dtype
+        self.extra: list = []
         rng = np.random.default_rng(seed)
         if idiom.store == "device":  # no round trip at all: device tensors grown with torch.cat
             self.k = torch.randn(kv_heads, 0, head_dim, dtype=dtype)
@@ -234,9 +284,12 @@ class OwnerCache:
                 shape = (1,) + shape
         self.k = rng.standard_normal(shape).astype(np_dtype)
         self.v = rng.standard_normal(shape).astype(np_dtype)
+        if idiom.workspace:  # a device workspace, poisoned too
+            self.ws = torch.from_numpy(rng.standard_normal((kv_heads, max_len, head_dim)).astype(np_dtype))
 
     def begin_step(self):
         self.step_start = None
+        self.extra = []
 
     def rotation_position(self):
         return self.pos
@@ -251,7 +304,14 @@ class OwnerCache:
         if i.store == "concat":
             return np.concatenate([buf, host(self._layout(x))], axis=1 if i.layout == "hsd" else 0)
         view = buf[0] if i.store == "batched" else buf
-        if i.int_index_decode and t == 1:
+        if i.write_via == "out":  # np.multiply(a, 0.5, out=buf[...]): the cache holds 0.5 * x
+            # (always a slice: Dynamo graph-breaks on out= an int-indexed view, ``select`` of an ndarray)
+            if i.layout == "hsd":
+                dst, src = view[:, start : start + t], host(x)
+            else:
+                dst, src = view[start : start + t], host(x.transpose(0, 1))
+            np.multiply(src, 0.5, out=dst)
+        elif i.int_index_decode and t == 1:
             if i.layout == "hsd":
                 view[:, start] = host(x[:, 0])
             else:
@@ -269,31 +329,99 @@ class OwnerCache:
             return to_device(view[:, :end, :d], how, device)
         return to_device(view[:end, :, :d], how, device).transpose(0, 1)
 
+    def host(self):
+        """``tensor -> numpy array`` for this cache's writes, with the host copy edited first when drawn so."""
+        how, edit = self.idiom.to_host, self.idiom.edit_host
+        if edit == "copy_edit":  # a copy, edited: the cache gets the edit, K does not
+            def host(x):
+                a = to_host(x, how).copy()
+                a[..., 0] = 0.5
+                return a
+        elif edit == "alias_edit":  # on CPU the array is K's memory: the edit reaches K too
+            def host(x):
+                a = to_host(x, how)
+                a[..., :1] = a[..., :1] * -1.0
+                return a
+        else:
+            def host(x):
+                return to_host(x, how)
+        return host
+
     def update(self, k, v):
         t = k.shape[1]
         if self.idiom.store == "device":
             self.k, self.v = torch.cat([self.k, k], 1), torch.cat([self.v, v], 1)
             self.step_start, self.pos = self.pos, self.pos + t
             return self.k, self.v
-        if self.idiom.k_hop:
+        i = self.idiom
+        if i.k_hop:
             k = torch.from_numpy(k.detach().cpu().numpy()).to(k.device)
-        host = lambda x: to_host(x, self.idiom.to_host)  # noqa: E731
-        self.k = self._store(self.k, k, self.pos, host)
-        self.v = self._store(self.v, v, self.pos, host)
-        self.step_start = self.pos
+        host = self.host()
+        if i.workspace:  # one workspace for K then V: the K written is the workspace's value at the write
+            ws = self.ws[:, :t]
+            ws.copy_(k)
+            self.k = self._store(self.k, ws, self.pos, host)
+            ws.copy_(v)
+            self.v = self._store(self.v, ws, self.pos, host)
+        else:
+            self.k = self._store(self.k, k, self.pos, host)
+            self.v = self._store(self.v, v, self.pos, host)
+        start = self.step_start = self.pos
         self.pos += t
-        how = self.idiom.to_device
-        return (self.read(self.k, self.pos, self.head_dim, how, k.device),
-                self.read(self.v, self.pos, self.head_dim, how, v.device))
+        how = i.to_device
+        if i.hist_edit == "clone_edit":  # an edited clone of the history, then a second read of the same region
+            c = self.read(self.k, self.pos, self.head_dim, how, k.device).clone()
+            c[..., :1].copy_(c[..., :1] * 10)
+            self.extra.append(c)
+        kh, vh = (self.read(self.k, self.pos, self.head_dim, how, k.device),
+                  self.read(self.v, self.pos, self.head_dim, how, v.device))
+        kh, vh = hist_begin(kh, i.hist_op), hist_begin(vh, i.hist_op)
+        if i.late_write and i.store != "concat":  # the same positions again: the last writer wins
+            plain = lambda x: x.detach().cpu().numpy()  # noqa: E731
+            self._store(self.k, k * -1.0 + 0.25, start, plain)
+            self._store(self.v, v * 0.5 - 1.0, start, plain)
+        kh, vh = hist_end(kh, i.hist_op, self.dtype), hist_end(vh, i.hist_op, self.dtype)
+        if i.hist_edit == "view_edit":  # through a view of the history: reaches the buffer where it aliases it
+            kh[0, :, :1].add_(0.5)
+        return kh, vh
+
+
+def hist_begin(h, op):
+    """Convert or split a history (a view of the buffer where the read aliases it)."""
+    if op == "float":
+        return h.float()
+    if op == "swapdims":
+        return h.swapdims(0, 1)
+    if op == "unbind":
+        return h.unbind(0)
+    if op == "split":
+        return h.split(1, dim=0)
+    return h
+
+
+def hist_end(h, op, dtype):
+    """Undo :func:`hist_begin` (what the history is used as, after any later write)."""
+    if op == "float":
+        return h.to(dtype)
+    if op == "swapdims":
+        return h.swapdims(0, 1)
+    if op == "unbind":
+        return torch.stack(h, 0)
+    if op == "split":
+        return torch.cat(h, 0)
+    return h
 
 
 class FollowerCache:
-    """A shared layer's view of its owner's cache (``shared``, ``padded`` or ``readonly``)."""
+    """A shared layer's view of its owner's cache (``shared``, ``padded``, ``readonly``, or ``view``: numpy views
+    ``owner.k[..., :d]`` kept by the follower, written and read through them: two graph inputs, one memory)."""
 
     def __init__(self, idiom: FollowerIdiom, owner: OwnerCache):
         self.idiom, self.owner, self.pos = idiom, owner, 0
         self.head_dim = idiom.head_dim or owner.head_dim
         self.writes = idiom.kind != "readonly"
+        if idiom.kind == "view":
+            self.k, self.v = owner.k[..., : self.head_dim], owner.v[..., : self.head_dim]
 
     def begin_step(self):
         pass
@@ -308,6 +436,12 @@ class FollowerCache:
             host = lambda x: host_pad(x.detach().cpu().numpy(), width, pad, dtype)  # noqa: E731
         else:
             host = lambda x: x.detach().cpu().numpy()  # noqa: E731
+        if self.idiom.kind == "view":  # through the follower's own views of the owner's buffers
+            o._store(self.k, k, self.pos, host)
+            o._store(self.v, v, self.pos, host)
+            self.pos += t
+            end, how = max(o.pos, self.pos), self.idiom.to_device
+            return o.read(self.k, end, self.head_dim, how, k.device), o.read(self.v, end, self.head_dim, how, v.device)
         o.k = o._store(o.k, k, self.pos, host)
         o.v = o._store(o.v, v, self.pos, host)
         self.pos += t
@@ -436,25 +570,46 @@ def token_steps(case: Case, vocab: int = 32):
 
 
 def run_steps(step, steps):
-    """``step`` on each input of ``steps`` (a tuple is unpacked), without autograd."""
+    """``step`` on each input of ``steps`` (a tuple is unpacked), without autograd. Each run gets its own copy of
+    the inputs: a model may edit them in place (``alias_edit``), and every runner must see the same inputs."""
+    fresh = lambda x: x.clone() if isinstance(x, torch.Tensor) else x  # noqa: E731
     with torch.no_grad():
-        return [step(*s) if isinstance(s, tuple) else step(s) for s in steps]
+        return [step(*map(fresh, s)) if isinstance(s, tuple) else step(fresh(s)) for s in steps]
 
 
 # ---- cache steps: the same idioms without the decoder around them (cheap to trace, so many more cases) --------
 
 
 @st.composite
-def cache_cases(draw, max_decode=3, dtypes=DTYPES):
-    """One owner cache and up to two followers of it, driven directly with K/V (no projections, no attention)."""
-    owner = draw(owner_idioms)
+def issue11_owner_idioms(draw):
+    """An owner idiom with issue 11's families drawn on top (each family off about half the time or more)."""
+    o = draw(owner_idioms)
+    prealloc = o.store != "concat"
+    return dataclasses.replace(
+        o, edit_host=draw(st.sampled_from(EDIT_HOST)), workspace=draw(st.booleans()),
+        write_via=draw(st.sampled_from(WRITE_VIA)) if prealloc else "assign",
+        hist_op=draw(st.sampled_from(HIST_OPS)), late_write=prealloc and draw(st.booleans()),
+        hist_edit=draw(st.sampled_from(HIST_EDITS)), reread=draw(st.booleans()))
+
+
+@st.composite
+def cache_cases(draw, max_decode=3, dtypes=DTYPES, issue11=True):
+    """One owner cache and up to two followers of it, driven directly with K/V (no projections, no attention).
+    ``issue11``: also draw issue 11's idiom families (module docstring), mixed with the others, in about three
+    cases of four (the fourth keeps the plain idioms alone)."""
+    issue11 = issue11 and draw(st.integers(0, 3)) > 0
+    owner = draw(issue11_owner_idioms() if issue11 else owner_idioms)
     dim = draw(st.sampled_from([4, 6, 8, 16]))
-    kinds = FOLLOWERS if owner.store != "concat" else ("readonly",)
+    kinds = (CACHE_FOLLOWERS if issue11 else FOLLOWERS) if owner.store != "concat" else ("readonly",)
     followers = []
     for _ in range(draw(st.integers(0, 2))):
         kind = draw(st.sampled_from(kinds))
-        followers.append(FollowerIdiom(kind=kind, pad=draw(st.sampled_from(PADS)),
-                                       head_dim=draw(st.integers(1, dim - 1)) if kind == "padded" else None,
+        head_dim = None
+        if kind == "padded":
+            head_dim = draw(st.integers(1, dim - 1))
+        elif kind == "view":  # the owner's whole head dim (two caches on one pool) or a prefix of it
+            head_dim = draw(st.sampled_from([dim, dim, max(1, dim // 2)]))
+        followers.append(FollowerIdiom(kind=kind, pad=draw(st.sampled_from(PADS)), head_dim=head_dim,
                                        to_device=draw(st.sampled_from(TO_DEVICE))))
     layer_types = (FULL,) * (1 + len(followers))
     return Case(layer_types=layer_types, kv_shared_layers=len(followers), kv_heads=draw(st.integers(1, 3)),
@@ -477,13 +632,18 @@ class CacheStep(nn.Module):
             cache.begin_step()
         # each history is used (cloned) at once, as attention would: a history that aliases the host buffer and
         # is returned as is would show the followers' later writes in eager (tests/test_guards.py pins that case)
-        out = [h.clone() for h in self.caches[0].update(k, v)]
+        owner = self.caches[0]
+        out = [h.clone() for h in owner.update(k, v)]
+        out += [h.clone() for h in owner.extra]  # e.g. an edited clone of the history
         for i, cache in enumerate(self.caches[1:], 1):
             if cache.writes:  # a follower's own K/V: other values than the owner's (last writer wins)
                 d = cache.head_dim
                 out += [h.clone() for h in cache.update(k[..., :d] * 0.5 + i, v[..., :d] - i)]
             else:
                 out += [h.clone() for h in cache.read_only(k.device)]
+        if owner.idiom.reread and owner.idiom.store != "device":  # after every follower's write
+            how = owner.idiom.to_device
+            out += [owner.read(b, owner.pos, owner.head_dim, how, k.device).clone() for b in (owner.k, owner.v)]
         return out
 
 
@@ -507,10 +667,9 @@ def kv_path_host_nodes(gm: torch.fx.GraphModule, roots=None) -> list:
 
     host = set(host_round_trip_nodes(gm))
     if roots == "clones":  # CacheStep clones each history it hands out (graph outputs also hold cache state)
-        stack = [n.args[0] for n in gm.graph.nodes if n.op == "call_method" and n.target == "clone"]
+        stack = [n.args[0] for n in gm.graph.nodes if _is_clone(n)]
     else:
-        stack = [a for n in gm.graph.nodes if n.op == "call_function"
-                 and n.target is torch._C._nn.scaled_dot_product_attention for a in n.args[1:3]]
+        stack = [a for n in gm.graph.nodes if _is_sdpa(n) for a in n.args[1:3]]
     seen = set()
     while stack:
         n = stack.pop()
@@ -519,6 +678,21 @@ def kv_path_host_nodes(gm: torch.fx.GraphModule, roots=None) -> list:
             if not _is_kv_projection(n):  # what the projection's input depends on is not K/V's path
                 stack.extend(n.all_input_nodes)
     return [n for n in gm.graph.nodes if n in seen and n in host]
+
+
+def _is_clone(node) -> bool:
+    """``x.clone()`` in a Dynamo graph, ``aten.clone`` in an ATen one."""
+    if node.op == "call_method":
+        return node.target == "clone"
+    return node.op == "call_function" and (node.target is torch.clone or node.target is torch.ops.aten.clone.default)
+
+
+def _is_sdpa(node) -> bool:
+    """Attention, torch-level or any ATen scaled-dot-product overload."""
+    if node.op != "call_function":
+        return False
+    return node.target is torch._C._nn.scaled_dot_product_attention or (
+        isinstance(node.target, torch._ops.OpOverload) and "scaled_dot_product" in node.target.name())
 
 
 def _is_kv_projection(node) -> bool:

@@ -3,8 +3,15 @@
 Every generated model runs a prefill and teacher-forced decode steps three ways that must agree: eagerly; compiled
 with a backend that runs ``kvpass.rewrite(gm, example_inputs, verify=True)`` on each graph Dynamo produces (and
 then runs the rewritten graph); and, for a smaller sample, ``torch.compile(model, backend="kvpass")`` with
-Inductor generating the code. Each rewritten graph must leave no host op on an attention's K/V path, and
-rewriting it again must change nothing (idempotence).
+Inductor generating the code. Each rewritten graph must leave no host op on an attention's K/V path (except for
+the families no rewrite can remove soundly: ``Case.structural`` false, results only), and rewriting it again must
+change nothing (idempotence).
+
+The cache-step cases also draw issue 11's idiom families (in-place edits of host copies and of history through
+views, workspace reuse, aliased numpy views, ``out=`` writes, history used after a later write, clone-then-edit;
+see ``fuzz_decoders``) in about three cases of four, mixed with the plain ones: 30 decoders + 180 cache steps =
+210 cases per run through ``kvpass.rewrite(verify=True)`` and compiled-vs-eager (and 18 cache steps through
+Inductor).
 
 Fixed seed by default (hypothesis ``derandomize``): the same cases every run. A longer or different run::
 
@@ -54,8 +61,9 @@ def check_rewrite(case, model, steps, roots=None):
 
     def verifying_backend(gm, example_inputs):
         gm, report = kvpass.rewrite(gm, example_inputs=example_inputs, verify=True)
-        left = fd.kv_path_host_nodes(gm, roots)
-        assert not left, f"{case.short()}\nhost ops left on the K/V path: {[n.name for n in left]}\n{report.format()}"
+        if case.structural:  # else: a family no rewrite can remove soundly (Case.structural), results only
+            left = fd.kv_path_host_nodes(gm, roots)
+            assert not left, f"{case.short()}\nhost ops left on the K/V path: {[n.name for n in left]}\n{report.format()}"
         once = kvpass.graph_text(gm)
         _, again = kvpass.rewrite(gm)
         assert not again.matches and kvpass.graph_text(gm) == once, f"{case.short()}: a second rewrite changed the graph"
