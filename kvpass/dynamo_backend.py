@@ -174,7 +174,7 @@ def backend(inner="inductor", patterns: Sequence | None = None, on_report: Calla
         traced = copy.deepcopy(gm) if len(external_inputs(example_inputs)) > 1 else gm
         pre = engine.Report()
         for pattern in torch_level:
-            engine._apply(gm, pattern, pre)
+            engine.apply_rule(gm, pattern, pre)
         if inner == "inductor":
             from torch._inductor.compile_fx import compile_fx
 

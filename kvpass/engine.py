@@ -217,7 +217,8 @@ def _level(pattern) -> str:
     return getattr(pattern, "level", "aten")
 
 
-def _apply(gm, pattern, report) -> None:
+def apply_rule(gm, pattern, report) -> None:
+    """Run one rule on ``gm``, count its matches in ``report``, clean up after a rewrite."""
     n = int(pattern.apply(gm, report) or 0)
     report.counts[pattern.name] = report.counts.get(pattern.name, 0) + n
     if n:
@@ -247,7 +248,7 @@ def rewrite(gm: torch.fx.GraphModule, patterns: Sequence | None = None, example_
     if not is_aten_graph(gm):
         report.before = _snapshot(gm)
         for pattern in (p for p in selected if _level(p) == "torch"):
-            _apply(gm, pattern, report)
+            apply_rule(gm, pattern, report)
         if aten_rules or not selected:  # only torch-level rules selected (store_loop): the torch-level graph
             traced = gm
             gm = functionalize(gm, example_inputs)
@@ -257,7 +258,7 @@ def rewrite(gm: torch.fx.GraphModule, patterns: Sequence | None = None, example_
         report.before = _snapshot(gm)
     if is_aten_graph(gm):
         for pattern in aten_rules:
-            _apply(gm, pattern, report)
+            apply_rule(gm, pattern, report)
     gm.recompile()
     observe.emit(report, report.before, gm)
     if verify:

@@ -27,6 +27,7 @@ from hypothesis import given
 
 import fuzz_decoders as fd
 import kvpass
+from kvpass.testing import buffer_reads
 from kvpass.tracing import tracing_context
 
 pytestmark = pytest.mark.filterwarnings("ignore:To copy construct from a tensor")  # the torch.tensor(a) idiom
@@ -64,6 +65,9 @@ def check_rewrite(case, model, steps, roots=None):
         if case.structural:  # else: a family no rewrite can remove soundly (Case.structural), results only
             left = fd.kv_path_host_nodes(gm, roots)
             assert not left, f"{case.short()}\nhost ops left on the K/V path: {[n.name for n in left]}\n{report.format()}"
+            reads = buffer_reads(gm)  # read-after-write through a cache buffer: each one left must be reported
+            assert len(reads) <= len(report.skips), (
+                f"{case.short()}\nunreported reads of a buffer write: {[n.name for n in reads]}\n{report.format()}")
         once = kvpass.graph_text(gm)
         _, again = kvpass.rewrite(gm)
         assert not again.matches and kvpass.graph_text(gm) == once, f"{case.short()}: a second rewrite changed the graph"

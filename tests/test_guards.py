@@ -280,17 +280,37 @@ def test_one_position_write_then_a_read_of_another_position():
 
 
 def test_scatter_into_an_intermediate_is_not_a_cache():
-    """Gemma3n's AltUp ``corrected[1:] += first`` read back as ``hidden[0]``: no graph input is written, so the
-    rule leaves it alone and reports nothing (a skip is a message about the user's cache)."""
-    def step(x, y):
+    """Gemma3n's AltUp ``corrected[1:] += first`` read back as ``hidden[0]``, beside a real host cache: only the
+    cache's read is rewritten and reported (a scatter into an intermediate is not the user's cache, and a skip or
+    match about it would be noise)."""
+    def step(cache, k, x, y):
         buf = x * 2
         buf[1:] += y
-        return buf[0] + 1
+        t = k.shape[1]
+        cache.k[:, cache.pos : cache.pos + t] = k.detach().cpu().numpy()
+        cache.pos += t
+        return buf[0] + 1, torch.from_numpy(cache.k[:, : cache.pos]) * 1.0
 
-    x, y = rand(4, 3, seed=29), rand(3, 3, seed=30)
-    got, reports = rewrite_all(step, x, y)
-    torch.testing.assert_close(got, step(x, y))
-    assert not matches(reports) and not skips(reports)
+    x, y, k = rand(4, 3, seed=29), rand(3, 3, seed=30), rand(2, 3, 4, seed=31)
+    want = step(idioms.HostCache(seed=32), k, x, y)
+    got, reports = rewrite_all(step, idioms.HostCache(seed=32), k, x, y)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    assert matches(reports) == ["scatter_slice"] and not skips(reports)
+
+
+def test_tensor_buffer_written_in_another_dtype():
+    """A float32 tensor buffer written with float64 K: ``copy_`` rounds, so the read is not K itself."""
+    def step(buf, k):
+        buf[:, 2:5] = k
+        return buf[:, :5].double() - k.sum()
+
+    k = rand(2, 3, 4, seed=37).double() / 3
+    buf, eager_buf = rand(2, 8, 4, seed=38), rand(2, 8, 4, seed=38)
+    want = step(eager_buf, k)
+    got, reports = rewrite_all(step, buf, k)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    torch.testing.assert_close(buf, eager_buf, rtol=0, atol=0)
+    assert "scatter_slice" in matches(reports)
 
 
 def test_two_caches_on_one_numpy_pool_run_as_eager():
