@@ -152,8 +152,11 @@ class _Traced:
 
 def _path(df: Dataflow, source: Source, goal: Node) -> list[Node]:
     """A shortest chain of users from ``source`` to ``goal`` through values that carry it (into and out of
-    higher-order-op bodies)."""
+    higher-order-op bodies, and from an in-place write to the reads of the base it wrote)."""
     start = source.node
+    aliases: dict = {}
+    for m in df.program.graph.walk():
+        aliases.setdefault(df.root_of(m), []).append(m)
     prev = {start: None}
     queue = collections.deque([start])
     while queue:
@@ -161,6 +164,8 @@ def _path(df: Dataflow, source: Source, goal: Node) -> list[Node]:
         if n is goal:
             break
         nxt = list(n.users)
+        if n.writes:  # through memory: the reads of the base it wrote
+            nxt.extend(aliases.get(df.root_of(n), []))
         for u in n.users:
             for g in u.subgraphs:  # into a body: the placeholder bound to this operand
                 nxt.extend(ph for ph in g.inputs if df.root_of(ph) is df.root_of(n) or df.carries(ph, source))
