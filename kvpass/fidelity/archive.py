@@ -164,6 +164,7 @@ class ArchiveReader:
         self.zf: zipfile.ZipFile | None = None
         self.members: dict[str, zipfile.ZipInfo] = {}
         self.not_inspected: list[str] = []
+        self._listed: set[str] = set()
         self.nodes = 0
 
     @property
@@ -297,13 +298,15 @@ class ArchiveReader:
         models = [r for r in rels if r.startswith("models/") and r.endswith(".json") and r.count("/") == 1]
         if not models:
             raise _Bad("not an exported program: no models/<name>.json member")
+        programs = [self._program(r[len("models/"):-len(".json")]) for r in models]
         for r in rels:
+            if r in self._listed:
+                continue
             if r.startswith("data/aotinductor/"):
                 self.not_inspected.append(f"{r} (AOTInductor artifact: never loaded or compiled)")
-            elif r.endswith(".pt") or r.endswith(".pkl") or basename(r.replace("/", ".")).startswith(
-                    ("opaque_obj_", "custom_obj_")) or "/opaque_obj_" in r or "/custom_obj_" in r:
+            elif r.endswith((".pt", ".pkl", ".pickle")) or "/opaque_obj_" in r or "/custom_obj_" in r:
                 self.not_inspected.append(f"{r} (pickled)")
-        return [self._program(r[len("models/"):-len(".json")]) for r in models]
+        return programs
 
     def _config(self, rel: str) -> dict:
         if self.root + rel not in self.members:
@@ -315,9 +318,11 @@ class ArchiveReader:
             where = f"{rel}: entry {name!r}"
             if not isinstance(entry, dict):
                 raise _Bad(f"{where}: expected an object")
-            if entry.get("use_pickle"):
-                path = entry.get("path_name")
-                self.not_inspected.append(f"{rel.rsplit('/', 1)[0]}/{path} for {name!r} (pickled)")
+            path = entry.get("path_name")
+            if entry.get("use_pickle") or (isinstance(path, str) and path.startswith(("opaque_obj_", "custom_obj_"))):
+                member = f"{rel.rsplit('/', 1)[0]}/{path}"
+                self.not_inspected.append(f"{member} for {str(name)[:80]!r} (pickled)")
+                self._listed.add(member)
                 out[name] = None
                 continue
             out[name] = self._payload(entry, where, rel.rsplit("/", 1)[0] + "/")
