@@ -365,4 +365,5 @@ def test_crc_of_unread_members_only_with_verify_all(base, tmp_path):
 def test_json_depth_prescan():
     assert json_depth(b'{"a": [1, {"b": "[[[[{{{"}]}', 10) == 3
     assert json_depth(b'"\\"[["', 10) == 0
-    assert json_depth(b"[" * 10_000, 5) == 6  # stops as soon as it passes the limit
+    assert json_depth(b"[" * 10_000, 5) == 10_000
+    assert json_depth(b'["a\\\\", ["]"]]', 9) == 2  # an escaped backslash ends the string
