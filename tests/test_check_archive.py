@@ -219,7 +219,7 @@ def _malformed(base, tmp_path):
 
 # the driver: runs `kvpass check` on each file in this process under an audit hook, one JSON line per file
 _DRIVER = r"""
-import contextlib, io, json, os, resource, sys, time
+import contextlib, io, json, os, sys, time
 import encodings.cp437, kvpass.cli, kvpass.fidelity, torch  # every import (zipfile decodes names with cp437) first
 FORBIDDEN = ("ctypes.dlopen", "subprocess.Popen", "os.system", "os.exec", "os.posix_spawn", "os.fork",
              "os.forkpty", "pickle.find_class", "exec", "compile", "os.remove", "os.rename", "os.mkdir",
@@ -232,6 +232,9 @@ def hook(event, args):
         mode, flags = args[1], args[2] or 0
         if (isinstance(mode, str) and any(c in mode for c in "wax+")) or flags & (os.O_WRONLY | os.O_RDWR | os.O_CREAT):
             events.append(f"open for writing: {args[0]}")
+def peak_kib():  # VmHWM: this process's own peak RSS (ru_maxrss would carry pytest's over exec)
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmHWM"))
 extra = json.loads(sys.argv[1])
 sys.addaudithook(hook)
 for path in sys.argv[2:]:
@@ -245,7 +248,7 @@ for path in sys.argv[2:]:
             rc = f"raised {type(e).__name__}: {e}"
     print(json.dumps({"path": path, "rc": rc, "stdout": out.getvalue(), "stderr": err.getvalue(),
                       "seconds": time.perf_counter() - t0, "events": list(events),
-                      "maxrss_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}), flush=True)
+                      "maxrss_kib": peak_kib()}), flush=True)
 """
 
 
@@ -367,3 +370,15 @@ def test_json_depth_prescan():
     assert json_depth(b'"\\"[["', 10) == 0
     assert json_depth(b"[" * 10_000, 5) == 10_000
     assert json_depth(b'["a\\\\", ["]"]]', 9) == 2  # an escaped backslash ends the string
+
+
+def test_a_failure_while_analysing_a_file_is_one_line(base, monkeypatch):
+    """Whatever a hostile graph makes the analysis do, a file gives a ProgramLoadError, never a traceback."""
+    import kvpass.fidelity as fidelity
+
+    def boom(*a, **k):
+        raise IndexError("list index out of range\nsecond line")
+
+    monkeypatch.setattr(fidelity, "run_rules", boom)
+    with pytest.raises(ProgramLoadError, match=r"cannot analyse its graph \(IndexError: list index out of range\)$"):
+        check(base[0])

@@ -98,7 +98,13 @@ def check(obj: Any, *, trusted: bool = False, limits: Limits | None = None) -> C
         else:
             programs, reader = read_archive(obj, limits)
             with reader:
-                results = [_run(p) for p in programs]
+                try:
+                    results = [_run(p) for p in programs]
+                except ProgramLoadError:
+                    raise
+                except (MemoryError, RecursionError, Exception) as e:  # noqa: BLE001 - a hostile file: one line
+                    raise ProgramLoadError(os.fspath(obj), f"cannot analyse its graph ({type(e).__name__}: "
+                                                           f"{_first_line(str(e))[:120]})") from None
             out = CheckResult([f for r in results for f in r], sum(r.attentions for r in results),
                               reader.not_inspected)
             out.bytes_read = reader.bytes_read

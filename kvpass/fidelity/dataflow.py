@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 
+from ..errors import KVPassError
 from .graph import Graph, Node, Program
 
 __all__ = ["Dataflow", "analyse", "MIXING_OPS", "INDEX_ARGS"]
@@ -67,13 +68,7 @@ class Dataflow:
 
     def value(self, node) -> tuple[bool, int]:
         """``(tok, srcs)`` of ``node`` for a reader, including every write into its base."""
-        if not isinstance(node, Node):
-            return _EMPTY
-        s = self.state.get(node, _EMPTY)
-        if isinstance(s, list):
-            s = _union(s)
-        e = self.extra.get(self.root.get(node, node), _EMPTY)
-        return s[0] or e[0], s[1] | e[1]
+        return _read(self.state, self.extra, self.root, node)
 
     def carries(self, node, source) -> bool:
         """Does ``node`` carry elements of ``source``?"""
@@ -82,6 +77,17 @@ class Dataflow:
     def root_of(self, node) -> Node:
         """The base a view (or an in-place result) aliases."""
         return self.root.get(node, node)
+
+
+def _read(state: dict, extra: dict, root: dict, node) -> tuple[bool, int]:
+    """What a reader of ``node`` sees: its own facts and every write into its base."""
+    if not isinstance(node, Node) or node.op == "subgraph":
+        return _EMPTY
+    s = state.get(node, _EMPTY)
+    if isinstance(s, list):
+        s = _union(s)
+    e = extra.get(root.get(node, node), _EMPTY)
+    return s[0] or e[0], s[1] | e[1]
 
 
 def _union(states) -> tuple[bool, int]:
@@ -115,13 +121,7 @@ class _Run:
         self.cut: set = set()
 
     def val(self, node) -> tuple[bool, int]:
-        if not isinstance(node, Node) or node.op == "subgraph":
-            return _EMPTY
-        s = self.state.get(node, _EMPTY)
-        if isinstance(s, list):
-            s = _union(s)
-        e = self.extra.get(self.root.get(node, node), _EMPTY)
-        return s[0] or e[0], s[1] | e[1]
+        return _read(self.state, self.extra, self.root, node)
 
     def add_extra(self, root: Node, v: tuple[bool, int], writer: Node) -> bool:
         old = self.extra.get(root, _EMPTY)
@@ -134,13 +134,15 @@ class _Run:
             return True
         return False
 
-    def run(self) -> None:
-        for _ in range(64):  # monotone: each round can only add facts
+    def run(self, rounds: int = 64) -> None:
+        for _ in range(rounds):  # monotone: each round can only add facts; real graphs settle in 2 or 3
             changed = self.graph(self.p.graph)
             for written, dest in self.p.mutations:
                 changed |= self.add_extra(self.root.get(dest, dest), self.val(written), written)
             if not changed:
                 return
+        raise KVPassError(f"kvpass.check: the dependence analysis did not settle in {rounds} rounds (a chain of "
+                          f"{rounds}+ in-place writes, each read before it is written); no verdict")
 
     def graph(self, g: Graph, bindings: list | None = None) -> bool:
         changed = False
