@@ -151,6 +151,11 @@ class _Traced:
 
 
 def _path(df: Dataflow, source: Source, goal: Node) -> list[Node]:
+    """A shortest chain from ``source`` to ``goal`` along data edges, else one that also goes through memory."""
+    return _search(df, source, goal, memory=False) or _search(df, source, goal, memory=True) or [source.node, goal]
+
+
+def _search(df: Dataflow, source: Source, goal: Node, memory: bool) -> list[Node] | None:
     """A shortest chain of users from ``source`` to ``goal`` through values that carry it (into and out of
     higher-order-op bodies, and from an in-place write to the reads of the base it wrote)."""
     start = source.node
@@ -164,7 +169,7 @@ def _path(df: Dataflow, source: Source, goal: Node) -> list[Node]:
         if n is goal:
             break
         nxt = list(n.users)
-        if n.writes:  # through memory: the reads of the base it wrote
+        if memory and n.writes:  # through memory: the reads of the base it wrote
             nxt.extend(aliases.get(df.root_of(n), []))
         for u in n.users:
             for g in u.subgraphs:  # into a body: the placeholder bound to this operand
@@ -176,7 +181,7 @@ def _path(df: Dataflow, source: Source, goal: Node) -> list[Node]:
                 prev[u] = n
                 queue.append(u)
     if goal not in prev:
-        return [start, goal]
+        return None
     path, n = [], goal
     while n is not None:
         path.append(n)
