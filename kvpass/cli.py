@@ -10,22 +10,33 @@ __all__ = ["main"]
 
 def _check(args) -> int:
     """``kvpass check FILE.pt2 ...``: exit 0 when every file is clean, 1 with findings, 2 when one is unreadable."""
-    from .fidelity import ProgramLoadError, check, format_findings
+    import dataclasses
 
+    from .fidelity import Limits, ProgramLoadError, check, format_findings
+
+    limits = Limits(verify_all_crcs=args.verify_all_crcs)
+    fields = {f.name for f in dataclasses.fields(Limits)}
+    for item in args.limit or []:
+        name, _, value = item.partition("=")
+        if name not in fields or name == "verify_all_crcs" or not value.strip().isdigit():
+            print(f"kvpass check: error: --limit {item!r}: expected NAME=INTEGER, NAME one of "
+                  f"{', '.join(sorted(fields - {'verify_all_crcs'}))}", file=sys.stderr)
+            return 2
+        setattr(limits, name, int(value))
     status = 0
     for path in args.files:
         try:
-            findings = check(path)
+            findings = check(path, trusted=args.trusted, limits=limits)
         except ProgramLoadError as e:
             print(f"kvpass check: error: cannot read {e.path!r}: {e.reason}", file=sys.stderr)
             status = 2
             continue
-        if not findings:
-            print(f"{path}: clean: every attention key/value comes from the computation")
-            continue
-        status = max(status, 1)
-        print(f"{path}: {len(findings)} finding(s): K/V that the capture baked or disconnected")
-        print(format_findings(findings))
+        print(f"{path}: {findings.summary()}")
+        if findings:
+            status = max(status, 1)
+            print(format_findings(findings))
+        if findings.not_inspected:
+            print(f"  not inspected: {'; '.join(findings.not_inspected)}")
     return status
 
 
@@ -51,9 +62,24 @@ def main(argv=None) -> int:
     chk = sub.add_parser(
         "check", help="find K/V that an exported program baked as constants (exit 1 if any, 0 if clean)",
         description="Check .pt2 files written by torch.export.save for K/V values that do not come from the "
-                    "computation. Exit status: 0 clean, 1 findings, 2 a file is missing or unreadable.",
+                    "computation. The file is read with zipfile + json + numpy: nothing in it is executed, "
+                    "unpickled, loaded or compiled (pickled members and AOTInductor libraries are listed as not "
+                    "inspected), within limits on sizes, member names and JSON depth (see --limit).",
+        epilog="Exit status: 0 clean, 1 findings, 2 a file is missing or unreadable (one line on stderr: "
+               "damaged, not a PT2 archive, or over a limit). 'no attention found in this program' is exit 0 "
+               "but means there was nothing to check.",
     )
     chk.add_argument("files", nargs="+", metavar="FILE.pt2", help="exported program(s) to check")
+    chk.add_argument("--trusted", action="store_true",
+                     help="load with torch.export.load instead (RUNS CODE FROM THE FILE: only for files you made)")
+    chk.add_argument("--limit", action="append", metavar="NAME=N",
+                     help="override a limit of kvpass.fidelity.Limits, e.g. --limit max_json_depth=1000 "
+                          "(max_archive_bytes, max_members, max_member_bytes, max_total_bytes, "
+                          "max_compression_ratio, max_json_bytes, max_json_depth, max_nodes, max_tensor_bytes, "
+                          "max_value_read_bytes)")
+    chk.add_argument("--verify-all-crcs", action="store_true",
+                     help="also read every member (weights too) to check its CRC-32; by default only the members "
+                          "the check reads are read, and checked")
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["bench"]:  # its own parser (kvpass.benchmark), options passed through as they are
         from .benchmark import main as bench_main

@@ -195,15 +195,20 @@ def test_strict_export_mutates_the_host_buffer_constant(strict_export):
 
 
 def test_strict_export_artifact_is_broken_downstream(strict_export, tmp_path):
-    """What a user of the stock strict export meets next (pinned on torch 2.13)."""
+    """What a user of the stock strict export meets next (pinned on torch 2.13): torch cannot load it back, and
+    kvpass.check reports it from the file anyway (its own reader, no torch.export.load)."""
     _, _, ep = strict_export
     with pytest.raises(RuntimeError, match="Constant _captured_1 is mutated"):
         ep.run_decompositions()
     path = tmp_path / "strict.pt2"
     torch.export.save(ep, path)  # saves...
-    with pytest.raises(ProgramLoadError, match="torch.export.load failed") as info:
-        check(path)  # ...but does not load back
+    with pytest.raises(ProgramLoadError, match=r"torch.export.load failed: .*setStorage") as info:
+        check(path, trusted=True)  # ...but torch.export.load does not load it back
     assert info.value.path == str(path) and "\n" not in info.value.reason
+    from_file = check(path)
+    assert [(f.kind, f.target, f.shape, f.consumer, f.source) for f in from_file] == \
+        [(f.kind, f.target, f.shape, f.consumer, f.source) for f in check(ep)]
+    assert all(f.all_zeros is None and "no bytes stored" in f.detail for f in from_file)
 
 
 @contextlib.contextmanager
@@ -493,12 +498,15 @@ def _gemma4_export(model, ids, strict):
     return wrapper.export(input_ids=ids, strict=strict)
 
 
-def test_hf_gemma4_static_cache_export_is_clean_and_matches_eager(gemma4):
+def test_hf_gemma4_static_cache_export_is_clean_and_matches_eager(gemma4, tmp_path):
     gen = torch.Generator().manual_seed(19)
     ids = _ids(gen, 6, vocab=128)
     ep = _gemma4_export(gemma4, ids, strict=True)  # transformers' default
     assert gemma4.config.num_kv_shared_layers > 0 and gemma4.config.attention_k_eq_v
     assert check(ep) == []
+    torch.export.save(ep, tmp_path / "gemma4.pt2")
+    from_file = check(tmp_path / "gemma4.pt2")  # the untrusted reader: same verdict, attentions were seen
+    assert from_file == [] and from_file.attentions == check(ep).attentions >= gemma4.config.num_hidden_layers
     fresh = _ids(gen, 6, vocab=128)
     with torch.no_grad():
         got = ep.module()(input_ids=fresh, cache_position=torch.arange(6))

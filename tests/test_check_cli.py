@@ -57,8 +57,8 @@ def test_findings_print_a_table_and_exit_1(programs, capsys):
     out = capsys.readouterr().out.splitlines()
     assert out[0] == f"{programs['dirty']}: 2 finding(s): K/V that the capture baked or disconnected"
     assert out[1].split() == ["KIND", "NODE", "SHAPE", "DTYPE", "VALUES", "CONSUMER", "SOURCE"]
-    rows = out[2:]
-    assert len(rows) == 2
+    rows = out[2:4]
+    assert out[4:] == ["  not inspected: data/sample_inputs/model.pt (pickled)"]
     for row, role in zip(rows, ("k", "v")):
         assert row.startswith(f"constant-kv  c_{role}_hist ({role}_hist)")
         assert "[1, 1, 3, 8]" in row and "float32" in row and "all zeros" in row
@@ -69,14 +69,16 @@ def test_findings_print_a_table_and_exit_1(programs, capsys):
 def test_clean_program_exits_0(programs, capsys):
     assert main(["check", programs["clean"]]) == 0
     captured = capsys.readouterr()
-    assert captured.out.strip() == f"{programs['clean']}: clean: every attention key/value comes from the computation"
+    assert captured.out.splitlines() == [
+        f"{programs['clean']}: clean: every attention key/value comes from the computation",
+        "  not inspected: data/sample_inputs/model.pt (pickled)",
+    ]
     assert captured.err == ""
 
 
 @pytest.mark.parametrize("which, reason", [
     ("missing", "no such file"),
-    ("garbage", "torch.export.load failed: RuntimeError: PytorchStreamReader failed reading zip archive: "
-                "failed finding central directory."),
+    ("garbage", "not a ZIP archive (File is not a zip file)"),
 ])
 def test_unreadable_file_exits_2_with_one_line(programs, capsys, which, reason):
     assert main(["check", programs[which]]) == 2
@@ -98,6 +100,12 @@ def test_console_script_exit_code_and_one_line_stderr(programs):
                          capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2
     assert bad.stderr.splitlines() == [
+        f"kvpass check: error: cannot read {programs['garbage']!r}: not a ZIP archive (File is not a zip file)"
+    ]
+    trusted = subprocess.run([sys.executable, "-m", "kvpass.cli", "check", "--trusted", programs["garbage"]],
+                             capture_output=True, text=True, timeout=300)
+    assert trusted.returncode == 2
+    assert trusted.stderr.splitlines() == [
         f"kvpass check: error: cannot read {programs['garbage']!r}: torch.export.load failed: RuntimeError: "
         "PytorchStreamReader failed reading zip archive: failed finding central directory."
     ]
@@ -107,4 +115,23 @@ def test_check_is_listed_in_help(capsys):
     with pytest.raises(SystemExit) as info:
         main(["check", "--help"])
     assert info.value.code == 0
-    assert "0 clean, 1 findings, 2 a file is missing or unreadable" in " ".join(capsys.readouterr().out.split())
+    text = " ".join(capsys.readouterr().out.split())
+    assert "Exit status: 0 clean, 1 findings, 2 a file is missing or unreadable" in text
+    assert "--trusted" in text and "RUNS CODE FROM THE FILE" in text and "--limit NAME=N" in text
+
+
+def test_program_without_attention_says_so(tmp_path, capsys):
+    """No attention is not 'clean': the check says there was nothing to check (and exits 0)."""
+    path = tmp_path / "mlp.pt2"
+    torch.export.save(torch.export.export(nn.Sequential(nn.Linear(4, 4), nn.ReLU()), (torch.randn(2, 4),)), path)
+    assert main(["check", str(path)]) == 0
+    assert capsys.readouterr().out.splitlines()[0] == f"{path}: no attention found in this program: nothing to check"
+
+
+def test_limit_flag_overrides_and_rejects_unknown_names(programs, capsys):
+    assert main(["check", "--limit", "max_json_depth=3", programs["clean"]]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "nests JSON deeper than 3 (max_json_depth)" in err
+    assert main(["check", "--limit", "max_json_depth=100000", programs["clean"]]) == 0
+    assert main(["check", "--limit", "nonsense=3", programs["clean"]]) == 2
+    assert "expected NAME=INTEGER" in capsys.readouterr().err

@@ -58,6 +58,7 @@ def test_wheel_ships_patterns_inside_kvpass(wheel):
     assert "kvpass/patterns/__init__.py" in names
     assert "kvpass/examples/shared_kv_model.py" in names
     assert "kvpass/ops/__init__.py" in names
+    assert "kvpass/fidelity/archive.py" in names  # kvpass.check's package
     assert not [n for n in names if n.startswith(("patterns/", "examples/"))], "no top-level patterns package"
     (ep,) = [n for n in names if n.endswith("entry_points.txt")]
     text = zipfile.ZipFile(wheel).read(ep).decode()
@@ -73,8 +74,8 @@ def test_installed_wheel_imports_patterns(wheel, tmp_path):
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     out = run_python("""
-        import kvpass, kvpass.patterns, kvpass.examples.shared_kv_model as m
-        print(kvpass.patterns.__file__); print(m.__file__)
+        import kvpass, kvpass.patterns, kvpass.examples.shared_kv_model as m, kvpass.fidelity.archive as a
+        print(kvpass.patterns.__file__); print(m.__file__); print(a.__file__)
     """, cwd=tmp_path, env_extra={"PYTHONPATH": str(site)})
     assert out.returncode == 0, out.stderr[-3000:]
     for line in out.stdout.split():
