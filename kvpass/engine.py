@@ -245,18 +245,20 @@ def rewrite(gm: torch.fx.GraphModule, patterns: Sequence | None = None, example_
     reference = _run(copy.deepcopy(gm), example_inputs) if verify else None
     report = Report()
     aten_rules = [p for p in selected if _level(p) == "aten"]
-    if not is_aten_graph(gm):
+    functional = is_aten_graph(gm)
+    if not functional:
         report.before = _snapshot(gm)
         for pattern in (p for p in selected if _level(p) == "torch"):
             apply_rule(gm, pattern, report)
         if aten_rules or not selected:  # only torch-level rules selected (store_loop): the torch-level graph
             traced = gm
             gm = functionalize(gm, example_inputs)
+            functional = True
             guard_aliased_inputs(gm, traced)
             report.before = _snapshot(gm)
     else:
         report.before = _snapshot(gm)
-    if is_aten_graph(gm):
+    if functional:
         for pattern in aten_rules:
             apply_rule(gm, pattern, report)
     gm.recompile()

@@ -50,8 +50,9 @@ def is_aten_graph(gm: torch.fx.GraphModule) -> bool:
                                                                         torch._ops.HigherOrderOperator)):
             if node.target not in _SYM_FUNCTIONS and not _is_sym_builtin(node.target):
                 return False
-            if isinstance(node.meta.get("val", node.meta.get("example_value")), torch.Tensor):
-                return False  # operator.add on tensors: torch level
+            if node.target is not operator.getitem and isinstance(
+                    node.meta.get("val", node.meta.get("example_value")), torch.Tensor):
+                return False  # operator.add on tensors: torch level (getitem takes one output of a multi-output op)
     return True
 
 
