@@ -17,8 +17,9 @@ vLLM/FlashInfer layout, selected explicitly). Two addressing modes:
   chunks (``dst_block >= 0``) may not add up to more than ``tokens`` elements (so a source token can be stored
   twice only by giving up another one: the compiled path sizes its work by ``tokens``).
 
-Every other slot of the cache is left exactly as it was. Which write wins when two valid tokens target the same
-slot is unspecified (as in vLLM's ``reshape_and_cache``); the upstream loop happens to keep the last one.
+Every other slot of the cache is left exactly as it was. When two valid tokens target the same slot, the last one
+(in token order; with ``chunk_metadata``, in the order of the chunks) wins, in eager and compiled alike, as in the
+upstream loop (vLLM's ``reshape_and_cache`` leaves it unspecified).
 
 Implementation
 --------------
@@ -29,8 +30,9 @@ Both modes reduce to one *plan*: for each of ``tokens`` elements ``e``, ``src[e]
 
 * **Eager** (the registered kernel): validates everything, including the data-dependent facts (block ids in
   ``[-1, num_blocks)``, monotone ``cu_q_lens``, chunk bounds), with one host sync, *before* writing; then builds
-  the plan, compacts the valid elements (``nonzero``: free on CPU, a second sync on GPU) and writes them with one
-  ``index_copy_``/``index_put_`` per cache.
+  the plan, keeps one writer per slot (the last token, as under compile), compacts the writers (``nonzero``: free
+  on CPU, a second sync on GPU) and writes them with one ``index_copy_``/``index_put_`` per cache (unique
+  indices, so the result does not depend on how ATen parallelizes the copy).
 * **Compile** (``torch.compile``, ``torch.export``, ``make_fx``): the op has a Python
   ``CompositeImplicitAutograd`` kernel, so functionalization (``FunctionalTensorMode``) decomposes it instead of
   wrapping it in ``auto_functionalized``: the graph Inductor sees is the plan's index arithmetic plus one
@@ -41,20 +43,39 @@ Both modes reduce to one *plan*: for each of ``tokens`` elements ``e``, ``src[e]
 Masking under compile (the choice, and why)
 -------------------------------------------
 An ``index_put`` has no per-element mask, and neither Inductor's C++ nor its Triton scatter has a masked store.
-Redirecting a skipped element to some clamped slot and writing that slot's old value back would race with a
-valid element writing the same slot. The compiled path therefore picks a **free slot**: a slot that no valid
-element writes in this call. It marks which of the flat slots ``0..tokens`` are valid targets (a scatter into a
-``tokens+2`` scratch vector: one more candidate than there can be valid elements, so one of them is free
-whenever the cache has more slots than ``tokens``), takes the first unmarked one with ``argmin``, snapshots that
-slot's current contents into a small ``(1, kv_heads, head_dim)`` buffer, and sends every skipped element there
-with the snapshot as its value. The write is race-free and a no-op, so the compiled op matches eager exactly,
-including on inputs eager would reject (block ids ``>= num_blocks`` or ``< -1``, chunks past the block or the
-token range, non-monotone ``cu_q_lens``): every index is range-checked or clamped before it addresses memory,
-and out-of-range elements are masked like padding. The cost is a few tiny kernels on ``tokens``-sized metadata;
-the states flow straight into the one scatter that writes the cache. Only when the cache has no more slots
-than ``tokens`` (decided at trace time from the shapes) may no slot be free; then a skipped element copies the
-write of the valid element that owns the chosen slot (exact, but that read of the states at another index can
-keep Inductor from fusing a reduction producer such as RMSNorm into the scatter).
+The lowering therefore relies on nothing Inductor does not promise: no order of duplicate writes, no vectorized
+``argmin``/``argmax``, no reduction over a narrow dtype, no read of a cache slot that the same kernel writes with
+another value.
+
+1. **One writer per slot.** The element targets are sorted (stably; skipped elements get keys past every slot);
+   of the valid elements that target one slot only the last in element order writes it (the per-token reference
+   and the upstream loop keep the last one; eager applies the same rule, so the two agree even then).
+2. **A free slot, by arithmetic.** Along the sorted keys, a written slot ``s`` has ``s - (D - 1)`` free slots
+   below it (``D``: distinct written slots so far, a ``cumsum``), so the lowest free slot is found with one
+   ``searchsorted``. It exists whenever the cache has more slots than ``tokens`` (decided at trace time).
+3. **A snapshot, then one scatter.** The free slot's ``(1, kv_heads, head_dim)`` contents are copied into a
+   buffer of their own; every element that writes nothing targets the free slot with that snapshot as its value.
+   All writes to the free slot are bit-identical copies of what it already holds, every other slot has at most
+   one writer, so the result is the same in any order and on any number of threads. The states flow straight
+   into the one scatter (fused with RMSNorm/RoPE producers); the index work is a few tiny kernels plus a sort
+   and two cumsums of ``tokens`` int64s.
+
+Every index is range-checked or clamped before it addresses memory, and out-of-range targets are masked like
+padding, so the compiled op matches eager exactly, including on inputs eager would reject (block ids
+``>= num_blocks`` or ``< -1``, chunks past the block or the token range, non-monotone ``cu_q_lens``). When the
+cache has no more slots than ``tokens`` there may be no free slot; then the new contents of every slot are
+gathered (``owner[slot]``: its writer, or none) and written with a pointwise ``copy_``, as cheap as the scatter
+since the cache is the smaller side.
+
+Why not ``argmin``: before issue 13 the free slot was ``argmin`` of an int8 mark vector. Inductor's CPU
+vectorized ``argmin``/``argmax`` (``cpp_prefix.h``, torch 2.13) is wrong for dtypes narrower than its tiling
+(int8/uint8): lanes past the tiling factor are reduced too, holding whatever the partial load left there (AVX2's
+``loadu(ptr, count)`` fills them with 1; AVX-512's 16-element fast path ``loadu_one_fourth`` leaves the upper
+384 bits undefined, in practice 0) paired with index lanes ``argmin_vec_reduce_all`` never stored (stack
+garbage). On AVX-512 a 0 lane ties with the first free slot and a garbage index wins, so a slot that a valid
+token writes was taken as "free" and got its old contents back (one slot wrong: exactly the 512 = 4 heads x 128
+elements reported). Upstream: pytorch/pytorch#191499. ``tests/test_store_isa.py`` keeps a standalone
+reproduction and runs the compiled store under every vector ISA the CPU offers.
 
 Compile caches
 --------------
@@ -343,6 +364,8 @@ def _eager_store(op, pairs, block_table, cu_q_lens, context_kv_lens, chunk_metad
     if plan is None:
         return
     src, blk, off, valid, identity = plan
+    _, order, win = _last_writer_wins(blk * bs + off, valid, nb * bs)
+    valid = _unsort(order, win)  # one write per slot: the last token that targets it
     sel = valid.nonzero().squeeze(1)  # free on CPU; on GPU the second sync of the call (after validation)
     n = sel.shape[0]
     if n == 0:
@@ -367,17 +390,53 @@ def _eager_store(op, pairs, block_table, cu_q_lens, context_kv_lens, chunk_metad
                 cache.index_put_(idx, values)
 
 
-def _slot_snapshot(cache, layout, sb, so):
-    """The current ``(1, kv_heads, head_dim)`` contents of slot ``(sb, so)`` (1-element index tensors), copied
-    into a buffer of its own (a scatter into fresh zeros, which Inductor always materializes) so that the
-    main scatter reads the snapshot rather than the cache it writes."""
-    snap = cache[sb, :, so, :] if layout == "HND" else cache[sb, so, :, :]  # (1, H, D) either way
-    out = torch.zeros_like(snap)
-    return out.scatter(0, torch.zeros_like(snap, dtype=torch.int64), snap)
+def _last_writer_wins(flat: torch.Tensor, valid: torch.Tensor, num_slots: int):
+    """Sort the element targets; drop all but the last valid element of each target slot.
+
+    Returns ``(keys, order, win)``: ``keys`` are the targets sorted stably (skipped elements get the distinct
+    keys ``num_slots + e``, past every slot), ``order`` the sorting permutation, and ``win`` (in sorted order)
+    marks the one element per distinct valid target that is written: the last in element order, as the
+    upstream loop and the per-token reference keep it. No two writes of different values then target one
+    slot, so no result depends on the order in which a kernel (or its threads) performs duplicate writes.
+    """
+    e = torch.arange(flat.shape[0], device=flat.device)
+    keys, order = torch.sort(torch.where(valid, flat, num_slots + e), stable=True)
+    in_cache = keys < num_slots
+    last_of_group = torch.ones_like(in_cache)
+    last_of_group[:-1] = keys[1:] != keys[:-1]
+    return keys, order, in_cache & last_of_group
+
+
+def _unsort(order: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """``x`` (given in sorted order) back in element order: a scatter through a permutation (unique indices),
+    which Inductor materializes as a buffer of its own, so the cache scatter loads one index per element."""
+    return torch.zeros_like(x).scatter(0, order, x)
+
+
+def _first_free_slot(keys: torch.Tensor, nslots: int) -> torch.Tensor:
+    """The lowest slot that no element writes, as a ``(1,)`` int64 tensor, by arithmetic on the sorted keys.
+
+    With ``D[i]`` the number of distinct written slots among ``keys[:i+1]``, a written slot ``keys[i]`` has
+    ``keys[i] - (D[i] - 1)`` free slots below it (non-decreasing along the keys), so the lowest free slot is the
+    number of written slots with no free slot below them: ``D`` at the end of the run of zeros. Exists whenever
+    fewer than ``nslots`` slots are written (the caller guarantees it). No ``argmin``: Inductor's vectorized
+    ``argmin`` of int8 reads lanes it never loaded (the AVX-512 miscompile of issue 13; see the module docstring).
+    """
+    T = keys.shape[0]
+    in_cache = keys < nslots
+    first_of_group = in_cache.clone()
+    first_of_group[1:] = in_cache[1:] & (keys[1:] != keys[:-1])
+    distinct = torch.cumsum(first_of_group.to(torch.int64), 0)
+    free_below = torch.where(in_cache, keys - (distinct - 1), nslots + T)
+    zero = torch.zeros(1, dtype=torch.int64, device=keys.device)
+    n_written_below = torch.searchsorted(free_below, zero, right=True)  # entries with no free slot below them
+    free = torch.where(n_written_below > 0, distinct[(n_written_below - 1).clamp(min=0)], 0)
+    return free.clamp(0, nslots - 1)
 
 
 def _traced_store(op, pairs, block_table, cu_q_lens, context_kv_lens, chunk_metadata, layout):
-    """The decomposition: functional index arithmetic + one ``index_put_`` per cache, masked exactly."""
+    """The decomposition: functional index arithmetic + one ``index_put_`` per cache (see "Masking under
+    compile" in the module docstring)."""
     _validate_static(op, pairs, block_table, cu_q_lens, context_kv_lens, chunk_metadata, layout)
     states0, cache0 = pairs[0][1], pairs[0][3]
     nb, h, bs, _ = _cache_geometry(cache0, layout)
@@ -390,38 +449,57 @@ def _traced_store(op, pairs, block_table, cu_q_lens, context_kv_lens, chunk_meta
         return
     src, blk, off, valid, identity = plan
     nslots = nb * bs
-    # A free slot: mark the flat slots 0..T that valid elements write (the rest go to the trash entry T+1),
-    # then take the first unmarked one. There are T+1 candidates and at most T valid elements.
-    flat = blk * bs + off
-    cand = torch.where(valid & (flat <= T), flat, T + 1)
-    marks = torch.zeros(T + 2, dtype=torch.int8, device=device).scatter(0, cand, 1)[: T + 1]
-    marks = marks | (torch.arange(T + 1, device=device) >= nslots).to(torch.int8)
-    free = torch.argmin(marks).view(1)
-    # Every element's target slot, skipped ones sent to the free slot. Materialized once per element so that
-    # the scatter loads one index per row instead of redoing the whole plan for every vector of head_dim.
-    slot = _materialize(torch.where(valid, flat, free))
-    sink = (slot == free)[:, None, None]  # exactly the skipped elements: no valid element targets a free slot
+    keys, order, win = _last_writer_wins(blk * bs + off, valid, nslots)
+    if not identity:
+        src = _unsort(torch.arange(T, device=device), src)  # materialized once (see _unsort)
+    if T >= nslots:  # trace-time: every slot may be written, so there may be no free slot
+        _traced_store_whole_cache(pairs, layout, keys, order, win, src, nslots, nb, bs)
+        return
+    free = _first_free_slot(keys, nslots)
+    # Every element's target slot in element order (materialized: the scatter loads one index per element);
+    # elements that write nothing go to the free slot, with the free slot's own contents as their value.
+    slot = _unsort(order, torch.where(win, keys, free))
+    write = _unsort(order, win)[:, None, None]
     sb = torch.div(slot, bs, rounding_mode="floor")
     idx = _cache_index(layout, sb, slot - sb * bs, h)
     free_blk = torch.div(free, bs, rounding_mode="floor")
     free_off = free - free_blk * bs
-    owner = None
-    if T >= nslots:  # trace-time decision: every slot might be written, so the chosen one might not be free
-        owner = torch.argmax((valid & (flat == free)).to(torch.int8)).view(1)
-        taken = marks[free].bool()[:, None, None]
-    if not identity:
-        src = _materialize(src)
     for _, states, _, cache in pairs:
         values = states if identity else states[src]
         fill = _slot_snapshot(cache, layout, free_blk, free_off)
-        if owner is not None:  # the free slot may be a valid target: then copy its owner's write instead
-            fill = torch.where(taken, states[src[owner]], fill)
-        cache.index_put_(idx, torch.where(sink, fill, values))
+        cache.index_put_(idx, torch.where(write, values, fill))
 
 
-def _materialize(x: torch.Tensor) -> torch.Tensor:
-    """``x`` (1-D), as a buffer of its own in Inductor's output (a scatter is never inlined into its users)."""
-    return torch.zeros_like(x).scatter(0, torch.arange(x.shape[0], device=x.device), x)
+def _slot_snapshot(cache, layout, sb, so):
+    """The current ``(1, kv_heads, head_dim)`` contents of slot ``(sb, so)`` (1-element index tensors), copied
+    into a buffer of its own (a scatter into fresh zeros, which Inductor always materializes) so that the
+    values of the cache scatter read the snapshot, not the cache: Inductor would otherwise realize all the
+    values into a temporary (``index_put`` whose values read the destination), losing the fusion."""
+    snap = cache[sb, :, so, :] if layout == "HND" else cache[sb, so, :, :]  # (1, H, D) either way
+    out = torch.zeros_like(snap)
+    return out.scatter(0, torch.zeros_like(snap, dtype=torch.int64), snap)
+
+
+def _traced_store_whole_cache(pairs, layout, keys, order, win, src, nslots, nb, bs):
+    """More tokens than cache slots (a trace-time case): compute every slot's new contents with a gather and
+    write the whole cache with a pointwise ``copy_`` (as cheap as the scatter here: the cache is the smaller).
+
+    ``owner[slot]`` is the element that writes the slot, or ``-1``; it is built by a scatter with unique indices
+    (winners to their slot, everything else to a trash entry of its own)."""
+    T = keys.shape[0]
+    device = keys.device
+    dest = torch.where(win, keys, nslots + torch.arange(T, device=device))
+    owner = torch.full((nslots + T,), -1, dtype=torch.int64, device=device).scatter(0, dest, order)[:nslots]
+    owner = owner.view(nb, bs)
+    token = src[owner.clamp(min=0)]  # (nb, bs)
+    written = owner >= 0
+    for _, states, _, cache in pairs:
+        gathered = states[token]  # (nb, bs, h, d)
+        if layout == "HND":
+            new = torch.where(written[:, None, :, None], gathered.permute(0, 2, 1, 3), cache)
+        else:
+            new = torch.where(written[:, :, None, None], gathered, cache)
+        cache.copy_(new)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -566,3 +644,4 @@ def store_paged_single(states, cache, block_table=None, cu_q_lens=None, context_
     torch.ops.kvpass.store_paged_single(states, cache, block_table, cu_q_lens, context_kv_lens, chunk_metadata,
                                         layout=layout)
     return cache
+
