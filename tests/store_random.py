@@ -1,0 +1,149 @@
+"""Random paged-store batches of a few fixed shapes ("buckets"), for compiled-vs-eager checks of the store.
+
+The shapes of a bucket are fixed (so one compiled graph serves every batch drawn from it, without recompiles); the
+data is random: contexts (``-1`` padding rows, block edges), new-token counts (zero-length rows, tokens after
+``cu_q_lens[-1]`` that belong to no row), block tables with ``-1`` entries, narrower than the rows need, and with
+blocks shared between rows (two tokens may target one slot: the last one wins), chunk metadata with skipped
+(``dst_block = -1``) and overlapping chunks, states and poisoned caches from ``randn`` (never zeros).
+
+Used by ``tests/test_store_compile_fuzz.py`` (hypothesis, in process) and ``tests/store_isa_child.py`` (the same
+buckets under each ``ATEN_CPU_CAPABILITY``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+
+import torch
+
+
+@dataclasses.dataclass(frozen=True)
+class Bucket:
+    """Fixed shapes, layout, dtype and op of one compiled graph."""
+
+    name: str
+    mode: str  # "prefill" (cu_q_lens), "decode" (cu_q_lens=None) or "chunks"
+    tokens: int
+    rows: int  # rows, or chunks in "chunks" mode
+    heads: int
+    head_dim: int
+    block_size: int
+    num_blocks: int
+    width: int  # block table width (unused in "chunks" mode)
+    layout: str
+    dtype: torch.dtype
+    op: str  # "kv" (store_paged_kv) or "single" (store_paged_single)
+
+
+BUCKETS = [
+    Bucket("prefill-HND-f32-kv", "prefill", 24, 4, 2, 16, 4, 16, 5, "HND", torch.float32, "kv"),
+    Bucket("decode-NHD-bf16-single", "decode", 6, 6, 3, 8, 8, 4, 3, "NHD", torch.bfloat16, "single"),
+    Bucket("chunks-NHD-f16-kv", "chunks", 20, 6, 2, 8, 4, 8, 0, "NHD", torch.float16, "kv"),
+    # more tokens than cache slots (24 < 40): the lowering's whole-cache path
+    Bucket("prefill-small-cache-HND-f32-single", "prefill", 40, 3, 2, 8, 8, 3, 4, "HND", torch.float32, "single"),
+]
+BY_NAME = {b.name: b for b in BUCKETS}
+
+
+@dataclasses.dataclass
+class Batch:
+    """One random batch of a bucket: the op's arguments (caches are the poisoned originals; clone them)."""
+
+    bucket: Bucket
+    key: torch.Tensor
+    value: torch.Tensor
+    key_cache: torch.Tensor
+    value_cache: torch.Tensor
+    block_table: torch.Tensor | None
+    cu_q_lens: torch.Tensor | None
+    context_kv_lens: torch.Tensor | None
+    chunk_metadata: torch.Tensor | None
+
+    @property
+    def index(self):
+        return self.block_table, self.cu_q_lens, self.context_kv_lens, self.chunk_metadata
+
+
+def draw(bucket: Bucket, seed: int) -> Batch:
+    """A random batch of ``bucket`` (deterministic in ``seed``); every index is in range (eager accepts it)."""
+    r = random.Random(seed)
+    g = torch.Generator().manual_seed(seed)
+    b, T, bs, nb = bucket, bucket.tokens, bucket.block_size, bucket.num_blocks
+    table = cu = ctx = chunks = None
+    if b.mode == "chunks":
+        rows, total = [], 0
+        for _ in range(b.rows):
+            blk = r.choice([-1, r.randrange(nb), r.randrange(nb)])
+            off = r.randrange(bs)
+            n = r.randint(0, bs - off)
+            if blk >= 0 and total + n > T:
+                n = T - total
+            src = r.randint(0, T - n)
+            total += n if blk >= 0 else 0
+            rows.append([src, blk, off, n])
+        chunks = torch.tensor(rows, dtype=torch.int32)
+    else:
+        rows = b.rows
+        if b.mode == "decode":
+            q = [1] * rows
+        else:
+            cuts = sorted(r.randint(0, T) for _ in range(rows))  # cu_q_lens[-1] <= T: trailing tokens of no row
+            q = [cuts[0]] + [cuts[i] - cuts[i - 1] for i in range(1, rows)]
+        cap = b.width * bs
+        ctx = [r.choice([-1, 0, r.randint(0, cap), bs - 1, bs, r.randint(0, cap)]) for _ in range(rows)]
+        # random block ids: rows may share blocks (colliding targets), -1 entries are holes
+        table = torch.tensor([[r.choice([-1] + [r.randrange(nb)] * 4) for _ in range(b.width)] for _ in range(rows)],
+                             dtype=torch.int32)
+        ctx = torch.tensor(ctx, dtype=torch.int32)
+        if b.mode == "prefill":
+            cu = torch.tensor([0] + list(torch.tensor(q).cumsum(0).tolist()), dtype=torch.int32)
+    h, d = b.heads, b.head_dim
+    shape = (nb, h, bs, d) if b.layout == "HND" else (nb, bs, h, d)
+
+    def rnd(*s):
+        return torch.randn(*s, generator=g).to(b.dtype)
+
+    return Batch(b, rnd(T, h, d), rnd(T, h, d), rnd(*shape), rnd(*shape), table, cu, ctx, chunks)
+
+
+def store_fn(bucket: Bucket):
+    """A fresh function (its own code object, so each bucket gets its own compiled graph) applying the op."""
+    import kvpass
+
+    if bucket.op == "kv":
+        def store(key, value, key_cache, value_cache, block_table, cu_q_lens, context_kv_lens, chunk_metadata):
+            kvpass.store_paged_kv(key, value, key_cache, value_cache, block_table, cu_q_lens, context_kv_lens,
+                                  chunk_metadata=chunk_metadata, layout=bucket.layout)
+    else:
+        def store(key, value, key_cache, value_cache, block_table, cu_q_lens, context_kv_lens, chunk_metadata):
+            kvpass.store_paged_single(key, key_cache, block_table, cu_q_lens, context_kv_lens,
+                                      chunk_metadata=chunk_metadata, layout=bucket.layout)
+    return store
+
+
+def check(batch: Batch, compiled) -> str | None:
+    """Run eager, compiled and the per-token reference on ``batch``; ``None`` if all equal, else a message."""
+    from kvpass.ops.reference import reference_store
+
+    b = batch.bucket
+    fn = store_fn(b)
+    ek, ev = batch.key_cache.clone(), batch.value_cache.clone()
+    fn(batch.key, batch.value, ek, ev, *batch.index)
+    ck, cv = batch.key_cache.clone(), batch.value_cache.clone()
+    compiled(batch.key, batch.value, ck, cv, *batch.index)
+    bt, cu, ctx, chunks = batch.index
+    ref_k = reference_store(batch.key, batch.key_cache, bt, cu, ctx, chunk_metadata=chunks, layout=b.layout)
+    problems = []
+    if not torch.equal(ek, ref_k):
+        problems.append("eager K differs from the reference")
+    if not torch.equal(ck, ref_k):
+        bad = (ck != ref_k).reshape(ck.shape[0], ck.shape[1], ck.shape[2], -1).any(-1).nonzero().tolist()
+        problems.append(f"compiled K differs from the reference at {bad[:6]}")
+    if b.op == "kv":
+        ref_v = reference_store(batch.value, batch.value_cache, bt, cu, ctx, chunk_metadata=chunks, layout=b.layout)
+        if not (torch.equal(ev, ref_v) and torch.equal(cv, ref_v)):
+            problems.append("V differs from the reference")
+    elif not (torch.equal(cv, batch.value_cache) and torch.equal(ev, batch.value_cache)):
+        problems.append("store_paged_single touched the V cache")
+    return "; ".join(problems) or None
