@@ -1,7 +1,7 @@
 """Random paged-store batches of a few fixed shapes ("buckets"), for compiled-vs-eager checks of the store.
 
 The shapes of a bucket are fixed (so one compiled graph serves every batch drawn from it, without recompiles); the
-data is random: contexts (``-1`` padding rows, block edges), new-token counts (zero-length rows, tokens after
+data is random (all four addressing modes): contexts (``-1`` padding rows, block edges), new-token counts (zero-length rows, tokens after
 ``cu_q_lens[-1]`` that belong to no row), block tables with ``-1`` entries, narrower than the rows need, and with
 blocks shared between rows (two tokens may target one slot: the last one wins), chunk metadata with skipped
 (``dst_block = -1``) and overlapping chunks, states and poisoned caches from ``randn`` (never zeros).
@@ -23,9 +23,9 @@ class Bucket:
     """Fixed shapes, layout, dtype and op of one compiled graph."""
 
     name: str
-    mode: str  # "prefill" (cu_q_lens), "decode" (cu_q_lens=None) or "chunks"
+    mode: str  # "prefill" (cu_q_lens), "decode" (cu_q_lens=None), "chunks" or "slots" (slot_mapping)
     tokens: int
-    rows: int  # rows, or chunks in "chunks" mode
+    rows: int  # rows; chunks in "chunks" mode; slot_mapping entries in "slots" mode
     heads: int
     head_dim: int
     block_size: int
@@ -40,6 +40,8 @@ BUCKETS = [
     Bucket("prefill-HND-f32-kv", "prefill", 24, 4, 2, 16, 4, 16, 5, "HND", torch.float32, "kv"),
     Bucket("decode-NHD-bf16-single", "decode", 6, 6, 3, 8, 8, 4, 3, "NHD", torch.bfloat16, "single"),
     Bucket("chunks-NHD-f16-kv", "chunks", 20, 6, 2, 8, 4, 8, 0, "NHD", torch.float16, "kv"),
+    # slot_mapping shorter than the states (padded batch), negative and repeated slots
+    Bucket("slots-HND-f32-kv", "slots", 16, 12, 2, 8, 4, 6, 0, "HND", torch.float32, "kv"),
     # more tokens than cache slots (24 < 40): the lowering's whole-cache path
     Bucket("prefill-small-cache-HND-f32-single", "prefill", 40, 3, 2, 8, 8, 3, 4, "HND", torch.float32, "single"),
 ]
@@ -59,10 +61,11 @@ class Batch:
     cu_q_lens: torch.Tensor | None
     context_kv_lens: torch.Tensor | None
     chunk_metadata: torch.Tensor | None
+    slot_mapping: torch.Tensor | None = None
 
     @property
     def index(self):
-        return self.block_table, self.cu_q_lens, self.context_kv_lens, self.chunk_metadata
+        return self.block_table, self.cu_q_lens, self.context_kv_lens, self.chunk_metadata, self.slot_mapping
 
 
 def draw(bucket: Bucket, seed: int) -> Batch:
@@ -70,8 +73,11 @@ def draw(bucket: Bucket, seed: int) -> Batch:
     r = random.Random(seed)
     g = torch.Generator().manual_seed(seed)
     b, T, bs, nb = bucket, bucket.tokens, bucket.block_size, bucket.num_blocks
-    table = cu = ctx = chunks = None
-    if b.mode == "chunks":
+    table = cu = ctx = chunks = slots = None
+    if b.mode == "slots":
+        slots = torch.tensor([r.choice([-1, -7, r.randrange(nb * bs), r.randrange(nb * bs), r.randrange(4)])
+                              for _ in range(b.rows)], dtype=torch.int64)
+    elif b.mode == "chunks":
         rows, total = [], 0
         for _ in range(b.rows):
             blk = r.choice([-1, r.randrange(nb), r.randrange(nb)])
@@ -104,7 +110,7 @@ def draw(bucket: Bucket, seed: int) -> Batch:
     def rnd(*s):
         return torch.randn(*s, generator=g).to(b.dtype)
 
-    return Batch(b, rnd(T, h, d), rnd(T, h, d), rnd(*shape), rnd(*shape), table, cu, ctx, chunks)
+    return Batch(b, rnd(T, h, d), rnd(T, h, d), rnd(*shape), rnd(*shape), table, cu, ctx, chunks, slots)
 
 
 def store_fn(bucket: Bucket):
@@ -112,13 +118,15 @@ def store_fn(bucket: Bucket):
     import kvpass
 
     if bucket.op == "kv":
-        def store(key, value, key_cache, value_cache, block_table, cu_q_lens, context_kv_lens, chunk_metadata):
+        def store(key, value, key_cache, value_cache, block_table, cu_q_lens, context_kv_lens, chunk_metadata,
+                  slot_mapping):
             kvpass.store_paged_kv(key, value, key_cache, value_cache, block_table, cu_q_lens, context_kv_lens,
-                                  chunk_metadata=chunk_metadata, layout=bucket.layout)
+                                  chunk_metadata=chunk_metadata, slot_mapping=slot_mapping, layout=bucket.layout)
     else:
-        def store(key, value, key_cache, value_cache, block_table, cu_q_lens, context_kv_lens, chunk_metadata):
+        def store(key, value, key_cache, value_cache, block_table, cu_q_lens, context_kv_lens, chunk_metadata,
+                  slot_mapping):
             kvpass.store_paged_single(key, key_cache, block_table, cu_q_lens, context_kv_lens,
-                                      chunk_metadata=chunk_metadata, layout=bucket.layout)
+                                      chunk_metadata=chunk_metadata, slot_mapping=slot_mapping, layout=bucket.layout)
     return store
 
 
@@ -132,8 +140,9 @@ def check(batch: Batch, compiled) -> str | None:
     fn(batch.key, batch.value, ek, ev, *batch.index)
     ck, cv = batch.key_cache.clone(), batch.value_cache.clone()
     compiled(batch.key, batch.value, ck, cv, *batch.index)
-    bt, cu, ctx, chunks = batch.index
-    ref_k = reference_store(batch.key, batch.key_cache, bt, cu, ctx, chunk_metadata=chunks, layout=b.layout)
+    bt, cu, ctx, chunks, slots = batch.index
+    ref_k = reference_store(batch.key, batch.key_cache, bt, cu, ctx, chunk_metadata=chunks, slot_mapping=slots,
+                            layout=b.layout)
     problems = []
     if not torch.equal(ek, ref_k):
         problems.append("eager K differs from the reference")
@@ -141,7 +150,8 @@ def check(batch: Batch, compiled) -> str | None:
         bad = (ck != ref_k).reshape(ck.shape[0], ck.shape[1], ck.shape[2], -1).any(-1).nonzero().tolist()
         problems.append(f"compiled K differs from the reference at {bad[:6]}")
     if b.op == "kv":
-        ref_v = reference_store(batch.value, batch.value_cache, bt, cu, ctx, chunk_metadata=chunks, layout=b.layout)
+        ref_v = reference_store(batch.value, batch.value_cache, bt, cu, ctx, chunk_metadata=chunks,
+                                slot_mapping=slots, layout=b.layout)
         if not (torch.equal(ev, ref_v) and torch.equal(cv, ref_v)):
             problems.append("V differs from the reference")
     elif not (torch.equal(cv, batch.value_cache) and torch.equal(ev, batch.value_cache)):

@@ -258,7 +258,42 @@ def test_public_names():
     assert "Tensor(a1!) cache" in str(torch.ops.kvpass.store_paged_single.default._schema)
 
 
-@pytest.mark.parametrize("op", ["kv", "single_chunks"])
+def slot_mapping_of(case: Case, seed=0, pad_tokens=0) -> torch.Tensor:
+    """The block-table addressing of ``case`` as a vLLM slot mapping (``-1`` for skipped tokens), shortened by
+    ``pad_tokens`` (those trailing tokens are then ignored by the op)."""
+    bs = case.key_cache.shape[2] if case.layout == "HND" else case.key_cache.shape[1]
+    table, ctx = case.block_table.tolist(), case.context_kv_lens.tolist()
+    cu = case.cu_q_lens.tolist() if case.cu_q_lens is not None else list(range(len(ctx) + 1))
+    slots = [-1] * case.key.shape[0]
+    for b, c in enumerate(ctx):
+        for t in range(cu[b], cu[b + 1]):
+            p = c + t - cu[b]
+            if c >= 0 and p // bs < len(table[b]) and table[b][p // bs] >= 0:
+                slots[t] = table[b][p // bs] * bs + p % bs
+    return torch.tensor(slots[: len(slots) - pad_tokens], dtype=torch.int64).to(case.key.device)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("name", ["b1_prefill_h1_d64", "padding_rows_0_-1_5_q402", "bucket_padded_bs8",
+                                  "b8_decode_h8_d128", "holes_in_table", "past_table_width"])
+def test_slot_mapping_matches_reference_and_block_table(name, layout):
+    """slot_mapping (issue 16): the same stores as the block table; a mapping shorter than the states ignores
+    the trailing tokens; a negative slot is skipped."""
+    case = build(SPECS[name], torch.float32, layout, seed=11)
+    slots = slot_mapping_of(case)
+    want_k = reference_store(case.key, case.key_cache, *case.index, layout=layout)
+    assert torch.equal(reference_store(case.key, case.key_cache, slot_mapping=slots, layout=layout), want_k)
+    kc, vc = case.caches()
+    store_paged_kv(case.key, case.value, kc, vc, slot_mapping=slots, layout=layout)
+    assert torch.equal(kc, want_k)
+    assert torch.equal(vc, reference_store(case.value, case.value_cache, *case.index, layout=layout))
+    short = slots[: max(0, slots.shape[0] - 2)]  # the last two tokens are padding of the batch
+    single = case.key_cache.clone()
+    store_paged_single(case.key, single, slot_mapping=short, layout=layout)
+    assert torch.equal(single, reference_store(case.key, case.key_cache, slot_mapping=short, layout=layout))
+
+
+@pytest.mark.parametrize("op", ["kv", "single_chunks", "single_slots"])
 def test_opcheck(op):
     """torch.library.opcheck: the schema's mutates_args are exact, the fake kernel and the functionalized
     (decomposed) path agree with eager."""
@@ -266,9 +301,13 @@ def test_opcheck(op):
     kc, vc = case.caches()
     if op == "kv":
         torch.library.opcheck(torch.ops.kvpass.store_paged_kv.default, (case.key, case.value, kc, vc, *case.index))
-    else:
+    elif op == "single_chunks":
         torch.library.opcheck(torch.ops.kvpass.store_paged_single.default,
                               (case.key, kc, None, None, None, chunks_of(case)), {"layout": "HND"})
+    else:
+        torch.library.opcheck(torch.ops.kvpass.store_paged_single.default,
+                              (case.key, kc, None, None, None, None, slot_mapping_of(case, pad_tokens=1)),
+                              {"layout": "HND"})
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -278,7 +317,7 @@ def test_opcheck(op):
 
 def _kw(case, **over):
     kw = dict(key=case.key, value=case.value, block_table=case.block_table, cu_q_lens=case.cu_q_lens,
-              context_kv_lens=case.context_kv_lens, chunk_metadata=None, layout=case.layout)
+              context_kv_lens=case.context_kv_lens, chunk_metadata=None, slot_mapping=None, layout=case.layout)
     kw.update(over)
     return kw
 
@@ -288,6 +327,13 @@ SAME_AS_KEY_CACHE = object()
 
 def _i32(values):
     return torch.tensor(values, dtype=torch.int32)
+
+
+def _slots(values):
+    return torch.tensor(values, dtype=torch.int64)
+
+
+NO_TABLE = dict(block_table=None, cu_q_lens=None, context_kv_lens=None)
 
 
 # Each entry: (id, builder(case) -> kwargs overrides, error class, argument named in the message).
@@ -353,6 +399,19 @@ INVALID = [
                                                  chunk_metadata=_i32([[0, 1, 0, 4], [0, 2, 0, 4]])),
      PagedStoreValueError, "chunk_metadata"),
     ("value_cache_is_key_cache", lambda c: dict(value_cache=SAME_AS_KEY_CACHE), PagedStoreValueError, "value_cache"),
+    ("slot_mapping_int32", lambda c: dict(**NO_TABLE, slot_mapping=_i32([0, 1])), PagedStoreTypeError, "slot_mapping"),
+    ("slot_mapping_rank", lambda c: dict(**NO_TABLE, slot_mapping=_slots([[0, 1]])), PagedStoreValueError,
+     "slot_mapping"),
+    ("slot_mapping_longer_than_tokens", lambda c: dict(**NO_TABLE, slot_mapping=_slots(list(range(7)))),
+     PagedStoreValueError, "slot_mapping"),
+    ("slot_mapping_mixed_with_block_table", lambda c: dict(slot_mapping=_slots([0])), PagedStoreValueError,
+     "slot_mapping"),
+    ("slot_mapping_mixed_with_chunks", lambda c: dict(**NO_TABLE, chunk_metadata=chunks_of(c),
+                                                      slot_mapping=_slots([0])), PagedStoreValueError, "slot_mapping"),
+    ("slot_past_cache", lambda c: dict(**NO_TABLE, slot_mapping=_slots([0, -1, c.key_cache.shape[0] * 16])),
+     PagedStoreValueError, "slot_mapping"),
+    ("slot_mapping_device", lambda c: dict(**NO_TABLE, slot_mapping=_slots([0]).to("meta")), PagedStoreValueError,
+     "slot_mapping"),
 ]
 
 

@@ -4,7 +4,7 @@ Semantics (DESIGN section 5; upstream ``MojoStorePagedKVCache`` / ``MojoStorePag
 -----------------------------------------------------------------------------------------------
 New states are ``(tokens, kv_heads, head_dim)``. A cache is ``(num_blocks, kv_heads, block_size, head_dim)``
 (``layout="HND"``, the default) or ``(num_blocks, block_size, kv_heads, head_dim)`` (``layout="NHD"``, the
-vLLM/FlashInfer layout, selected explicitly). Two addressing modes:
+vLLM/FlashInfer layout, selected explicitly). Three addressing modes, exactly one per call:
 
 * ``block_table (B, W)`` + ``cu_q_lens (B+1,)`` (``None``: decode, token ``i`` is row ``i``'s only token) +
   ``context_kv_lens (B,)``: token ``t`` of row ``b`` goes to position ``p = ctx[b] + t``, physical block
@@ -16,6 +16,9 @@ vLLM/FlashInfer layout, selected explicitly). Two addressing modes:
   crosses a block); a chunk whose ``dst_block`` is ``-1`` is skipped. Chunks may come in any order; the stored
   chunks (``dst_block >= 0``) may not add up to more than ``tokens`` elements (so a source token can be stored
   twice only by giving up another one: the compiled path sizes its work by ``tokens``).
+* ``slot_mapping (n,)`` int64 (vLLM's ``reshape_and_cache`` addressing): token ``t < n`` goes to block
+  ``slot // block_size``, offset ``slot % block_size``; negative slots are skipped; tokens ``>= n`` (the padded
+  tail of a batch: the states may be longer than the mapping) are ignored.
 
 Every other slot of the cache is left exactly as it was. When two valid tokens target the same slot, the last one
 (in token order; with ``chunk_metadata``, in the order of the chunks) wins, in eager and compiled alike, as in the
@@ -138,7 +141,7 @@ def _cache_geometry(cache: torch.Tensor, layout: str) -> tuple[int, int, int, in
 
 
 def _validate_static(op: str, pairs: Sequence[tuple[str, torch.Tensor, str, torch.Tensor]],
-                     block_table, cu_q_lens, context_kv_lens, chunk_metadata, layout) -> None:
+                     block_table, cu_q_lens, context_kv_lens, chunk_metadata, layout, slot_mapping=None) -> None:
     """Checks that need only metadata (ranks, dtypes, devices, shapes, argument combinations).
 
     Runs in eager and at trace time. ``pairs`` is ``[(states_name, states, cache_name, cache), ...]``.
@@ -186,18 +189,30 @@ def _validate_static(op: str, pairs: Sequence[tuple[str, torch.Tensor, str, torc
                         f"both K and V")
     device = first_states.device
 
-    def index(name, t, rank):
+    def index(name, t, rank, dtype=torch.int32):
         if t is None:
             return
         if not isinstance(t, torch.Tensor):
-            bad_type(name, f"expected an int32 torch.Tensor or None, got {type(t).__name__}")
-        if t.dtype != torch.int32:
-            bad_type(name, f"expected dtype torch.int32, got {t.dtype}")
+            bad_type(name, f"expected a {str(dtype)[6:]} torch.Tensor or None, got {type(t).__name__}")
+        if t.dtype != dtype:
+            bad_type(name, f"expected dtype {dtype}, got {t.dtype}")
         if t.dim() != rank:
             bad(name, f"expected rank {rank}, got shape {tuple(t.shape)}")
         if t.device != device:
             bad(name, f"is on {t.device} but the states are on {device}")
 
+    if slot_mapping is not None:
+        mixed = [n for n, t in (("block_table", block_table), ("cu_q_lens", cu_q_lens),
+                                ("context_kv_lens", context_kv_lens), ("chunk_metadata", chunk_metadata))
+                 if t is not None]
+        if mixed:
+            bad("slot_mapping", f"cannot be combined with {', '.join(mixed)}: give exactly one addressing mode "
+                                f"(slot_mapping, chunk_metadata, or block_table + cu_q_lens + context_kv_lens)")
+        index("slot_mapping", slot_mapping, 1, torch.int64)
+        if slot_mapping.shape[0] > first_states.shape[0]:
+            bad("slot_mapping", f"has {slot_mapping.shape[0]} entries but there are only "
+                                f"{first_states.shape[0]} tokens (the states may be longer, not shorter)")
+        return
     if chunk_metadata is not None:
         mixed = [n for n, t in (("block_table", block_table), ("cu_q_lens", cu_q_lens),
                                 ("context_kv_lens", context_kv_lens)) if t is not None]
@@ -210,7 +225,7 @@ def _validate_static(op: str, pairs: Sequence[tuple[str, torch.Tensor, str, torc
                                   f"dst_offset, length), got {tuple(chunk_metadata.shape)}")
         return
     if block_table is None:
-        bad("block_table", "required unless chunk_metadata is given")
+        bad("block_table", "required unless chunk_metadata or slot_mapping is given")
     if context_kv_lens is None:
         bad("context_kv_lens", "required with block_table (tokens already cached per row, -1 for a padding row)")
     index("block_table", block_table, 2)
@@ -244,10 +259,13 @@ def _overlaps(a: torch.Tensor, b: torch.Tensor) -> bool:
 
 
 def _validate_data(op: str, num_tokens: int, num_blocks: int, block_size: int,
-                   block_table, cu_q_lens, context_kv_lens, chunk_metadata) -> None:
+                   block_table, cu_q_lens, context_kv_lens, chunk_metadata, slot_mapping=None) -> None:
     """Data-dependent checks (eager only): evaluated on device, one host sync, messages name the argument."""
     checks: list[tuple[str, torch.Tensor, str]] = []
-    if chunk_metadata is not None:
+    if slot_mapping is not None:
+        checks.append(("slot_mapping", slot_mapping >= num_blocks * block_size,
+                       f"slots must be < num_blocks * block_size = {num_blocks * block_size} (negative: skipped)"))
+    elif chunk_metadata is not None:
         src, blk, off, ln = chunk_metadata.to(torch.int64).unbind(1)
         stored = blk >= 0  # a dst_block = -1 row is padding: skipped whatever its other columns say
         checks += [
@@ -289,7 +307,7 @@ def _validate_data(op: str, num_tokens: int, num_blocks: int, block_size: int,
 
 
 def _plan(num_tokens, num_blocks: int, block_size: int, device,
-          block_table, cu_q_lens, context_kv_lens, chunk_metadata):
+          block_table, cu_q_lens, context_kv_lens, chunk_metadata, slot_mapping=None):
     """``(src, blk, off, valid, src_is_identity)`` for ``num_tokens`` elements, or ``None`` if nothing can be written.
 
     Pure, shape-static index arithmetic (no host sync): usable in eager and under tracing. Every index used to
@@ -298,6 +316,15 @@ def _plan(num_tokens, num_blocks: int, block_size: int, device,
     """
     i64 = torch.int64
     e = torch.arange(num_tokens, device=device, dtype=i64)
+    if slot_mapping is not None:  # element e is token e; tokens past the mapping are ignored
+        n = slot_mapping.shape[0]
+        if n == 0:
+            return None
+        slot = slot_mapping[e.clamp(max=n - 1)]
+        valid = (e < n) & (slot >= 0) & (slot < num_blocks * block_size)
+        slot = slot.clamp(0, num_blocks * block_size - 1)
+        blk = torch.div(slot, block_size, rounding_mode="floor")
+        return e, blk, slot - blk * block_size, valid, True
     if chunk_metadata is not None:
         num_chunks = chunk_metadata.shape[0]
         if num_chunks == 0:
@@ -352,15 +379,15 @@ def _cache_index(layout: str, blk, off, kv_heads: int):
 # ----------------------------------------------------------------------------------------------------------
 
 
-def _eager_store(op, pairs, block_table, cu_q_lens, context_kv_lens, chunk_metadata, layout):
-    _validate_static(op, pairs, block_table, cu_q_lens, context_kv_lens, chunk_metadata, layout)
+def _eager_store(op, pairs, block_table, cu_q_lens, context_kv_lens, chunk_metadata, layout, slot_mapping=None):
+    _validate_static(op, pairs, block_table, cu_q_lens, context_kv_lens, chunk_metadata, layout, slot_mapping)
     states0, cache0 = pairs[0][1], pairs[0][3]
     nb, h, bs, _ = _cache_geometry(cache0, layout)
     T = states0.shape[0]
-    _validate_data(op, T, nb, bs, block_table, cu_q_lens, context_kv_lens, chunk_metadata)
+    _validate_data(op, T, nb, bs, block_table, cu_q_lens, context_kv_lens, chunk_metadata, slot_mapping)
     if T == 0 or nb == 0:
         return
-    plan = _plan(T, nb, bs, states0.device, block_table, cu_q_lens, context_kv_lens, chunk_metadata)
+    plan = _plan(T, nb, bs, states0.device, block_table, cu_q_lens, context_kv_lens, chunk_metadata, slot_mapping)
     if plan is None:
         return
     src, blk, off, valid, identity = plan
@@ -434,17 +461,17 @@ def _first_free_slot(keys: torch.Tensor, nslots: int) -> torch.Tensor:
     return free.clamp(0, nslots - 1)
 
 
-def _traced_store(op, pairs, block_table, cu_q_lens, context_kv_lens, chunk_metadata, layout):
+def _traced_store(op, pairs, block_table, cu_q_lens, context_kv_lens, chunk_metadata, layout, slot_mapping=None):
     """The decomposition: functional index arithmetic + one ``index_put_`` per cache (see "Masking under
     compile" in the module docstring)."""
-    _validate_static(op, pairs, block_table, cu_q_lens, context_kv_lens, chunk_metadata, layout)
+    _validate_static(op, pairs, block_table, cu_q_lens, context_kv_lens, chunk_metadata, layout, slot_mapping)
     states0, cache0 = pairs[0][1], pairs[0][3]
     nb, h, bs, _ = _cache_geometry(cache0, layout)
     T = states0.shape[0]
     if T == 0 or nb == 0:
         return
     device = states0.device
-    plan = _plan(T, nb, bs, device, block_table, cu_q_lens, context_kv_lens, chunk_metadata)
+    plan = _plan(T, nb, bs, device, block_table, cu_q_lens, context_kv_lens, chunk_metadata, slot_mapping)
     if plan is None:
         return
     src, blk, off, valid, identity = plan
@@ -509,9 +536,10 @@ def _traced_store_whole_cache(pairs, layout, keys, order, win, src, nslots, nb, 
 # argument of the op and may be passed by keyword; the Python wrappers below make it keyword-only):
 #   kvpass::store_paged_kv(Tensor key, Tensor value, Tensor(a2!) key_cache, Tensor(a3!) value_cache,
 #       Tensor? block_table=None, Tensor? cu_q_lens=None, Tensor? context_kv_lens=None,
-#       Tensor? chunk_metadata=None, *, str layout="HND") -> ()
+#       Tensor? chunk_metadata=None, Tensor? slot_mapping=None, *, str layout="HND") -> ()
 #   kvpass::store_paged_single(Tensor states, Tensor(a1!) cache, Tensor? block_table=None,
-#       Tensor? cu_q_lens=None, Tensor? context_kv_lens=None, Tensor? chunk_metadata=None, *,
+#       Tensor? cu_q_lens=None, Tensor? context_kv_lens=None, Tensor? chunk_metadata=None,
+#       Tensor? slot_mapping=None, *,
 #       str layout="HND") -> ()
 
 
@@ -525,12 +553,13 @@ def _store_paged_kv_op(
     cu_q_lens: Optional[torch.Tensor] = None,
     context_kv_lens: Optional[torch.Tensor] = None,
     chunk_metadata: Optional[torch.Tensor] = None,
+    slot_mapping: Optional[torch.Tensor] = None,
     *,
     layout: str = "HND",
 ) -> None:
     """Eager kernel of ``kvpass::store_paged_kv`` (see :func:`store_paged_kv`)."""
     _eager_store("store_paged_kv", [("key", key, "key_cache", key_cache), ("value", value, "value_cache", value_cache)],
-                 block_table, cu_q_lens, context_kv_lens, chunk_metadata, layout)
+                 block_table, cu_q_lens, context_kv_lens, chunk_metadata, layout, slot_mapping)
 
 
 @torch.library.custom_op("kvpass::store_paged_single", mutates_args=("cache",))
@@ -541,40 +570,41 @@ def _store_paged_single_op(
     cu_q_lens: Optional[torch.Tensor] = None,
     context_kv_lens: Optional[torch.Tensor] = None,
     chunk_metadata: Optional[torch.Tensor] = None,
+    slot_mapping: Optional[torch.Tensor] = None,
     *,
     layout: str = "HND",
 ) -> None:
     """Eager kernel of ``kvpass::store_paged_single`` (see :func:`store_paged_single`)."""
     _eager_store("store_paged_single", [("states", states, "cache", cache)],
-                 block_table, cu_q_lens, context_kv_lens, chunk_metadata, layout)
+                 block_table, cu_q_lens, context_kv_lens, chunk_metadata, layout, slot_mapping)
 
 
 @_store_paged_kv_op.register_fake
 def _store_paged_kv_fake(key, value, key_cache, value_cache, block_table=None, cu_q_lens=None,
-                         context_kv_lens=None, chunk_metadata=None, *, layout="HND"):
+                         context_kv_lens=None, chunk_metadata=None, slot_mapping=None, *, layout="HND"):
     _validate_static("store_paged_kv", [("key", key, "key_cache", key_cache),
                                         ("value", value, "value_cache", value_cache)],
-                     block_table, cu_q_lens, context_kv_lens, chunk_metadata, layout)
+                     block_table, cu_q_lens, context_kv_lens, chunk_metadata, layout, slot_mapping)
 
 
 @_store_paged_single_op.register_fake
 def _store_paged_single_fake(states, cache, block_table=None, cu_q_lens=None, context_kv_lens=None,
-                             chunk_metadata=None, *, layout="HND"):
+                             chunk_metadata=None, slot_mapping=None, *, layout="HND"):
     _validate_static("store_paged_single", [("states", states, "cache", cache)],
-                     block_table, cu_q_lens, context_kv_lens, chunk_metadata, layout)
+                     block_table, cu_q_lens, context_kv_lens, chunk_metadata, layout, slot_mapping)
 
 
 def _store_paged_kv_decomposition(key, value, key_cache, value_cache, block_table=None, cu_q_lens=None,
-                                  context_kv_lens=None, chunk_metadata=None, *, layout="HND"):
+                                  context_kv_lens=None, chunk_metadata=None, slot_mapping=None, *, layout="HND"):
     _traced_store("store_paged_kv", [("key", key, "key_cache", key_cache),
                                      ("value", value, "value_cache", value_cache)],
-                  block_table, cu_q_lens, context_kv_lens, chunk_metadata, layout)
+                  block_table, cu_q_lens, context_kv_lens, chunk_metadata, layout, slot_mapping)
 
 
 def _store_paged_single_decomposition(states, cache, block_table=None, cu_q_lens=None, context_kv_lens=None,
-                                      chunk_metadata=None, *, layout="HND"):
+                                      chunk_metadata=None, slot_mapping=None, *, layout="HND"):
     _traced_store("store_paged_single", [("states", states, "cache", cache)],
-                  block_table, cu_q_lens, context_kv_lens, chunk_metadata, layout)
+                  block_table, cu_q_lens, context_kv_lens, chunk_metadata, layout, slot_mapping)
 
 
 # A Python CompositeImplicitAutograd kernel is consulted only by OpOverload.decompose(): by FunctionalTensorMode
@@ -592,7 +622,7 @@ torch.ops.kvpass.store_paged_single.default.py_impl(_DK)(_store_paged_single_dec
 
 
 def store_paged_kv(key, value, key_cache, value_cache, block_table=None, cu_q_lens=None, context_kv_lens=None,
-                   *, chunk_metadata=None, layout="HND"):
+                   *, chunk_metadata=None, slot_mapping=None, layout="HND"):
     """Write new K and V tokens into paged caches, in place (``torch.ops.kvpass.store_paged_kv``).
 
     Args:
@@ -606,6 +636,9 @@ def store_paged_kv(key, value, key_cache, value_cache, block_table=None, cu_q_le
         context_kv_lens: ``(B,)`` int32 tokens already cached per row (the write start), ``-1`` for a padding row.
         chunk_metadata: ``(num_chunks, 4)`` int32 rows ``(src_token_start, dst_block, dst_offset, length)``,
             each within one block; exclusive with ``block_table``/``cu_q_lens``/``context_kv_lens``.
+        slot_mapping: ``(n,)`` int64 flat slot per token (vLLM's addressing): token ``t < n`` goes to block
+            ``slot // block_size``, offset ``slot % block_size``; a negative slot is skipped, and tokens ``>= n``
+            (rows of a padded batch) are ignored. Exclusive with the other addressing arguments.
         layout: ``"HND"`` (default) or ``"NHD"``.
 
     Returns:
@@ -621,14 +654,14 @@ def store_paged_kv(key, value, key_cache, value_cache, block_table=None, cu_q_le
     if not torch.compiler.is_compiling():
         _validate_static("store_paged_kv", [("key", key, "key_cache", key_cache),
                                             ("value", value, "value_cache", value_cache)],
-                         block_table, cu_q_lens, context_kv_lens, chunk_metadata, layout)
+                         block_table, cu_q_lens, context_kv_lens, chunk_metadata, layout, slot_mapping)
     torch.ops.kvpass.store_paged_kv(key, value, key_cache, value_cache, block_table, cu_q_lens, context_kv_lens,
-                                    chunk_metadata, layout=layout)
+                                    chunk_metadata, slot_mapping, layout=layout)
     return key_cache, value_cache
 
 
 def store_paged_single(states, cache, block_table=None, cu_q_lens=None, context_kv_lens=None, *,
-                       chunk_metadata=None, layout="HND"):
+                       chunk_metadata=None, slot_mapping=None, layout="HND"):
     """Write new K *or* V tokens into one paged cache, in place (``torch.ops.kvpass.store_paged_single``).
 
     The same addressing, layouts, validation and compile behaviour as :func:`store_paged_kv` for one
@@ -640,8 +673,8 @@ def store_paged_single(states, cache, block_table=None, cu_q_lens=None, context_
     """
     if not torch.compiler.is_compiling():
         _validate_static("store_paged_single", [("states", states, "cache", cache)],
-                         block_table, cu_q_lens, context_kv_lens, chunk_metadata, layout)
+                         block_table, cu_q_lens, context_kv_lens, chunk_metadata, layout, slot_mapping)
     torch.ops.kvpass.store_paged_single(states, cache, block_table, cu_q_lens, context_kv_lens, chunk_metadata,
-                                        layout=layout)
+                                        slot_mapping, layout=layout)
     return cache
 

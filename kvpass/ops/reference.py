@@ -18,13 +18,14 @@ __all__ = ["reference_store", "loop_store_paged_kv", "token_loop_store_paged_kv"
 
 
 def reference_store(states, cache, block_table=None, cu_q_lens=None, context_kv_lens=None, *,
-                    chunk_metadata=None, layout="HND"):
+                    chunk_metadata=None, slot_mapping=None, layout="HND"):
     """Return a copy of ``cache`` with ``states`` written token by token (the semantics, in plain Python).
 
     Token ``t`` of row ``b`` goes to position ``p = ctx[b] + t``, block ``block_table[b, p // bs]``, offset
     ``p % bs``; padding rows (``ctx < 0``), ``-1`` blocks and positions past the table are skipped; decode
     (``cu_q_lens=None``) means token ``b`` is row ``b``'s only token. With ``chunk_metadata`` rows
-    ``(src, dst_block, dst_offset, length)``, chunks with ``dst_block < 0`` are skipped.
+    ``(src, dst_block, dst_offset, length)``, chunks with ``dst_block < 0`` are skipped. With ``slot_mapping``,
+    token ``t`` goes to slot ``slot_mapping[t]`` (block ``slot // bs``, offset ``slot % bs``) unless negative.
     """
     out = cache.clone()
     bs = cache.shape[2] if layout == "HND" else cache.shape[1]
@@ -35,6 +36,11 @@ def reference_store(states, cache, block_table=None, cu_q_lens=None, context_kv_
         else:
             out[blk, off, :, :] = x
 
+    if slot_mapping is not None:
+        for t, slot in enumerate(slot_mapping.cpu().tolist()):
+            if slot >= 0:
+                put(slot // bs, slot % bs, states[t])
+        return out
     if chunk_metadata is not None:
         for src, blk, off, n in chunk_metadata.cpu().tolist():
             if blk < 0:
