@@ -108,6 +108,34 @@ LAYOUTS = ("HND", "NHD")
 ``(num_blocks, block_size, kv_heads, head_dim)``."""
 
 
+QUANT_DTYPES = (torch.int8, torch.float8_e4m3fn, torch.float8_e5m2)
+"""Cache dtypes a store writes through a scale (``k_scale``/``v_scale``/``scale``)."""
+
+_FLOAT_STATES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def quantize(x: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``x`` ``(n, kv_heads, head_dim)`` quantized to ``dtype`` with a float32 ``scale`` of shape ``[1]`` or
+    ``[kv_heads]``: ``x / scale`` in float32, then for int8 ``torch.round`` (half to even) and a clamp to
+    ``[-128, 127]``, for fp8 a clamp to ``±finfo(dtype).max`` (saturating, as vLLM's ``__NV_SATFINITE``) and
+    ``.to(dtype)`` (round to nearest even).
+
+    kvpass divides by the scale, as vLLM's ``reshape_and_cache`` does; SGLang multiplies by a precomputed
+    reciprocal, which can differ by one ulp of ``x / scale`` before rounding and so, rarely, by one quantization
+    step after it.
+    """
+    y = x.float() / scale.view(1, -1, 1)
+    if dtype == torch.int8:
+        return torch.round(y).clamp(-128, 127).to(dtype)
+    m = torch.finfo(dtype).max
+    return y.clamp(-m, m).to(dtype)
+
+
+def _scales(scales, n):
+    """``scales`` as a list of ``(argument_name, tensor_or_None)``, one per (states, cache) pair."""
+    return list(scales) if scales is not None else [("scale", None)] * n
+
+
 class PagedStoreError(KVPassError):
     """A paged store op rejected its arguments; nothing was written. ``argument`` names the offending one."""
 
@@ -141,7 +169,8 @@ def _cache_geometry(cache: torch.Tensor, layout: str) -> tuple[int, int, int, in
 
 
 def _validate_static(op: str, pairs: Sequence[tuple[str, torch.Tensor, str, torch.Tensor]],
-                     block_table, cu_q_lens, context_kv_lens, chunk_metadata, layout, slot_mapping=None) -> None:
+                     block_table, cu_q_lens, context_kv_lens, chunk_metadata, layout, slot_mapping=None,
+                     scales=None) -> None:
     """Checks that need only metadata (ranks, dtypes, devices, shapes, argument combinations).
 
     Runs in eager and at trace time. ``pairs`` is ``[(states_name, states, cache_name, cache), ...]``.
@@ -157,7 +186,7 @@ def _validate_static(op: str, pairs: Sequence[tuple[str, torch.Tensor, str, torc
                       f"NHD: (num_blocks, block_size, kv_heads, head_dim)), got {layout!r}")
     shape_name = ("(num_blocks, kv_heads, block_size, head_dim)" if layout == "HND"
                   else "(num_blocks, block_size, kv_heads, head_dim)")
-    for s_name, states, c_name, cache in pairs:
+    for (s_name, states, c_name, cache), (q_name, scale) in zip(pairs, _scales(scales, len(pairs))):
         for name, t in ((s_name, states), (c_name, cache)):
             if not isinstance(t, torch.Tensor):
                 bad_type(name, f"expected a torch.Tensor, got {type(t).__name__}")
@@ -165,7 +194,12 @@ def _validate_static(op: str, pairs: Sequence[tuple[str, torch.Tensor, str, torc
             bad(s_name, f"expected rank 3 (tokens, kv_heads, head_dim), got shape {tuple(states.shape)}")
         if cache.dim() != 4:
             bad(c_name, f"expected rank 4 {shape_name} for layout={layout!r}, got shape {tuple(cache.shape)}")
-        if states.dtype != cache.dtype:
+        if scale is not None:
+            _validate_scale(op, q_name, scale, s_name, states, c_name, cache, layout)
+        elif cache.dtype in QUANT_DTYPES and states.dtype != cache.dtype:
+            bad_type(q_name, f"required: {c_name} is a quantized {cache.dtype} cache and {s_name} is "
+                             f"{states.dtype} (give a float32 scale of shape [1] or [kv_heads])")
+        elif states.dtype != cache.dtype:
             bad_type(c_name, f"dtype {cache.dtype} differs from {s_name}'s dtype {states.dtype}")
         if states.device != cache.device:
             bad(c_name, f"is on {cache.device} but {s_name} is on {states.device}")
@@ -242,6 +276,27 @@ def _validate_static(op: str, pairs: Sequence[tuple[str, torch.Tensor, str, torc
                                f"and {first_states.shape[0]} tokens")
 
 
+def _validate_scale(op, q_name, scale, s_name, states, c_name, cache, layout) -> None:
+    """Metadata checks of a quantization scale (its values are checked in eager by :func:`_validate_data`)."""
+    if not isinstance(scale, torch.Tensor):
+        raise PagedStoreTypeError(op, q_name, f"expected a float32 torch.Tensor or None, got {type(scale).__name__}")
+    if cache.dtype not in QUANT_DTYPES:
+        raise PagedStoreTypeError(op, q_name, f"given, but {c_name} has dtype {cache.dtype}: a scale needs an "
+                                              f"int8, float8_e4m3fn or float8_e5m2 cache")
+    if states.dtype not in _FLOAT_STATES:
+        raise PagedStoreTypeError(op, s_name, f"dtype {states.dtype}: a quantized store takes float32, float16 "
+                                              f"or bfloat16 states")
+    if scale.dtype != torch.float32:
+        raise PagedStoreTypeError(op, q_name, f"expected dtype torch.float32, got {scale.dtype}")
+    heads = _cache_geometry(cache, layout)[1]
+    if scale.dim() != 1 or scale.shape[0] not in (1, heads):
+        raise PagedStoreValueError(op, q_name, f"expected shape [1] (per tensor) or [{heads}] (per kv head), got "
+                                               f"{tuple(scale.shape)}")
+    if scale.device != states.device:
+        raise PagedStoreValueError(op, q_name, f"is on {scale.device} but {s_name} is on {states.device} (a scale "
+                                               f"on another device would need a copy and a sync per call)")
+
+
 def _overlaps(a: torch.Tensor, b: torch.Tensor) -> bool:
     """True when ``a`` and ``b`` are the same memory viewed the same way (the one aliasing a store can detect
     cheaply). Disjoint views of one buffer, such as ``kv[:, 0]`` and ``kv[:, 1]``, are fine."""
@@ -259,9 +314,12 @@ def _overlaps(a: torch.Tensor, b: torch.Tensor) -> bool:
 
 
 def _validate_data(op: str, num_tokens: int, num_blocks: int, block_size: int,
-                   block_table, cu_q_lens, context_kv_lens, chunk_metadata, slot_mapping=None) -> None:
+                   block_table, cu_q_lens, context_kv_lens, chunk_metadata, slot_mapping=None, scales=()) -> None:
     """Data-dependent checks (eager only): evaluated on device, one host sync, messages name the argument."""
     checks: list[tuple[str, torch.Tensor, str]] = []
+    for name, scale in scales or ():
+        if scale is not None:
+            checks.append((name, ~((scale > 0) & torch.isfinite(scale)), "entries must be finite and > 0"))
     if slot_mapping is not None:
         checks.append(("slot_mapping", slot_mapping >= num_blocks * block_size,
                        f"slots must be < num_blocks * block_size = {num_blocks * block_size} (negative: skipped)"))
@@ -379,12 +437,14 @@ def _cache_index(layout: str, blk, off, kv_heads: int):
 # ----------------------------------------------------------------------------------------------------------
 
 
-def _eager_store(op, pairs, block_table, cu_q_lens, context_kv_lens, chunk_metadata, layout, slot_mapping=None):
-    _validate_static(op, pairs, block_table, cu_q_lens, context_kv_lens, chunk_metadata, layout, slot_mapping)
+def _eager_store(op, pairs, block_table, cu_q_lens, context_kv_lens, chunk_metadata, layout, slot_mapping=None,
+                 scales=None):
+    scales = _scales(scales, len(pairs))
+    _validate_static(op, pairs, block_table, cu_q_lens, context_kv_lens, chunk_metadata, layout, slot_mapping, scales)
     states0, cache0 = pairs[0][1], pairs[0][3]
     nb, h, bs, _ = _cache_geometry(cache0, layout)
     T = states0.shape[0]
-    _validate_data(op, T, nb, bs, block_table, cu_q_lens, context_kv_lens, chunk_metadata, slot_mapping)
+    _validate_data(op, T, nb, bs, block_table, cu_q_lens, context_kv_lens, chunk_metadata, slot_mapping, scales)
     if T == 0 or nb == 0:
         return
     plan = _plan(T, nb, bs, states0.device, block_table, cu_q_lens, context_kv_lens, chunk_metadata, slot_mapping)
@@ -402,8 +462,11 @@ def _eager_store(op, pairs, block_table, cu_q_lens, context_kv_lens, chunk_metad
         blk, off, src = blk[sel], off[sel], src[sel]
     idx = rows = None
     with torch.no_grad():
-        for _, states, _, cache in pairs:
+        for (_, states, _, cache), (_, scale) in zip(pairs, scales):
             values = states if dense else states.index_select(0, src)
+            if scale is not None:
+                values = quantize(values, scale, cache.dtype)
+            cache, values = _as_bytes(cache, values)  # ATen's CPU scatters lack fp8
             if layout == "HND" and cache.is_contiguous():
                 # rows of head_dim: index_copy_ on the (num_blocks*kv_heads*block_size, head_dim) view is the
                 # fastest ATen scatter on CPU for this layout
@@ -461,10 +524,12 @@ def _first_free_slot(keys: torch.Tensor, nslots: int) -> torch.Tensor:
     return free.clamp(0, nslots - 1)
 
 
-def _traced_store(op, pairs, block_table, cu_q_lens, context_kv_lens, chunk_metadata, layout, slot_mapping=None):
+def _traced_store(op, pairs, block_table, cu_q_lens, context_kv_lens, chunk_metadata, layout, slot_mapping=None,
+                  scales=None):
     """The decomposition: functional index arithmetic + one ``index_put_`` per cache (see "Masking under
     compile" in the module docstring)."""
-    _validate_static(op, pairs, block_table, cu_q_lens, context_kv_lens, chunk_metadata, layout, slot_mapping)
+    scales = _scales(scales, len(pairs))
+    _validate_static(op, pairs, block_table, cu_q_lens, context_kv_lens, chunk_metadata, layout, slot_mapping, scales)
     states0, cache0 = pairs[0][1], pairs[0][3]
     nb, h, bs, _ = _cache_geometry(cache0, layout)
     T = states0.shape[0]
@@ -480,7 +545,7 @@ def _traced_store(op, pairs, block_table, cu_q_lens, context_kv_lens, chunk_meta
     if not identity:
         src = _unsort(torch.arange(T, device=device), src)  # materialized once (see _unsort)
     if T >= nslots:  # trace-time: every slot may be written, so there may be no free slot
-        _traced_store_whole_cache(pairs, layout, keys, order, win, src, nslots, nb, bs)
+        _traced_store_whole_cache(pairs, scales, layout, keys, order, win, src, nslots, nb, bs)
         return
     free = _first_free_slot(keys, nslots)
     # Every element's target slot in element order (materialized: the scatter loads one index per element);
@@ -491,10 +556,21 @@ def _traced_store(op, pairs, block_table, cu_q_lens, context_kv_lens, chunk_meta
     idx = _cache_index(layout, sb, slot - sb * bs, h)
     free_blk = torch.div(free, bs, rounding_mode="floor")
     free_off = free - free_blk * bs
-    for _, states, _, cache in pairs:
+    for (_, states, _, cache), (_, scale) in zip(pairs, scales):
         values = states if identity else states[src]
+        if scale is not None:  # pointwise: fuses into the scatter with the producers of the states
+            values = quantize(values, scale, cache.dtype)
+        cache, values = _as_bytes(cache, values)
         fill = _slot_snapshot(cache, layout, free_blk, free_off)
         cache.index_put_(idx, torch.where(write, values, fill))
+
+
+def _as_bytes(cache: torch.Tensor, values: torch.Tensor):
+    """fp8 cache and values as uint8 views of the same bits: Inductor (torch 2.13, CPU) cannot type a ``where``
+    between fp8 tensors ("Promotion for Float8 Types is not supported"), and the store only moves bits."""
+    if cache.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
+        return cache.view(torch.uint8), values.view(torch.uint8)
+    return cache, values
 
 
 def _slot_snapshot(cache, layout, sb, so):
@@ -507,7 +583,7 @@ def _slot_snapshot(cache, layout, sb, so):
     return out.scatter(0, torch.zeros_like(snap, dtype=torch.int64), snap)
 
 
-def _traced_store_whole_cache(pairs, layout, keys, order, win, src, nslots, nb, bs):
+def _traced_store_whole_cache(pairs, scales, layout, keys, order, win, src, nslots, nb, bs):
     """More tokens than cache slots (a trace-time case): compute every slot's new contents with a gather and
     write the whole cache with a pointwise ``copy_`` (as cheap as the scatter here: the cache is the smaller).
 
@@ -520,8 +596,11 @@ def _traced_store_whole_cache(pairs, layout, keys, order, win, src, nslots, nb, 
     owner = owner.view(nb, bs)
     token = src[owner.clamp(min=0)]  # (nb, bs)
     written = owner >= 0
-    for _, states, _, cache in pairs:
+    for (_, states, _, cache), (_, scale) in zip(pairs, scales):
         gathered = states[token]  # (nb, bs, h, d)
+        if scale is not None:
+            gathered = quantize(gathered.flatten(0, 1), scale, cache.dtype).view(gathered.shape)
+        cache, gathered = _as_bytes(cache, gathered)
         if layout == "HND":
             new = torch.where(written[:, None, :, None], gathered.permute(0, 2, 1, 3), cache)
         else:
@@ -536,10 +615,11 @@ def _traced_store_whole_cache(pairs, layout, keys, order, win, src, nslots, nb, 
 # argument of the op and may be passed by keyword; the Python wrappers below make it keyword-only):
 #   kvpass::store_paged_kv(Tensor key, Tensor value, Tensor(a2!) key_cache, Tensor(a3!) value_cache,
 #       Tensor? block_table=None, Tensor? cu_q_lens=None, Tensor? context_kv_lens=None,
-#       Tensor? chunk_metadata=None, Tensor? slot_mapping=None, *, str layout="HND") -> ()
+#       Tensor? chunk_metadata=None, Tensor? slot_mapping=None, Tensor? k_scale=None, Tensor? v_scale=None, *,
+#       str layout="HND") -> ()
 #   kvpass::store_paged_single(Tensor states, Tensor(a1!) cache, Tensor? block_table=None,
 #       Tensor? cu_q_lens=None, Tensor? context_kv_lens=None, Tensor? chunk_metadata=None,
-#       Tensor? slot_mapping=None, *,
+#       Tensor? slot_mapping=None, Tensor? scale=None, *,
 #       str layout="HND") -> ()
 
 
@@ -554,12 +634,15 @@ def _store_paged_kv_op(
     context_kv_lens: Optional[torch.Tensor] = None,
     chunk_metadata: Optional[torch.Tensor] = None,
     slot_mapping: Optional[torch.Tensor] = None,
+    k_scale: Optional[torch.Tensor] = None,
+    v_scale: Optional[torch.Tensor] = None,
     *,
     layout: str = "HND",
 ) -> None:
     """Eager kernel of ``kvpass::store_paged_kv`` (see :func:`store_paged_kv`)."""
     _eager_store("store_paged_kv", [("key", key, "key_cache", key_cache), ("value", value, "value_cache", value_cache)],
-                 block_table, cu_q_lens, context_kv_lens, chunk_metadata, layout, slot_mapping)
+                 block_table, cu_q_lens, context_kv_lens, chunk_metadata, layout, slot_mapping,
+                 [("k_scale", k_scale), ("v_scale", v_scale)])
 
 
 @torch.library.custom_op("kvpass::store_paged_single", mutates_args=("cache",))
@@ -571,40 +654,46 @@ def _store_paged_single_op(
     context_kv_lens: Optional[torch.Tensor] = None,
     chunk_metadata: Optional[torch.Tensor] = None,
     slot_mapping: Optional[torch.Tensor] = None,
+    scale: Optional[torch.Tensor] = None,
     *,
     layout: str = "HND",
 ) -> None:
     """Eager kernel of ``kvpass::store_paged_single`` (see :func:`store_paged_single`)."""
     _eager_store("store_paged_single", [("states", states, "cache", cache)],
-                 block_table, cu_q_lens, context_kv_lens, chunk_metadata, layout, slot_mapping)
+                 block_table, cu_q_lens, context_kv_lens, chunk_metadata, layout, slot_mapping, [("scale", scale)])
 
 
 @_store_paged_kv_op.register_fake
 def _store_paged_kv_fake(key, value, key_cache, value_cache, block_table=None, cu_q_lens=None,
-                         context_kv_lens=None, chunk_metadata=None, slot_mapping=None, *, layout="HND"):
+                         context_kv_lens=None, chunk_metadata=None, slot_mapping=None, k_scale=None, v_scale=None,
+                         *, layout="HND"):
     _validate_static("store_paged_kv", [("key", key, "key_cache", key_cache),
                                         ("value", value, "value_cache", value_cache)],
-                     block_table, cu_q_lens, context_kv_lens, chunk_metadata, layout, slot_mapping)
+                     block_table, cu_q_lens, context_kv_lens, chunk_metadata, layout, slot_mapping,
+                     [("k_scale", k_scale), ("v_scale", v_scale)])
 
 
 @_store_paged_single_op.register_fake
 def _store_paged_single_fake(states, cache, block_table=None, cu_q_lens=None, context_kv_lens=None,
-                             chunk_metadata=None, slot_mapping=None, *, layout="HND"):
+                             chunk_metadata=None, slot_mapping=None, scale=None, *, layout="HND"):
     _validate_static("store_paged_single", [("states", states, "cache", cache)],
-                     block_table, cu_q_lens, context_kv_lens, chunk_metadata, layout, slot_mapping)
+                     block_table, cu_q_lens, context_kv_lens, chunk_metadata, layout, slot_mapping,
+                     [("scale", scale)])
 
 
 def _store_paged_kv_decomposition(key, value, key_cache, value_cache, block_table=None, cu_q_lens=None,
-                                  context_kv_lens=None, chunk_metadata=None, slot_mapping=None, *, layout="HND"):
+                                  context_kv_lens=None, chunk_metadata=None, slot_mapping=None, k_scale=None,
+                                  v_scale=None, *, layout="HND"):
     _traced_store("store_paged_kv", [("key", key, "key_cache", key_cache),
                                      ("value", value, "value_cache", value_cache)],
-                  block_table, cu_q_lens, context_kv_lens, chunk_metadata, layout, slot_mapping)
+                  block_table, cu_q_lens, context_kv_lens, chunk_metadata, layout, slot_mapping,
+                  [("k_scale", k_scale), ("v_scale", v_scale)])
 
 
 def _store_paged_single_decomposition(states, cache, block_table=None, cu_q_lens=None, context_kv_lens=None,
-                                      chunk_metadata=None, slot_mapping=None, *, layout="HND"):
+                                      chunk_metadata=None, slot_mapping=None, scale=None, *, layout="HND"):
     _traced_store("store_paged_single", [("states", states, "cache", cache)],
-                  block_table, cu_q_lens, context_kv_lens, chunk_metadata, layout, slot_mapping)
+                  block_table, cu_q_lens, context_kv_lens, chunk_metadata, layout, slot_mapping, [("scale", scale)])
 
 
 # A Python CompositeImplicitAutograd kernel is consulted only by OpOverload.decompose(): by FunctionalTensorMode
@@ -622,7 +711,7 @@ torch.ops.kvpass.store_paged_single.default.py_impl(_DK)(_store_paged_single_dec
 
 
 def store_paged_kv(key, value, key_cache, value_cache, block_table=None, cu_q_lens=None, context_kv_lens=None,
-                   *, chunk_metadata=None, slot_mapping=None, layout="HND"):
+                   *, chunk_metadata=None, slot_mapping=None, k_scale=None, v_scale=None, layout="HND"):
     """Write new K and V tokens into paged caches, in place (``torch.ops.kvpass.store_paged_kv``).
 
     Args:
@@ -639,6 +728,10 @@ def store_paged_kv(key, value, key_cache, value_cache, block_table=None, cu_q_le
         slot_mapping: ``(n,)`` int64 flat slot per token (vLLM's addressing): token ``t < n`` goes to block
             ``slot // block_size``, offset ``slot % block_size``; a negative slot is skipped, and tokens ``>= n``
             (rows of a padded batch) are ignored. Exclusive with the other addressing arguments.
+        k_scale, v_scale: float32 scales of shape ``[1]`` (per tensor) or ``[kv_heads]`` on the states' device,
+            required for (and only for) an int8 / float8_e4m3fn / float8_e5m2 cache: the stored value is
+            :func:`quantize` ``(states, scale)`` (``x / scale``; int8: round half to even, clamp to [-128, 127];
+            fp8: clamp to the dtype's finite range). Eager checks they are finite and > 0.
         layout: ``"HND"`` (default) or ``"NHD"``.
 
     Returns:
@@ -654,27 +747,30 @@ def store_paged_kv(key, value, key_cache, value_cache, block_table=None, cu_q_le
     if not torch.compiler.is_compiling():
         _validate_static("store_paged_kv", [("key", key, "key_cache", key_cache),
                                             ("value", value, "value_cache", value_cache)],
-                         block_table, cu_q_lens, context_kv_lens, chunk_metadata, layout, slot_mapping)
+                         block_table, cu_q_lens, context_kv_lens, chunk_metadata, layout, slot_mapping,
+                         [("k_scale", k_scale), ("v_scale", v_scale)])
     torch.ops.kvpass.store_paged_kv(key, value, key_cache, value_cache, block_table, cu_q_lens, context_kv_lens,
-                                    chunk_metadata, slot_mapping, layout=layout)
+                                    chunk_metadata, slot_mapping, k_scale, v_scale, layout=layout)
     return key_cache, value_cache
 
 
 def store_paged_single(states, cache, block_table=None, cu_q_lens=None, context_kv_lens=None, *,
-                       chunk_metadata=None, slot_mapping=None, layout="HND"):
+                       chunk_metadata=None, slot_mapping=None, scale=None, layout="HND"):
     """Write new K *or* V tokens into one paged cache, in place (``torch.ops.kvpass.store_paged_single``).
 
     The same addressing, layouts, validation and compile behaviour as :func:`store_paged_kv` for one
     ``(states, cache)`` pair: V-only stores, or ``attention_k_eq_v`` layers whose one cache serves as K and V.
-    ``store_paged_single(k, k_cache, ...)`` writes exactly what ``store_paged_kv`` writes into ``key_cache``.
+    ``store_paged_single(k, k_cache, ...)`` writes exactly what ``store_paged_kv`` writes into ``key_cache``;
+    ``scale`` plays the role of ``k_scale``.
 
     Returns:
         ``cache``, the same tensor.
     """
     if not torch.compiler.is_compiling():
         _validate_static("store_paged_single", [("states", states, "cache", cache)],
-                         block_table, cu_q_lens, context_kv_lens, chunk_metadata, layout, slot_mapping)
+                         block_table, cu_q_lens, context_kv_lens, chunk_metadata, layout, slot_mapping,
+                         [("scale", scale)])
     torch.ops.kvpass.store_paged_single(states, cache, block_table, cu_q_lens, context_kv_lens, chunk_metadata,
-                                        slot_mapping, layout=layout)
+                                        slot_mapping, scale, layout=layout)
     return cache
 
