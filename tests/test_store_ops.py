@@ -448,3 +448,107 @@ def test_invalid_single_names_its_arguments():
     with pytest.raises(PagedStoreValueError, match=r"store_paged_single: block_table: block ids must lie in \[-1, "):
         store_paged_single(case.key, cache, case.block_table + 100, case.cu_q_lens, case.context_kv_lens)
     assert torch.equal(cache, case.key_cache)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Quantized store (issue 16): int8 / fp8 caches through a per-tensor or per-kv-head scale
+# ----------------------------------------------------------------------------------------------------------
+
+QDTYPES = [torch.int8, torch.float8_e4m3fn, torch.float8_e5m2]
+
+
+def quant_case(name, layout, states_dtype, cache_dtype, per_head, seed):
+    """``build`` with the caches turned into random ``cache_dtype`` contents and scales that make some values
+    saturate (|x / scale| past the dtype's range) and some land on .5 before int8 rounding."""
+    case = build(SPECS[name], states_dtype, layout, seed=seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    heads = case.key.shape[1]
+    n = heads if per_head else 1
+    big = 127.0 if cache_dtype == torch.int8 else torch.finfo(cache_dtype).max
+    k_scale = (torch.rand(n, generator=g) * 4 / big + 0.2 / big).float()  # |x| up to ~4: saturates
+    v_scale = torch.full((n,), 0.5)  # exact halves appear: x = k + 0.5 steps after division
+    case.value[: 4] = (torch.arange(-8, 8, dtype=torch.float32).reshape(1, 1, 16).repeat(4, heads, 4)[..., :case.value.shape[2]]
+                       * 0.25).to(states_dtype) if case.value.shape[0] >= 4 else case.value[:4]
+    for attr in ("key_cache", "value_cache"):
+        raw = torch.randint(-100, 100, getattr(case, attr).shape, generator=g).float()
+        setattr(case, attr, raw.to(cache_dtype) if cache_dtype == torch.int8 else (raw * 0.01).to(cache_dtype))
+    return case, k_scale, v_scale
+
+
+def bits(t):
+    return t.view(torch.uint8) if t.dtype != torch.int8 else t
+
+
+@pytest.mark.parametrize("per_head", [False, True], ids=["scale1", "scaleH"])
+@pytest.mark.parametrize("cache_dtype", QDTYPES, ids=lambda d: str(d)[6:])
+@pytest.mark.parametrize("states_dtype", DTYPES, ids=lambda d: str(d)[6:])
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("mode", ["table", "chunks", "slots"])
+def test_quantized_store_matches_per_token_reference(mode, layout, states_dtype, cache_dtype, per_head):
+    """Bit-identical to the per-token reference (the same formula): every addressing mode, layout, states dtype,
+    cache dtype and scale shape; padding rows and skipped tokens (padding_rows_0_-1_5_q402 has both)."""
+    case, k_scale, v_scale = quant_case("padding_rows_0_-1_5_q402", layout, states_dtype, cache_dtype, per_head, 5)
+    if mode == "table":
+        addr = dict(block_table=case.block_table, cu_q_lens=case.cu_q_lens, context_kv_lens=case.context_kv_lens)
+    elif mode == "chunks":
+        addr = dict(chunk_metadata=chunks_of(case, seed=2))
+    else:
+        addr = dict(slot_mapping=slot_mapping_of(case, pad_tokens=1))
+    want_k = reference_store(case.key, case.key_cache, **addr, scale=k_scale, layout=layout)
+    want_v = reference_store(case.value, case.value_cache, **addr, scale=v_scale, layout=layout)
+    assert not torch.equal(bits(want_k), bits(case.key_cache))
+    kc, vc = case.caches()
+    bt, cu, ctx = addr.pop("block_table", None), addr.pop("cu_q_lens", None), addr.pop("context_kv_lens", None)
+    store_paged_kv(case.key, case.value, kc, vc, bt, cu, ctx, **addr, k_scale=k_scale, v_scale=v_scale, layout=layout)
+    assert torch.equal(bits(kc), bits(want_k)) and torch.equal(bits(vc), bits(want_v))
+    single = case.key_cache.clone()
+    store_paged_single(case.key, single, bt, cu, ctx, **addr, scale=k_scale, layout=layout)
+    assert torch.equal(bits(single), bits(want_k))
+
+
+def test_quantize_rounding_and_saturation():
+    """The formula on chosen values: int8 rounds half to even and saturates; fp8 saturates to finfo.max."""
+    from kvpass.ops import quantize
+    x = torch.tensor([0.5, 1.5, 2.5, -0.5, -2.5, 1000.0, -1000.0, 0.49]).reshape(1, 1, 8)
+    assert quantize(x, torch.tensor([1.0]), torch.int8).flatten().tolist() == [0, 2, 2, 0, -2, 127, -128, 0]
+    for dt in (torch.float8_e4m3fn, torch.float8_e5m2):
+        q = quantize(x * 1e6, torch.tensor([1.0]), dt).float().flatten()
+        assert q[5] == torch.finfo(dt).max and q[6] == -torch.finfo(dt).max and torch.isfinite(q).all()
+
+
+QINVALID = [
+    ("scale_for_float_cache", dict(k_scale=torch.tensor([1.0])), "float", PagedStoreTypeError, "k_scale"),
+    ("missing_scale_for_int8_cache", dict(v_scale=torch.tensor([1.0])), "int8", PagedStoreTypeError, "k_scale"),
+    ("scale_float64", dict(k_scale=torch.tensor([1.0], dtype=torch.float64), v_scale=torch.tensor([1.0])), "int8",
+     PagedStoreTypeError, "k_scale"),
+    ("scale_shape", dict(k_scale=torch.ones(3), v_scale=torch.tensor([1.0])), "int8", PagedStoreValueError, "k_scale"),
+    ("scale_rank", dict(k_scale=torch.ones(1, 1), v_scale=torch.tensor([1.0])), "int8", PagedStoreValueError, "k_scale"),
+    ("scale_device", dict(k_scale=torch.ones(1), v_scale=torch.ones(1, device="meta")), "int8", PagedStoreValueError,
+     "v_scale"),
+    ("scale_zero", dict(k_scale=torch.tensor([0.0]), v_scale=torch.tensor([1.0])), "fp8", PagedStoreValueError,
+     "k_scale"),
+    ("scale_negative_head", dict(k_scale=torch.tensor([1.0]), v_scale=torch.tensor([1.0, -1.0, 1.0, 1.0])), "int8",
+     PagedStoreValueError, "v_scale"),
+    ("scale_nan", dict(k_scale=torch.tensor([float("nan")]), v_scale=torch.tensor([1.0])), "int8",
+     PagedStoreValueError, "k_scale"),
+    ("scale_as_float", dict(k_scale=0.5, v_scale=torch.tensor([1.0])), "int8", PagedStoreTypeError, "k_scale"),
+    ("integer_states", dict(key_int=True, k_scale=torch.tensor([1.0]), v_scale=torch.tensor([1.0])), "int8",
+     PagedStoreTypeError, "key"),
+]
+
+
+@pytest.mark.parametrize("name,kw,caches,error,argument", QINVALID, ids=[x[0] for x in QINVALID])
+def test_invalid_quantized_calls_raise_and_write_nothing(name, kw, caches, error, argument):
+    case = build(SPECS["padding_rows_0_-1_5_q402"], torch.float32, "HND", seed=9)  # 4 kv heads
+    kc, vc = case.caches()
+    if caches == "int8":
+        kc, vc = kc.mul(10).to(torch.int8), vc.mul(10).to(torch.int8)
+    elif caches == "fp8":
+        kc, vc = kc.to(torch.float8_e4m3fn), vc.to(torch.float8_e4m3fn)
+    kw = dict(kw)
+    key = case.key.to(torch.int32) if kw.pop("key_int", False) else case.key
+    before = [bits(t).clone() for t in (kc, vc)]
+    with pytest.raises(error) as info:
+        store_paged_kv(key, case.value, kc, vc, *case.index, **kw)
+    assert info.value.argument == argument, str(info.value)
+    assert all(torch.equal(b, bits(t)) for b, t in zip(before, (kc, vc))), "a rejected call wrote into a cache"

@@ -7,14 +7,16 @@ Stands alone: imports neither the patterns nor the backend. Importing this packa
 
 from ._store import (
     LAYOUTS,
+    QUANT_DTYPES,
     PagedStoreError,
     PagedStoreTypeError,
     PagedStoreValueError,
+    quantize,
     store_paged_kv,
     store_paged_single,
 )
 
 __all__ = [
-    "store_paged_kv", "store_paged_single", "LAYOUTS",
+    "store_paged_kv", "store_paged_single", "quantize", "LAYOUTS", "QUANT_DTYPES",
     "PagedStoreError", "PagedStoreValueError", "PagedStoreTypeError",
 ]

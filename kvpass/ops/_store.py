@@ -99,7 +99,7 @@ import torch
 from ..errors import KVPassError
 
 __all__ = [
-    "store_paged_kv", "store_paged_single", "LAYOUTS",
+    "store_paged_kv", "store_paged_single", "quantize", "LAYOUTS", "QUANT_DTYPES",
     "PagedStoreError", "PagedStoreValueError", "PagedStoreTypeError",
 ]
 
