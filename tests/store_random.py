@@ -34,6 +34,8 @@ class Bucket:
     layout: str
     dtype: torch.dtype
     op: str  # "kv" (store_paged_kv) or "single" (store_paged_single)
+    cache_dtype: torch.dtype | None = None  # a quantized cache (int8/fp8) written through random scales
+    per_head: bool = False  # scales of shape [kv_heads] rather than [1]
 
 
 BUCKETS = [
@@ -42,6 +44,11 @@ BUCKETS = [
     Bucket("chunks-NHD-f16-kv", "chunks", 20, 6, 2, 8, 4, 8, 0, "NHD", torch.float16, "kv"),
     # slot_mapping shorter than the states (padded batch), negative and repeated slots
     Bucket("slots-HND-f32-kv", "slots", 16, 12, 2, 8, 4, 6, 0, "HND", torch.float32, "kv"),
+    # quantized caches (issue 16)
+    Bucket("prefill-NHD-bf16-int8-perhead-kv", "prefill", 24, 4, 3, 16, 4, 16, 5, "NHD", torch.bfloat16, "kv",
+           torch.int8, True),
+    Bucket("slots-HND-f16-fp8e4m3-single", "slots", 16, 14, 2, 8, 4, 6, 0, "HND", torch.float16, "single",
+           torch.float8_e4m3fn, False),
     # more tokens than cache slots (24 < 40): the lowering's whole-cache path
     Bucket("prefill-small-cache-HND-f32-single", "prefill", 40, 3, 2, 8, 8, 3, 4, "HND", torch.float32, "single"),
 ]
@@ -62,6 +69,8 @@ class Batch:
     context_kv_lens: torch.Tensor | None
     chunk_metadata: torch.Tensor | None
     slot_mapping: torch.Tensor | None = None
+    k_scale: torch.Tensor | None = None
+    v_scale: torch.Tensor | None = None
 
     @property
     def index(self):
@@ -110,7 +119,17 @@ def draw(bucket: Bucket, seed: int) -> Batch:
     def rnd(*s):
         return torch.randn(*s, generator=g).to(b.dtype)
 
-    return Batch(b, rnd(T, h, d), rnd(T, h, d), rnd(*shape), rnd(*shape), table, cu, ctx, chunks, slots)
+    def cache():
+        if b.cache_dtype is None:
+            return rnd(*shape)
+        return torch.randint(-100, 100, shape, generator=g).to(b.cache_dtype)
+
+    def scale():  # some values saturate, most do not
+        top = 127.0 if b.cache_dtype == torch.int8 else torch.finfo(b.cache_dtype).max
+        return torch.rand(h if b.per_head else 1, generator=g) * 3 / top + 0.5 / top
+
+    scales = (scale(), scale()) if b.cache_dtype is not None else (None, None)
+    return Batch(b, rnd(T, h, d), rnd(T, h, d), cache(), cache(), table, cu, ctx, chunks, slots, *scales)
 
 
 def store_fn(bucket: Bucket):
@@ -119,14 +138,16 @@ def store_fn(bucket: Bucket):
 
     if bucket.op == "kv":
         def store(key, value, key_cache, value_cache, block_table, cu_q_lens, context_kv_lens, chunk_metadata,
-                  slot_mapping):
+                  slot_mapping, k_scale=None, v_scale=None):
             kvpass.store_paged_kv(key, value, key_cache, value_cache, block_table, cu_q_lens, context_kv_lens,
-                                  chunk_metadata=chunk_metadata, slot_mapping=slot_mapping, layout=bucket.layout)
+                                  chunk_metadata=chunk_metadata, slot_mapping=slot_mapping, k_scale=k_scale,
+                                  v_scale=v_scale, layout=bucket.layout)
     else:
         def store(key, value, key_cache, value_cache, block_table, cu_q_lens, context_kv_lens, chunk_metadata,
-                  slot_mapping):
+                  slot_mapping, k_scale=None, v_scale=None):
             kvpass.store_paged_single(key, key_cache, block_table, cu_q_lens, context_kv_lens,
-                                      chunk_metadata=chunk_metadata, slot_mapping=slot_mapping, layout=bucket.layout)
+                                      chunk_metadata=chunk_metadata, slot_mapping=slot_mapping, scale=k_scale,
+                                      layout=bucket.layout)
     return store
 
 
@@ -136,13 +157,18 @@ def check(batch: Batch, compiled) -> str | None:
 
     b = batch.bucket
     fn = store_fn(b)
+    scales = (batch.k_scale, batch.v_scale)
     ek, ev = batch.key_cache.clone(), batch.value_cache.clone()
-    fn(batch.key, batch.value, ek, ev, *batch.index)
+    fn(batch.key, batch.value, ek, ev, *batch.index, *scales)
     ck, cv = batch.key_cache.clone(), batch.value_cache.clone()
-    compiled(batch.key, batch.value, ck, cv, *batch.index)
+    compiled(batch.key, batch.value, ck, cv, *batch.index, *scales)
+    if b.cache_dtype is not None and b.cache_dtype != torch.int8:  # compare fp8 bits (NaN-free, exact)
+        ek, ev, ck, cv = (t.view(torch.uint8) for t in (ek, ev, ck, cv))
     bt, cu, ctx, chunks, slots = batch.index
     ref_k = reference_store(batch.key, batch.key_cache, bt, cu, ctx, chunk_metadata=chunks, slot_mapping=slots,
-                            layout=b.layout)
+                            scale=batch.k_scale, layout=b.layout)
+    if ref_k.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
+        ref_k = ref_k.view(torch.uint8)
     problems = []
     if not torch.equal(ek, ref_k):
         problems.append("eager K differs from the reference")
@@ -151,9 +177,11 @@ def check(batch: Batch, compiled) -> str | None:
         problems.append(f"compiled K differs from the reference at {bad[:6]}")
     if b.op == "kv":
         ref_v = reference_store(batch.value, batch.value_cache, bt, cu, ctx, chunk_metadata=chunks,
-                                slot_mapping=slots, layout=b.layout)
+                                slot_mapping=slots, scale=batch.v_scale, layout=b.layout)
+        if ref_v.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
+            ref_v = ref_v.view(torch.uint8)
         if not (torch.equal(ev, ref_v) and torch.equal(cv, ref_v)):
             problems.append("V differs from the reference")
-    elif not (torch.equal(cv, batch.value_cache) and torch.equal(ev, batch.value_cache)):
+    elif not (torch.equal(cv, ev) and torch.equal(ev.view(torch.uint8), batch.value_cache.view(torch.uint8))):
         problems.append("store_paged_single touched the V cache")
     return "; ".join(problems) or None

@@ -3,8 +3,10 @@
 Hypothesis draws a bucket of ``tests/store_random.py`` (fixed shapes, so each bucket compiles once) and a seed
 for its data: padding rows, zero-length rows, tokens of no row, tokens past the table, ``-1`` holes, blocks
 shared between rows (colliding targets: the last token wins), chunk metadata with skipped and overlapping chunks,
-slot mappings shorter than the states with negative and repeated slots, a cache smaller than the batch; HND and NHD; fp32, fp16, bf16; ``store_paged_kv`` and ``store_paged_single``.
-Compiled, eager and the per-token reference must agree exactly. Bounded time: 5 compiles plus 60 batches
+slot mappings shorter than the states with negative and repeated slots, a cache smaller than the batch,
+int8 and fp8 caches through per-tensor and per-head scales; HND and NHD; fp32, fp16, bf16 states;
+``store_paged_kv`` and ``store_paged_single``.
+Compiled, eager and the per-token reference must agree exactly. Bounded time: 7 compiles plus 60 batches
 (``KVPASS_FUZZ_SCALE`` / ``KVPASS_FUZZ_SEED`` as for the other fuzz suites). The same buckets run under every
 vector ISA in ``tests/test_store_isa.py``.
 """
