@@ -250,7 +250,7 @@ def test_empty_inputs_write_nothing():
 
 def test_public_names():
     assert kvpass.store_paged_kv is store_paged_kv and kvpass.store_paged_single is store_paged_single
-    assert {"store_paged_kv", "store_paged_single"} <= set(kvpass.__all__) & set(kvpass.ops.__all__)
+    assert {"store_paged_kv", "store_paged_single", "gather_paged_kv"} <= set(kvpass.__all__) & set(kvpass.ops.__all__)
     for name in kvpass.ops.__all__:
         assert getattr(kvpass.ops, name).__doc__, name
     schema = str(torch.ops.kvpass.store_paged_kv.default._schema)
@@ -552,3 +552,61 @@ def test_invalid_quantized_calls_raise_and_write_nothing(name, kw, caches, error
         store_paged_kv(key, case.value, kc, vc, *case.index, **kw)
     assert info.value.argument == argument, str(info.value)
     assert all(torch.equal(b, bits(t)) for b, t in zip(before, (kc, vc))), "a rejected call wrote into a cache"
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Dequantized read: gather_paged_kv (issue 16)
+# ----------------------------------------------------------------------------------------------------------
+
+
+def reference_gather(cache, block_table, ctx, scale, layout, dtype):
+    """Per row, per position, from the definition."""
+    bs = cache.shape[2] if layout == "HND" else cache.shape[1]
+    out = []
+    for b, c in enumerate(ctx.tolist()):
+        for p in range(max(c, 0)):
+            blk = int(block_table[b, p // bs])
+            x = cache[blk, :, p % bs, :] if layout == "HND" else cache[blk, p % bs]
+            out.append(x.float() * scale.view(-1, 1) if scale is not None else x)
+    return torch.stack(out).to(dtype)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("cache_dtype,per_head", [(None, False), (torch.int8, True), (torch.float8_e5m2, False)],
+                         ids=["float", "int8-scaleH", "fp8e5m2-scale1"])
+def test_gather_paged_kv_reads_back_what_the_store_wrote(layout, cache_dtype, per_head):
+    """Store new tokens, then read the whole history back: the new tokens come back (dequantized: within half
+    a quantization step, or the saturation bound) and the old history is the cache's own contents."""
+    case = build(SPECS["padding_rows_0_-1_5_q402"], torch.bfloat16, layout, seed=13)
+    heads = case.key.shape[1]
+    scale = None
+    kc = case.key_cache.clone()
+    if cache_dtype is not None:
+        kc = torch.randint(-60, 60, kc.shape, generator=torch.Generator().manual_seed(1)).to(cache_dtype)
+        scale = torch.full((heads if per_head else 1,), 0.05)
+    store_paged_single(case.key, kc, *case.index, scale=scale, layout=layout)
+    ctx_after = torch.where(case.context_kv_lens >= 0, case.context_kv_lens + (case.cu_q_lens[1:] - case.cu_q_lens[:-1]),
+                            -1).int()
+    got = kvpass.gather_paged_kv(kc, case.block_table, ctx_after, scale, layout=layout, dtype=torch.bfloat16)
+    assert got.dtype == torch.bfloat16 and got.shape[1:] == case.key.shape[1:]
+    assert torch.equal(got, reference_gather(kc, case.block_table, ctx_after, scale, layout, torch.bfloat16))
+    # row 0 (ctx 0, 4 new tokens) is first in the result: its history is exactly the new tokens
+    new = case.key[:4].float()
+    if cache_dtype is None:
+        assert torch.equal(got[:4], case.key[:4])
+    else:
+        err = (got[:4].float() - new).abs()
+        assert (err <= 0.05 / 2 + 0.05 * 0.02 + new.abs() * 0.13).all()  # int8: half a step; fp8 e5m2: 2 mantissa bits
+
+
+def test_gather_paged_kv_validation():
+    case = build(SPECS["padding_rows_0_-1_5_q402"], torch.float32, "HND", seed=13)
+    q = case.key_cache.to(torch.int8)
+    with pytest.raises(PagedStoreTypeError, match="gather_paged_kv: scale: required"):
+        kvpass.gather_paged_kv(q, case.block_table, case.context_kv_lens)
+    with pytest.raises(PagedStoreTypeError, match="gather_paged_kv: scale: given"):
+        kvpass.gather_paged_kv(case.key_cache, case.block_table, case.context_kv_lens, torch.ones(1))
+    with pytest.raises(PagedStoreValueError, match="gather_paged_kv: block_table: row 0 position"):
+        kvpass.gather_paged_kv(case.key_cache, case.block_table, _i32([1000, -1, 5]))
+    with pytest.raises(PagedStoreTypeError, match="gather_paged_kv: context_kv_lens"):
+        kvpass.gather_paged_kv(case.key_cache, case.block_table, case.context_kv_lens.long())

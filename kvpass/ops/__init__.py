@@ -11,12 +11,13 @@ from ._store import (
     PagedStoreError,
     PagedStoreTypeError,
     PagedStoreValueError,
+    gather_paged_kv,
     quantize,
     store_paged_kv,
     store_paged_single,
 )
 
 __all__ = [
-    "store_paged_kv", "store_paged_single", "quantize", "LAYOUTS", "QUANT_DTYPES",
+    "store_paged_kv", "store_paged_single", "gather_paged_kv", "quantize", "LAYOUTS", "QUANT_DTYPES",
     "PagedStoreError", "PagedStoreValueError", "PagedStoreTypeError",
 ]

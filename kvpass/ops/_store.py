@@ -99,7 +99,7 @@ import torch
 from ..errors import KVPassError
 
 __all__ = [
-    "store_paged_kv", "store_paged_single", "quantize", "LAYOUTS", "QUANT_DTYPES",
+    "store_paged_kv", "store_paged_single", "gather_paged_kv", "quantize", "LAYOUTS", "QUANT_DTYPES",
     "PagedStoreError", "PagedStoreValueError", "PagedStoreTypeError",
 ]
 
@@ -774,3 +774,69 @@ def store_paged_single(states, cache, block_table=None, cu_q_lens=None, context_
                                         slot_mapping, scale, layout=layout)
     return cache
 
+
+
+def gather_paged_kv(cache, block_table, context_kv_lens, scale=None, *, layout="HND", dtype=None):
+    """Read the cached history of every row back as one contiguous ``(tokens, kv_heads, head_dim)`` tensor.
+
+    Row ``b`` contributes its ``context_kv_lens[b]`` positions ``0 .. ctx-1`` (block ``block_table[b, p //
+    block_size]``, offset ``p % block_size``), rows in order, padding rows (``-1``) nothing; ``cu`` of the result
+    is the running sum of ``max(ctx, 0)``. For attention implementations that read contiguous K/V, and for tests.
+
+    Args:
+        cache: a paged cache in ``layout`` (any dtype; int8 / float8 caches need ``scale``).
+        block_table: ``(B, max_blocks)`` int32; context_kv_lens: ``(B,)`` int32, ``-1`` for a padding row.
+        scale: the float32 ``[1]`` or ``[kv_heads]`` scale the cache was written with (quantized caches only):
+            the result is ``cache.float() * scale`` (dequantization).
+        dtype: the result's dtype (the states' dtype); default: the cache's dtype, float32 for a quantized cache.
+
+    Raises:
+        PagedStoreValueError / PagedStoreTypeError naming the argument: bad ranks, dtypes or devices, a position
+        past the table width or in a ``-1`` / out-of-range block. Eager only: the result's length depends on the
+        data (one host sync).
+    """
+    op = "gather_paged_kv"
+    if not isinstance(layout, str) or layout not in LAYOUTS:
+        raise PagedStoreValueError(op, "layout", f"expected one of {LAYOUTS}, got {layout!r}")
+    if not isinstance(cache, torch.Tensor) or cache.dim() != 4:
+        raise PagedStoreValueError(op, "cache", "expected a rank-4 paged cache tensor")
+    nb, h, bs, d = _cache_geometry(cache, layout)
+    for name, t, rank in (("block_table", block_table, 2), ("context_kv_lens", context_kv_lens, 1)):
+        if not isinstance(t, torch.Tensor) or t.dtype != torch.int32:
+            raise PagedStoreTypeError(op, name, "expected an int32 torch.Tensor")
+        if t.dim() != rank or t.device != cache.device:
+            raise PagedStoreValueError(op, name, f"expected rank {rank} on {cache.device}, got shape "
+                                                 f"{tuple(t.shape)} on {t.device}")
+    if block_table.shape[0] != context_kv_lens.shape[0]:
+        raise PagedStoreValueError(op, "block_table", f"has {block_table.shape[0]} rows but context_kv_lens has "
+                                                      f"{context_kv_lens.shape[0]} entries")
+    quantized = cache.dtype in QUANT_DTYPES
+    if scale is not None:
+        if not quantized:
+            raise PagedStoreTypeError(op, "scale", f"given, but the cache has dtype {cache.dtype}")
+        if not isinstance(scale, torch.Tensor) or scale.dtype != torch.float32:
+            raise PagedStoreTypeError(op, "scale", "expected a float32 torch.Tensor")
+        if scale.dim() != 1 or scale.shape[0] not in (1, h) or scale.device != cache.device:
+            raise PagedStoreValueError(op, "scale", f"expected shape [1] or [{h}] on {cache.device}, got "
+                                                    f"{tuple(scale.shape)} on {scale.device}")
+    elif quantized:
+        raise PagedStoreTypeError(op, "scale", f"required to read a quantized {cache.dtype} cache")
+    out_dtype = dtype or (torch.float32 if quantized else cache.dtype)
+    lens = context_kv_lens.to(torch.int64).clamp(min=0)
+    total = int(lens.sum())  # the host sync: the result's length
+    row = torch.repeat_interleave(torch.arange(lens.shape[0], device=cache.device), lens, output_size=total)
+    starts = torch.cumsum(lens, 0) - lens
+    pos = torch.arange(total, device=cache.device) - starts[row]
+    lb = torch.div(pos, bs, rounding_mode="floor")
+    width = block_table.shape[1]
+    blk = block_table[row, lb.clamp(max=max(width - 1, 0))].to(torch.int64) if width else lb.new_full(lb.shape, -1)
+    bad = (lb >= width) | (blk < 0) | (blk >= nb)
+    if bool(bad.any()):
+        i = int(bad.nonzero()[0, 0])
+        raise PagedStoreValueError(op, "block_table", f"row {int(row[i])} position {int(pos[i])} has no block "
+                                                      f"(past the table width {width}, -1, or >= {nb})")
+    off = pos - lb * bs
+    x = cache[blk, :, off, :] if layout == "HND" else cache[blk, off, :, :]  # (tokens, kv_heads, head_dim)
+    if quantized:
+        x = x.float() * scale.view(1, -1, 1)
+    return x.to(out_dtype)
