@@ -293,7 +293,7 @@ def test_slot_mapping_matches_reference_and_block_table(name, layout):
     assert torch.equal(single, reference_store(case.key, case.key_cache, slot_mapping=short, layout=layout))
 
 
-@pytest.mark.parametrize("op", ["kv", "single_chunks", "single_slots"])
+@pytest.mark.parametrize("op", ["kv", "single_chunks", "single_slots", "kv_int8", "single_fp8"])
 def test_opcheck(op):
     """torch.library.opcheck: the schema's mutates_args are exact, the fake kernel and the functionalized
     (decomposed) path agree with eager."""
@@ -304,10 +304,21 @@ def test_opcheck(op):
     elif op == "single_chunks":
         torch.library.opcheck(torch.ops.kvpass.store_paged_single.default,
                               (case.key, kc, None, None, None, chunks_of(case)), {"layout": "HND"})
-    else:
+    elif op == "single_slots":
         torch.library.opcheck(torch.ops.kvpass.store_paged_single.default,
                               (case.key, kc, None, None, None, None, slot_mapping_of(case, pad_tokens=1)),
                               {"layout": "HND"})
+    elif op == "kv_int8":
+        scales = torch.full((case.key.shape[1],), 0.02), torch.tensor([0.05])
+        torch.library.opcheck(torch.ops.kvpass.store_paged_kv.default,
+                              (case.key, case.value, kc.to(torch.int8), vc.to(torch.int8), *case.index, None, None,
+                               *scales))
+    else:
+        torch.library.opcheck(torch.ops.kvpass.store_paged_single.default,
+                              (case.key, kc.to(torch.float8_e5m2), None, None, None, None,
+                               slot_mapping_of(case), torch.tensor([0.01])), {"layout": "HND"},
+                              # SchemaCheckMode compares tensors with a mul that has no fp8 CPU kernel
+                              test_utils=("test_faketensor", "test_aot_dispatch_dynamic"))
 
 
 # ----------------------------------------------------------------------------------------------------------
