@@ -466,7 +466,8 @@ def _eager_store(op, pairs, block_table, cu_q_lens, context_kv_lens, chunk_metad
             values = states if dense else states.index_select(0, src)
             if scale is not None:
                 values = quantize(values, scale, cache.dtype)
-            cache, values = _as_bytes(cache, values)  # ATen's CPU scatters lack fp8
+            if cache.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):  # ATen's CPU scatters lack fp8: bytes
+                cache, values = cache.view(torch.uint8), values.view(torch.uint8)
             if layout == "HND" and cache.is_contiguous():
                 # rows of head_dim: index_copy_ on the (num_blocks*kv_heads*block_size, head_dim) view is the
                 # fastest ATen scatter on CPU for this layout
@@ -558,19 +559,35 @@ def _traced_store(op, pairs, block_table, cu_q_lens, context_kv_lens, chunk_meta
     free_off = free - free_blk * bs
     for (_, states, _, cache), (_, scale) in zip(pairs, scales):
         values = states if identity else states[src]
-        if scale is not None:  # pointwise: fuses into the scatter with the producers of the states
-            values = quantize(values, scale, cache.dtype)
-        cache, values = _as_bytes(cache, values)
         fill = _slot_snapshot(cache, layout, free_blk, free_off)
-        cache.index_put_(idx, torch.where(write, values, fill))
+        if scale is None or cache.dtype == torch.int8:  # pointwise: fuses with the producers of the states
+            codes = values if scale is None else quantize(values, scale, cache.dtype)
+            cache.index_put_(idx, torch.where(write, codes, fill))
+        else:
+            cache.index_put_(idx, _fp8_blend(write, values, scale, fill, cache.dtype))
 
 
-def _as_bytes(cache: torch.Tensor, values: torch.Tensor):
-    """fp8 cache and values as uint8 views of the same bits: Inductor (torch 2.13, CPU) cannot type a ``where``
-    between fp8 tensors ("Promotion for Float8 Types is not supported"), and the store only moves bits."""
-    if cache.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
-        return cache.view(torch.uint8), values.view(torch.uint8)
-    return cache, values
+def _quantize_scaled(x, scale_b, dtype):
+    """:func:`quantize` with a scale already shaped to broadcast against ``x``."""
+    y = x.float() / scale_b
+    if dtype == torch.int8:
+        return torch.round(y).clamp(-128, 127).to(dtype)
+    m = torch.finfo(dtype).max
+    return y.clamp(-m, m).to(dtype)
+
+
+def _fp8_blend(write, values, scale, fill, dtype, scaled=False):
+    """``where(write, quantize(values), fill)`` for an fp8 cache, blended in float32 and converted once.
+
+    Inductor (torch 2.13, CPU) cannot type a ``where`` between fp8 tensors ("Promotion for Float8 Types is not
+    supported"), and its non-vectorized C++ turns a ``view(torch.uint8)`` of fp8 into a numeric conversion
+    instead of a bit cast (found by the ``default``-ISA run of tests/test_store_isa.py), so neither the codes
+    nor their bytes can be blended. ``fill.float()`` is the exact value of each kept code and converts back to
+    the same code (finite values and infinities; a NaN stays a NaN, possibly with another sign bit)."""
+    m = torch.finfo(dtype).max
+    s = scale if scaled else scale.view(1, -1, 1)
+    y = (values.float() / s).clamp(-m, m)
+    return torch.where(write, y, fill.float()).to(dtype)
 
 
 def _slot_snapshot(cache, layout, sb, so):
@@ -598,13 +615,18 @@ def _traced_store_whole_cache(pairs, scales, layout, keys, order, win, src, nslo
     written = owner >= 0
     for (_, states, _, cache), (_, scale) in zip(pairs, scales):
         gathered = states[token]  # (nb, bs, h, d)
-        if scale is not None:
-            gathered = quantize(gathered.flatten(0, 1), scale, cache.dtype).view(gathered.shape)
-        cache, gathered = _as_bytes(cache, gathered)
         if layout == "HND":
-            new = torch.where(written[:, None, :, None], gathered.permute(0, 2, 1, 3), cache)
+            gathered, mask = gathered.permute(0, 2, 1, 3), written[:, None, :, None]
+            head_axis_scale = None if scale is None else scale.view(1, -1, 1, 1)
         else:
-            new = torch.where(written[:, :, None, None], gathered, cache)
+            mask = written[:, :, None, None]
+            head_axis_scale = None if scale is None else scale.view(1, 1, -1, 1)
+        if scale is None:
+            new = torch.where(mask, gathered, cache)
+        elif cache.dtype == torch.int8:
+            new = torch.where(mask, _quantize_scaled(gathered, head_axis_scale, cache.dtype), cache)
+        else:
+            new = _fp8_blend(mask, gathered, head_axis_scale, cache, cache.dtype, scaled=True)
         cache.copy_(new)
 
 
