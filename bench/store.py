@@ -80,26 +80,7 @@ def make_case(kind, n, heads, head_dim, block_size, dtype, device, gen):
 def timeit_all(fns: dict, device, reps, min_time=0.1) -> dict:
     """Milliseconds per call of each function: the best of ``reps`` timed batches, the functions interleaved
     batch by batch so that a burst of load from elsewhere on the machine does not land on one column only."""
-    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
-    inner = {}
-    for name, fn in fns.items():
-        for _ in range(3):
-            fn()
-        sync()
-        t0 = time.perf_counter()
-        fn()
-        sync()
-        inner[name] = max(1, int(min_time / max(time.perf_counter() - t0, 1e-6)))
-    samples = {name: [] for name in fns}
-    for _ in range(reps):
-        for name, fn in fns.items():
-            sync()
-            t0 = time.perf_counter()
-            for _ in range(inner[name]):
-                fn()
-            sync()
-            samples[name].append((time.perf_counter() - t0) / inner[name] * 1e3)
-    return {name: min(v) for name, v in samples.items()}
+    return {name: min(v) for name, v in timeit_rounds(fns, device, reps, min_time=min_time).items()}
 
 
 def run(args):
