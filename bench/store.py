@@ -19,7 +19,14 @@ batches after warm-up, the implementations interleaved batch by batch; best-of b
 * ``copy_``: ``copy_`` of the same bytes (new K and V into preallocated buffers), the floor;
 * ratios: chunk loop / compiled, token loop / compiled, compiled / copy_, eager / copy_.
 
-A second table times the K path of a layer, RMSNorm + RoPE + ``store_paged_single``, as three separately compiled
+A "modes" table (issue 16) times the compiled ``store_paged_kv`` in each addressing / cache mode side by side on
+the same prefill batch: block table, ``slot_mapping`` (vLLM addressing), int8 cache with per-kv-head scales and
+float8_e4m3fn cache with a per-tensor scale (both block-table addressed), each against ``copy_`` of the same
+bytes written (K+V in the cache's dtype: 1 byte per element for the quantized caches). Method: the same warm-up
+for every runner, interleaved rounds, the median and min-max per runner, and the ratio to ``copy_`` computed
+per round (median and min-max of those ratios); GB/s = bytes written / median time.
+
+A further table times the K path of a layer, RMSNorm + RoPE + ``store_paged_single``, as three separately compiled
 steps (K materialized between them) against one compiled graph (Inductor fuses the three into the scatter kernel).
 
 Before timing, every implementation's result is checked against the chunk loop (exact equality). Inductor's
@@ -73,26 +80,7 @@ def make_case(kind, n, heads, head_dim, block_size, dtype, device, gen):
 def timeit_all(fns: dict, device, reps, min_time=0.1) -> dict:
     """Milliseconds per call of each function: the best of ``reps`` timed batches, the functions interleaved
     batch by batch so that a burst of load from elsewhere on the machine does not land on one column only."""
-    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
-    inner = {}
-    for name, fn in fns.items():
-        for _ in range(3):
-            fn()
-        sync()
-        t0 = time.perf_counter()
-        fn()
-        sync()
-        inner[name] = max(1, int(min_time / max(time.perf_counter() - t0, 1e-6)))
-    samples = {name: [] for name in fns}
-    for _ in range(reps):
-        for name, fn in fns.items():
-            sync()
-            t0 = time.perf_counter()
-            for _ in range(inner[name]):
-                fn()
-            sync()
-            samples[name].append((time.perf_counter() - t0) / inner[name] * 1e3)
-    return {name: min(v) for name, v in samples.items()}
+    return {name: min(v) for name, v in timeit_rounds(fns, device, reps, min_time=min_time).items()}
 
 
 def run(args):
@@ -128,6 +116,92 @@ def run(args):
         label = f"prefill {n} tok" if kind == "prefill" else f"decode {n} seq"
         rows.append((label, times, 2 * c["key"].numel() * c["key"].element_size()))
     return rows
+
+
+def timeit_rounds(fns: dict, device, rounds, warmup=3, min_time=0.05) -> dict:
+    """Per runner, the milliseconds per call of each of ``rounds`` interleaved rounds (after ``warmup`` calls of
+    every runner, the same for all), each round timing a batch of calls sized to about ``min_time``."""
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    inner = {}
+    for name, fn in fns.items():
+        for _ in range(warmup):
+            fn()
+        sync()
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        inner[name] = max(1, int(min_time / max(time.perf_counter() - t0, 1e-6)))
+    samples = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            sync()
+            t0 = time.perf_counter()
+            for _ in range(inner[name]):
+                fn()
+            sync()
+            samples[name].append((time.perf_counter() - t0) / inner[name] * 1e3)
+    return samples
+
+
+def run_modes(args):
+    """The modes table: compiled store in each addressing / cache mode vs ``copy_`` of the same bytes."""
+    import statistics
+
+    device, dtype = args.device, getattr(torch, args.dtype)
+    gen = torch.Generator().manual_seed(2)
+    rounds = 5 if args.quick else max(args.reps, 7)
+    out = ["| case | mode | bytes written | compiled ms (median, min-max) | copy_ ms (median) "
+           "| compiled / copy_ per round (median, min-max) | compiled GB/s |", "|---|---|---|---|---|---|---|"]
+    for n in ((4096,) if args.quick else (4096, 16384)):
+        c = make_case("prefill", n, args.heads, args.head_dim, args.block_size, dtype, device, gen)
+        idx = (c["block_table"], c["cu_q_lens"], c["context_kv_lens"])
+        kv = (c["key"], c["value"])
+        bs = args.block_size
+        slots = torch.full((n,), -1, dtype=torch.int64)
+        cu, ctx, table = (
+            c["cu_q_lens"].cpu().tolist(), c["context_kv_lens"].cpu().tolist(), c["block_table"].cpu().tolist())
+        for b in range(len(ctx)):
+            for t in range(cu[b], cu[b + 1]):
+                p_ = ctx[b] + t - cu[b]
+                slots[t] = table[b][p_ // bs] * bs + p_ % bs
+        slots = slots.to(device)
+        heads = args.heads
+        k_scale = torch.linspace(0.01, 0.03, heads, device=device)
+        v_scale = torch.tensor([0.02], device=device)
+        modes = {
+            "block table": (dtype, dict(block_table=idx[0], cu_q_lens=idx[1], context_kv_lens=idx[2])),
+            "slot_mapping": (dtype, dict(slot_mapping=slots)),
+            "int8, per-head scale": (torch.int8, dict(block_table=idx[0], cu_q_lens=idx[1], context_kv_lens=idx[2],
+                                                      k_scale=k_scale, v_scale=k_scale)),
+            "fp8 e4m3, per-tensor scale": (torch.float8_e4m3fn, dict(block_table=idx[0], cu_q_lens=idx[1],
+                                                                    context_kv_lens=idx[2], k_scale=v_scale,
+                                                                    v_scale=v_scale)),
+        }
+        runners, copies, nbytes = {}, {}, {}
+        for mode, (cdt, kw) in modes.items():
+            kc, vc = c["key_cache"].to(cdt), c["value_cache"].to(cdt)
+            fn = torch.compile(lambda k, v, kc, vc, kw=kw: kvpass.store_paged_kv(k, v, kc, vc, **kw), dynamic=False)
+            ek, ev, ck, cv = kc.clone(), vc.clone(), kc.clone(), vc.clone()
+            kvpass.store_paged_kv(*kv, ek, ev, **kw)
+            fn(*kv, ck, cv)
+            same = all(torch.equal(a.view(torch.uint8), b.view(torch.uint8)) for a, b in ((ek, ck), (ev, cv)))
+            if not same:
+                raise SystemExit(f"modes: {mode}: compiled result differs from eager")
+            src = (c["key"].to(cdt), c["value"].to(cdt))
+            dst = (torch.empty_like(src[0]), torch.empty_like(src[1]))
+            runners[mode] = lambda fn=fn, kc=kc, vc=vc: fn(*kv, kc, vc)
+            copies[mode] = lambda src=src, dst=dst: (dst[0].copy_(src[0]), dst[1].copy_(src[1]))
+            nbytes[mode] = 2 * src[0].numel() * src[0].element_size()
+        fns = {**{("store", m): f for m, f in runners.items()}, **{("copy", m): f for m, f in copies.items()}}
+        samples = timeit_rounds(fns, device, rounds)
+        for mode in modes:
+            s_, c_ = samples[("store", mode)], samples[("copy", mode)]
+            ratios = [a / b for a, b in zip(s_, c_)]
+            med = statistics.median(s_)
+            out.append(f"| prefill {n} tok | {mode} | {nbytes[mode] / 2**20:.2f} MiB | {med:.3f} ({min(s_):.3f}-"
+                       f"{max(s_):.3f}) | {statistics.median(c_):.3f} | {statistics.median(ratios):.2f}x "
+                       f"({min(ratios):.2f}-{max(ratios):.2f}) | {nbytes[mode] / med / 1e6:.2f} |")
+    return "\n".join(out)
 
 
 def rms_norm(k, weight, eps=1e-6):
@@ -210,6 +284,8 @@ def main(argv=None):
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
     p.add_argument("--quick", action="store_true", help="3 repetitions per measurement")
     p.add_argument("--no-fused", action="store_true", help="skip the RMSNorm + RoPE + store table")
+    p.add_argument("--no-modes", action="store_true", help="skip the addressing / quantized modes table")
+    p.add_argument("--only-modes", action="store_true", help="print only the modes table")
     args = p.parse_args(argv)
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise SystemExit("--device cuda: CUDA is not available")
@@ -217,11 +293,15 @@ def main(argv=None):
         torch.set_num_threads(args.threads)
     torch._inductor.config.fx_graph_cache = False  # measure the current lowering, not a cached artifact
     torch._functorch.config.enable_autograd_cache = False
-    rows = run(args)
     print(f"# torch {torch.__version__}, device {args.device}, {args.dtype}, {args.heads} kv heads x "
           f"{args.head_dim} head_dim, block size {args.block_size}, threads {torch.get_num_threads()}")
-    print(fmt_table(rows))
-    if not args.no_fused:
+    if not args.only_modes:
+        print(fmt_table(run(args)))
+    if not args.no_modes:
+        print()
+        print("Compiled store_paged_kv by mode (issue 16)")
+        print(run_modes(args))
+    if not args.no_fused and not args.only_modes:
         print()
         print("K path: RMSNorm + RoPE + store_paged_single")
         print(run_fused(args))

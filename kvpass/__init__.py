@@ -19,7 +19,7 @@ from .engine import Match, Report, Skip
 from .fidelity import Finding, check
 from .faithful_export import export
 from .errors import KVPassError, KVPassWarning, PatternError, RewriteMismatch
-from .ops import store_paged_kv, store_paged_single
+from .ops import gather_paged_kv, store_paged_kv, store_paged_single
 from .ir import functionalize
 from . import ir
 
@@ -58,6 +58,6 @@ def rewrite(gm, patterns=None, example_inputs=None, verify=False):
 __all__ = [
     "__version__", "rewrite", "functionalize", "diff", "graph_text", "backend", "compile", "kvpass_backend", "KVPassWarning",
     "Report", "Match", "Skip", "KVPassError", "PatternError", "RewriteMismatch",
-    "store_paged_kv", "store_paged_single",
+    "store_paged_kv", "store_paged_single", "gather_paged_kv",
     "check", "Finding", "export",
 ]

@@ -188,3 +188,47 @@ def test_cuda_compiled_equals_eager_and_fuses():
         torch.compile(kvpass.store_paged_kv)(c.key, c.value, kc, vc, *c.index, layout=layout)
         assert torch.equal(kc, reference_store(c.key, c.key_cache, *c.index, layout=layout))
         assert torch.equal(vc, reference_store(c.value, c.value_cache, *c.index, layout=layout))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Quantized store under compile (issue 16): the quantize step fuses into the one scatter kernel
+# ----------------------------------------------------------------------------------------------------------
+
+
+def norm_rope_store_quantized(k, weight, cos, sin, cache, block_table, cu_q_lens, context_kv_lens, scale):
+    kvpass.store_paged_single(rms_norm_rope(k, weight, cos, sin), cache, block_table, cu_q_lens, context_kv_lens,
+                              scale=scale)
+
+
+@pytest.mark.parametrize("cache_dtype,per_head", [(torch.int8, True), (torch.float8_e4m3fn, False)],
+                         ids=["int8-scaleH", "fp8e4m3-scale1"])
+def test_norm_rope_quantize_fuse_into_the_one_scatter_kernel(cache_dtype, per_head):
+    """RMSNorm + RoPE + quantize + store: one generated scatter kernel, nothing of (tokens, heads, dim) allocated.
+    The compiled normalization may round differently from eager in the last float bit, so the quantized values
+    agree within one quantization step (int8: |difference| <= 1; fp8: adjacent codes); slots not written keep
+    their bytes exactly."""
+    case, extra = _fused_inputs()
+    heads = case.key.shape[1]
+    scale = torch.full((heads if per_head else 1,), 0.02) * (torch.arange(heads) + 1 if per_head else 1)
+    g = torch.Generator().manual_seed(12)
+    raw = torch.randint(-100, 100, case.key_cache.shape, generator=g)
+    cache0 = raw.to(cache_dtype)
+    eager = cache0.clone()
+    norm_rope_store_quantized(case.key, *extra, eager, *case.index, scale)
+    out = cache0.clone()
+    _, code = run_and_get_code(torch.compile(norm_rope_store_quantized, fullgraph=True), case.key, *extra, out,
+                               *case.index, scale)
+    _check_fused(case, extra, code, r"(cpp_fused\w*)\(")
+    call = code[0][code[0].index("def call"):]
+    scatter = next(k for k in re.findall(r"(cpp_fused\w*)\(", call) if "index_put" in k)
+    for op in ("div", "round" if cache_dtype == torch.int8 else "clamp"):  # the quantize step is in it too
+        assert op in scatter, f"{op} not fused into {scatter}"
+    b = (lambda t: t) if cache_dtype == torch.int8 else (lambda t: t.view(torch.uint8))
+    written = (b(eager) != b(cache0)).any(-1)
+    assert written.sum() > 10
+    assert torch.equal(b(out)[~written], b(cache0)[~written]), "compiled store touched an unwritten slot"
+    if cache_dtype == torch.int8:
+        assert (out.int() - eager.int()).abs().max() <= 1
+    else:  # adjacent fp8 codes of the same sign differ by 1 in their bit pattern
+        assert (b(out).int() - b(eager).int()).abs().max() <= 1
+    assert (b(out) == b(eager)).float().mean() > 0.99

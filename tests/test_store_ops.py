@@ -250,7 +250,7 @@ def test_empty_inputs_write_nothing():
 
 def test_public_names():
     assert kvpass.store_paged_kv is store_paged_kv and kvpass.store_paged_single is store_paged_single
-    assert {"store_paged_kv", "store_paged_single"} <= set(kvpass.__all__) & set(kvpass.ops.__all__)
+    assert {"store_paged_kv", "store_paged_single", "gather_paged_kv"} <= set(kvpass.__all__) & set(kvpass.ops.__all__)
     for name in kvpass.ops.__all__:
         assert getattr(kvpass.ops, name).__doc__, name
     schema = str(torch.ops.kvpass.store_paged_kv.default._schema)
@@ -258,7 +258,42 @@ def test_public_names():
     assert "Tensor(a1!) cache" in str(torch.ops.kvpass.store_paged_single.default._schema)
 
 
-@pytest.mark.parametrize("op", ["kv", "single_chunks"])
+def slot_mapping_of(case: Case, seed=0, pad_tokens=0) -> torch.Tensor:
+    """The block-table addressing of ``case`` as a vLLM slot mapping (``-1`` for skipped tokens), shortened by
+    ``pad_tokens`` (those trailing tokens are then ignored by the op)."""
+    bs = case.key_cache.shape[2] if case.layout == "HND" else case.key_cache.shape[1]
+    table, ctx = case.block_table.tolist(), case.context_kv_lens.tolist()
+    cu = case.cu_q_lens.tolist() if case.cu_q_lens is not None else list(range(len(ctx) + 1))
+    slots = [-1] * case.key.shape[0]
+    for b, c in enumerate(ctx):
+        for t in range(cu[b], cu[b + 1]):
+            p = c + t - cu[b]
+            if c >= 0 and p // bs < len(table[b]) and table[b][p // bs] >= 0:
+                slots[t] = table[b][p // bs] * bs + p % bs
+    return torch.tensor(slots[: len(slots) - pad_tokens], dtype=torch.int64).to(case.key.device)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("name", ["b1_prefill_h1_d64", "padding_rows_0_-1_5_q402", "bucket_padded_bs8",
+                                  "b8_decode_h8_d128", "holes_in_table", "past_table_width"])
+def test_slot_mapping_matches_reference_and_block_table(name, layout):
+    """slot_mapping (issue 16): the same stores as the block table; a mapping shorter than the states ignores
+    the trailing tokens; a negative slot is skipped."""
+    case = build(SPECS[name], torch.float32, layout, seed=11)
+    slots = slot_mapping_of(case)
+    want_k = reference_store(case.key, case.key_cache, *case.index, layout=layout)
+    assert torch.equal(reference_store(case.key, case.key_cache, slot_mapping=slots, layout=layout), want_k)
+    kc, vc = case.caches()
+    store_paged_kv(case.key, case.value, kc, vc, slot_mapping=slots, layout=layout)
+    assert torch.equal(kc, want_k)
+    assert torch.equal(vc, reference_store(case.value, case.value_cache, *case.index, layout=layout))
+    short = slots[: max(0, slots.shape[0] - 2)]  # the last two tokens are padding of the batch
+    single = case.key_cache.clone()
+    store_paged_single(case.key, single, slot_mapping=short, layout=layout)
+    assert torch.equal(single, reference_store(case.key, case.key_cache, slot_mapping=short, layout=layout))
+
+
+@pytest.mark.parametrize("op", ["kv", "single_chunks", "single_slots", "kv_int8", "single_fp8"])
 def test_opcheck(op):
     """torch.library.opcheck: the schema's mutates_args are exact, the fake kernel and the functionalized
     (decomposed) path agree with eager."""
@@ -266,9 +301,24 @@ def test_opcheck(op):
     kc, vc = case.caches()
     if op == "kv":
         torch.library.opcheck(torch.ops.kvpass.store_paged_kv.default, (case.key, case.value, kc, vc, *case.index))
-    else:
+    elif op == "single_chunks":
         torch.library.opcheck(torch.ops.kvpass.store_paged_single.default,
                               (case.key, kc, None, None, None, chunks_of(case)), {"layout": "HND"})
+    elif op == "single_slots":
+        torch.library.opcheck(torch.ops.kvpass.store_paged_single.default,
+                              (case.key, kc, None, None, None, None, slot_mapping_of(case, pad_tokens=1)),
+                              {"layout": "HND"})
+    elif op == "kv_int8":
+        scales = torch.full((case.key.shape[1],), 0.02), torch.tensor([0.05])
+        torch.library.opcheck(torch.ops.kvpass.store_paged_kv.default,
+                              (case.key, case.value, kc.to(torch.int8), vc.to(torch.int8), *case.index, None, None,
+                               *scales))
+    else:
+        torch.library.opcheck(torch.ops.kvpass.store_paged_single.default,
+                              (case.key, kc.to(torch.float8_e5m2), None, None, None, None,
+                               slot_mapping_of(case), torch.tensor([0.01])), {"layout": "HND"},
+                              # SchemaCheckMode compares tensors with a mul that has no fp8 CPU kernel
+                              test_utils=("test_faketensor", "test_aot_dispatch_dynamic"))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -278,7 +328,7 @@ def test_opcheck(op):
 
 def _kw(case, **over):
     kw = dict(key=case.key, value=case.value, block_table=case.block_table, cu_q_lens=case.cu_q_lens,
-              context_kv_lens=case.context_kv_lens, chunk_metadata=None, layout=case.layout)
+              context_kv_lens=case.context_kv_lens, chunk_metadata=None, slot_mapping=None, layout=case.layout)
     kw.update(over)
     return kw
 
@@ -288,6 +338,13 @@ SAME_AS_KEY_CACHE = object()
 
 def _i32(values):
     return torch.tensor(values, dtype=torch.int32)
+
+
+def _slots(values):
+    return torch.tensor(values, dtype=torch.int64)
+
+
+NO_TABLE = dict(block_table=None, cu_q_lens=None, context_kv_lens=None)
 
 
 # Each entry: (id, builder(case) -> kwargs overrides, error class, argument named in the message).
@@ -353,6 +410,19 @@ INVALID = [
                                                  chunk_metadata=_i32([[0, 1, 0, 4], [0, 2, 0, 4]])),
      PagedStoreValueError, "chunk_metadata"),
     ("value_cache_is_key_cache", lambda c: dict(value_cache=SAME_AS_KEY_CACHE), PagedStoreValueError, "value_cache"),
+    ("slot_mapping_int32", lambda c: dict(**NO_TABLE, slot_mapping=_i32([0, 1])), PagedStoreTypeError, "slot_mapping"),
+    ("slot_mapping_rank", lambda c: dict(**NO_TABLE, slot_mapping=_slots([[0, 1]])), PagedStoreValueError,
+     "slot_mapping"),
+    ("slot_mapping_longer_than_tokens", lambda c: dict(**NO_TABLE, slot_mapping=_slots(list(range(7)))),
+     PagedStoreValueError, "slot_mapping"),
+    ("slot_mapping_mixed_with_block_table", lambda c: dict(slot_mapping=_slots([0])), PagedStoreValueError,
+     "slot_mapping"),
+    ("slot_mapping_mixed_with_chunks", lambda c: dict(**NO_TABLE, chunk_metadata=chunks_of(c),
+                                                      slot_mapping=_slots([0])), PagedStoreValueError, "slot_mapping"),
+    ("slot_past_cache", lambda c: dict(**NO_TABLE, slot_mapping=_slots([0, -1, c.key_cache.shape[0] * 16])),
+     PagedStoreValueError, "slot_mapping"),
+    ("slot_mapping_device", lambda c: dict(**NO_TABLE, slot_mapping=_slots([0]).to("meta")), PagedStoreValueError,
+     "slot_mapping"),
 ]
 
 
@@ -389,3 +459,165 @@ def test_invalid_single_names_its_arguments():
     with pytest.raises(PagedStoreValueError, match=r"store_paged_single: block_table: block ids must lie in \[-1, "):
         store_paged_single(case.key, cache, case.block_table + 100, case.cu_q_lens, case.context_kv_lens)
     assert torch.equal(cache, case.key_cache)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Quantized store (issue 16): int8 / fp8 caches through a per-tensor or per-kv-head scale
+# ----------------------------------------------------------------------------------------------------------
+
+QDTYPES = [torch.int8, torch.float8_e4m3fn, torch.float8_e5m2]
+
+
+def quant_case(name, layout, states_dtype, cache_dtype, per_head, seed):
+    """``build`` with the caches turned into random ``cache_dtype`` contents and scales that make some values
+    saturate (|x / scale| past the dtype's range) and some land on .5 before int8 rounding."""
+    case = build(SPECS[name], states_dtype, layout, seed=seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    heads = case.key.shape[1]
+    n = heads if per_head else 1
+    big = 127.0 if cache_dtype == torch.int8 else torch.finfo(cache_dtype).max
+    k_scale = (torch.rand(n, generator=g) * 4 / big + 0.2 / big).float()  # |x| up to ~4: saturates
+    v_scale = torch.full((n,), 0.5)  # exact halves appear: x = k + 0.5 steps after division
+    case.value[: 4] = (torch.arange(-8, 8, dtype=torch.float32).reshape(1, 1, 16).repeat(4, heads, 4)[..., :case.value.shape[2]]
+                       * 0.25).to(states_dtype) if case.value.shape[0] >= 4 else case.value[:4]
+    for attr in ("key_cache", "value_cache"):
+        raw = torch.randint(-100, 100, getattr(case, attr).shape, generator=g).float()
+        setattr(case, attr, raw.to(cache_dtype) if cache_dtype == torch.int8 else (raw * 0.01).to(cache_dtype))
+    return case, k_scale, v_scale
+
+
+def bits(t):
+    return t.view(torch.uint8) if t.dtype != torch.int8 else t
+
+
+@pytest.mark.parametrize("per_head", [False, True], ids=["scale1", "scaleH"])
+@pytest.mark.parametrize("cache_dtype", QDTYPES, ids=lambda d: str(d)[6:])
+@pytest.mark.parametrize("states_dtype", DTYPES, ids=lambda d: str(d)[6:])
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("mode", ["table", "chunks", "slots"])
+def test_quantized_store_matches_per_token_reference(mode, layout, states_dtype, cache_dtype, per_head):
+    """Bit-identical to the per-token reference (the same formula): every addressing mode, layout, states dtype,
+    cache dtype and scale shape; padding rows and skipped tokens (padding_rows_0_-1_5_q402 has both)."""
+    case, k_scale, v_scale = quant_case("padding_rows_0_-1_5_q402", layout, states_dtype, cache_dtype, per_head, 5)
+    if mode == "table":
+        addr = dict(block_table=case.block_table, cu_q_lens=case.cu_q_lens, context_kv_lens=case.context_kv_lens)
+    elif mode == "chunks":
+        addr = dict(chunk_metadata=chunks_of(case, seed=2))
+    else:
+        addr = dict(slot_mapping=slot_mapping_of(case, pad_tokens=1))
+    want_k = reference_store(case.key, case.key_cache, **addr, scale=k_scale, layout=layout)
+    want_v = reference_store(case.value, case.value_cache, **addr, scale=v_scale, layout=layout)
+    assert not torch.equal(bits(want_k), bits(case.key_cache))
+    kc, vc = case.caches()
+    bt, cu, ctx = addr.pop("block_table", None), addr.pop("cu_q_lens", None), addr.pop("context_kv_lens", None)
+    store_paged_kv(case.key, case.value, kc, vc, bt, cu, ctx, **addr, k_scale=k_scale, v_scale=v_scale, layout=layout)
+    assert torch.equal(bits(kc), bits(want_k)) and torch.equal(bits(vc), bits(want_v))
+    single = case.key_cache.clone()
+    store_paged_single(case.key, single, bt, cu, ctx, **addr, scale=k_scale, layout=layout)
+    assert torch.equal(bits(single), bits(want_k))
+
+
+def test_quantize_rounding_and_saturation():
+    """The formula on chosen values: int8 rounds half to even and saturates; fp8 saturates to finfo.max."""
+    from kvpass.ops import quantize
+    x = torch.tensor([0.5, 1.5, 2.5, -0.5, -2.5, 1000.0, -1000.0, 0.49]).reshape(1, 1, 8)
+    assert quantize(x, torch.tensor([1.0]), torch.int8).flatten().tolist() == [0, 2, 2, 0, -2, 127, -128, 0]
+    for dt in (torch.float8_e4m3fn, torch.float8_e5m2):
+        q = quantize(x * 1e6, torch.tensor([1.0]), dt).float().flatten()
+        assert q[5] == torch.finfo(dt).max and q[6] == -torch.finfo(dt).max and torch.isfinite(q).all()
+
+
+QINVALID = [
+    ("scale_for_float_cache", dict(k_scale=torch.tensor([1.0])), "float", PagedStoreTypeError, "k_scale"),
+    ("missing_scale_for_int8_cache", dict(v_scale=torch.tensor([1.0])), "int8", PagedStoreTypeError, "k_scale"),
+    ("scale_float64", dict(k_scale=torch.tensor([1.0], dtype=torch.float64), v_scale=torch.tensor([1.0])), "int8",
+     PagedStoreTypeError, "k_scale"),
+    ("scale_shape", dict(k_scale=torch.ones(3), v_scale=torch.tensor([1.0])), "int8", PagedStoreValueError, "k_scale"),
+    ("scale_rank", dict(k_scale=torch.ones(1, 1), v_scale=torch.tensor([1.0])), "int8", PagedStoreValueError, "k_scale"),
+    ("scale_device", dict(k_scale=torch.ones(1), v_scale=torch.ones(1, device="meta")), "int8", PagedStoreValueError,
+     "v_scale"),
+    ("scale_zero", dict(k_scale=torch.tensor([0.0]), v_scale=torch.tensor([1.0])), "fp8", PagedStoreValueError,
+     "k_scale"),
+    ("scale_negative_head", dict(k_scale=torch.tensor([1.0]), v_scale=torch.tensor([1.0, -1.0, 1.0, 1.0])), "int8",
+     PagedStoreValueError, "v_scale"),
+    ("scale_nan", dict(k_scale=torch.tensor([float("nan")]), v_scale=torch.tensor([1.0])), "int8",
+     PagedStoreValueError, "k_scale"),
+    ("scale_as_float", dict(k_scale=0.5, v_scale=torch.tensor([1.0])), "int8", PagedStoreTypeError, "k_scale"),
+    ("integer_states", dict(key_int=True, k_scale=torch.tensor([1.0]), v_scale=torch.tensor([1.0])), "int8",
+     PagedStoreTypeError, "key"),
+]
+
+
+@pytest.mark.parametrize("name,kw,caches,error,argument", QINVALID, ids=[x[0] for x in QINVALID])
+def test_invalid_quantized_calls_raise_and_write_nothing(name, kw, caches, error, argument):
+    case = build(SPECS["padding_rows_0_-1_5_q402"], torch.float32, "HND", seed=9)  # 4 kv heads
+    kc, vc = case.caches()
+    if caches == "int8":
+        kc, vc = kc.mul(10).to(torch.int8), vc.mul(10).to(torch.int8)
+    elif caches == "fp8":
+        kc, vc = kc.to(torch.float8_e4m3fn), vc.to(torch.float8_e4m3fn)
+    kw = dict(kw)
+    key = case.key.to(torch.int32) if kw.pop("key_int", False) else case.key
+    before = [bits(t).clone() for t in (kc, vc)]
+    with pytest.raises(error) as info:
+        store_paged_kv(key, case.value, kc, vc, *case.index, **kw)
+    assert info.value.argument == argument, str(info.value)
+    assert all(torch.equal(b, bits(t)) for b, t in zip(before, (kc, vc))), "a rejected call wrote into a cache"
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Dequantized read: gather_paged_kv (issue 16)
+# ----------------------------------------------------------------------------------------------------------
+
+
+def reference_gather(cache, block_table, ctx, scale, layout, dtype):
+    """Per row, per position, from the definition."""
+    bs = cache.shape[2] if layout == "HND" else cache.shape[1]
+    out = []
+    for b, c in enumerate(ctx.tolist()):
+        for p in range(max(c, 0)):
+            blk = int(block_table[b, p // bs])
+            x = cache[blk, :, p % bs, :] if layout == "HND" else cache[blk, p % bs]
+            out.append(x.float() * scale.view(-1, 1) if scale is not None else x)
+    return torch.stack(out).to(dtype)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("cache_dtype,per_head", [(None, False), (torch.int8, True), (torch.float8_e5m2, False)],
+                         ids=["float", "int8-scaleH", "fp8e5m2-scale1"])
+def test_gather_paged_kv_reads_back_what_the_store_wrote(layout, cache_dtype, per_head):
+    """Store new tokens, then read the whole history back: the new tokens come back (dequantized: within half
+    a quantization step, or the saturation bound) and the old history is the cache's own contents."""
+    case = build(SPECS["padding_rows_0_-1_5_q402"], torch.bfloat16, layout, seed=13)
+    heads = case.key.shape[1]
+    scale = None
+    kc = case.key_cache.clone()
+    if cache_dtype is not None:
+        kc = torch.randint(-60, 60, kc.shape, generator=torch.Generator().manual_seed(1)).to(cache_dtype)
+        scale = torch.full((heads if per_head else 1,), 0.05)
+    store_paged_single(case.key, kc, *case.index, scale=scale, layout=layout)
+    ctx_after = torch.where(case.context_kv_lens >= 0, case.context_kv_lens + (case.cu_q_lens[1:] - case.cu_q_lens[:-1]),
+                            -1).int()
+    got = kvpass.gather_paged_kv(kc, case.block_table, ctx_after, scale, layout=layout, dtype=torch.bfloat16)
+    assert got.dtype == torch.bfloat16 and got.shape[1:] == case.key.shape[1:]
+    assert torch.equal(got, reference_gather(kc, case.block_table, ctx_after, scale, layout, torch.bfloat16))
+    # row 0 (ctx 0, 4 new tokens) is first in the result: its history is exactly the new tokens
+    new = case.key[:4].float()
+    if cache_dtype is None:
+        assert torch.equal(got[:4], case.key[:4])
+    else:
+        err = (got[:4].float() - new).abs()
+        assert (err <= 0.05 / 2 + 0.05 * 0.02 + new.abs() * 0.13).all()  # int8: half a step; fp8 e5m2: 2 mantissa bits
+
+
+def test_gather_paged_kv_validation():
+    case = build(SPECS["padding_rows_0_-1_5_q402"], torch.float32, "HND", seed=13)
+    q = case.key_cache.to(torch.int8)
+    with pytest.raises(PagedStoreTypeError, match="gather_paged_kv: scale: required"):
+        kvpass.gather_paged_kv(q, case.block_table, case.context_kv_lens)
+    with pytest.raises(PagedStoreTypeError, match="gather_paged_kv: scale: given"):
+        kvpass.gather_paged_kv(case.key_cache, case.block_table, case.context_kv_lens, torch.ones(1))
+    with pytest.raises(PagedStoreValueError, match="gather_paged_kv: block_table: row 0 position"):
+        kvpass.gather_paged_kv(case.key_cache, case.block_table, _i32([1000, -1, 5]))
+    with pytest.raises(PagedStoreTypeError, match="gather_paged_kv: context_kv_lens"):
+        kvpass.gather_paged_kv(case.key_cache, case.block_table, case.context_kv_lens.long())

@@ -7,14 +7,17 @@ Stands alone: imports neither the patterns nor the backend. Importing this packa
 
 from ._store import (
     LAYOUTS,
+    QUANT_DTYPES,
     PagedStoreError,
     PagedStoreTypeError,
     PagedStoreValueError,
+    gather_paged_kv,
+    quantize,
     store_paged_kv,
     store_paged_single,
 )
 
 __all__ = [
-    "store_paged_kv", "store_paged_single", "LAYOUTS",
+    "store_paged_kv", "store_paged_single", "gather_paged_kv", "quantize", "LAYOUTS", "QUANT_DTYPES",
     "PagedStoreError", "PagedStoreValueError", "PagedStoreTypeError",
 ]

@@ -4,7 +4,7 @@ Semantics (DESIGN section 5; upstream ``MojoStorePagedKVCache`` / ``MojoStorePag
 -----------------------------------------------------------------------------------------------
 New states are ``(tokens, kv_heads, head_dim)``. A cache is ``(num_blocks, kv_heads, block_size, head_dim)``
 (``layout="HND"``, the default) or ``(num_blocks, block_size, kv_heads, head_dim)`` (``layout="NHD"``, the
-vLLM/FlashInfer layout, selected explicitly). Two addressing modes:
+vLLM/FlashInfer layout, selected explicitly). Three addressing modes, exactly one per call:
 
 * ``block_table (B, W)`` + ``cu_q_lens (B+1,)`` (``None``: decode, token ``i`` is row ``i``'s only token) +
   ``context_kv_lens (B,)``: token ``t`` of row ``b`` goes to position ``p = ctx[b] + t``, physical block
@@ -16,9 +16,13 @@ vLLM/FlashInfer layout, selected explicitly). Two addressing modes:
   crosses a block); a chunk whose ``dst_block`` is ``-1`` is skipped. Chunks may come in any order; the stored
   chunks (``dst_block >= 0``) may not add up to more than ``tokens`` elements (so a source token can be stored
   twice only by giving up another one: the compiled path sizes its work by ``tokens``).
+* ``slot_mapping (n,)`` int64 (vLLM's ``reshape_and_cache`` addressing): token ``t < n`` goes to block
+  ``slot // block_size``, offset ``slot % block_size``; negative slots are skipped; tokens ``>= n`` (the padded
+  tail of a batch: the states may be longer than the mapping) are ignored.
 
-Every other slot of the cache is left exactly as it was. Which write wins when two valid tokens target the same
-slot is unspecified (as in vLLM's ``reshape_and_cache``); the upstream loop happens to keep the last one.
+Every other slot of the cache is left exactly as it was. When two valid tokens target the same slot, the last one
+(in token order; with ``chunk_metadata``, in the order of the chunks) wins, in eager and compiled alike, as in the
+upstream loop (vLLM's ``reshape_and_cache`` leaves it unspecified).
 
 Implementation
 --------------
@@ -29,8 +33,9 @@ Both modes reduce to one *plan*: for each of ``tokens`` elements ``e``, ``src[e]
 
 * **Eager** (the registered kernel): validates everything, including the data-dependent facts (block ids in
   ``[-1, num_blocks)``, monotone ``cu_q_lens``, chunk bounds), with one host sync, *before* writing; then builds
-  the plan, compacts the valid elements (``nonzero``: free on CPU, a second sync on GPU) and writes them with one
-  ``index_copy_``/``index_put_`` per cache.
+  the plan, keeps one writer per slot (the last token, as under compile), compacts the writers (``nonzero``: free
+  on CPU, a second sync on GPU) and writes them with one ``index_copy_``/``index_put_`` per cache (unique
+  indices, so the result does not depend on how ATen parallelizes the copy).
 * **Compile** (``torch.compile``, ``torch.export``, ``make_fx``): the op has a Python
   ``CompositeImplicitAutograd`` kernel, so functionalization (``FunctionalTensorMode``) decomposes it instead of
   wrapping it in ``auto_functionalized``: the graph Inductor sees is the plan's index arithmetic plus one
@@ -41,20 +46,39 @@ Both modes reduce to one *plan*: for each of ``tokens`` elements ``e``, ``src[e]
 Masking under compile (the choice, and why)
 -------------------------------------------
 An ``index_put`` has no per-element mask, and neither Inductor's C++ nor its Triton scatter has a masked store.
-Redirecting a skipped element to some clamped slot and writing that slot's old value back would race with a
-valid element writing the same slot. The compiled path therefore picks a **free slot**: a slot that no valid
-element writes in this call. It marks which of the flat slots ``0..tokens`` are valid targets (a scatter into a
-``tokens+2`` scratch vector: one more candidate than there can be valid elements, so one of them is free
-whenever the cache has more slots than ``tokens``), takes the first unmarked one with ``argmin``, snapshots that
-slot's current contents into a small ``(1, kv_heads, head_dim)`` buffer, and sends every skipped element there
-with the snapshot as its value. The write is race-free and a no-op, so the compiled op matches eager exactly,
-including on inputs eager would reject (block ids ``>= num_blocks`` or ``< -1``, chunks past the block or the
-token range, non-monotone ``cu_q_lens``): every index is range-checked or clamped before it addresses memory,
-and out-of-range elements are masked like padding. The cost is a few tiny kernels on ``tokens``-sized metadata;
-the states flow straight into the one scatter that writes the cache. Only when the cache has no more slots
-than ``tokens`` (decided at trace time from the shapes) may no slot be free; then a skipped element copies the
-write of the valid element that owns the chosen slot (exact, but that read of the states at another index can
-keep Inductor from fusing a reduction producer such as RMSNorm into the scatter).
+The lowering therefore relies on nothing Inductor does not promise: no order of duplicate writes, no vectorized
+``argmin``/``argmax``, no reduction over a narrow dtype, no read of a cache slot that the same kernel writes with
+another value.
+
+1. **One writer per slot.** The element targets are sorted (stably; skipped elements get keys past every slot);
+   of the valid elements that target one slot only the last in element order writes it (the per-token reference
+   and the upstream loop keep the last one; eager applies the same rule, so the two agree even then).
+2. **A free slot, by arithmetic.** Along the sorted keys, a written slot ``s`` has ``s - (D - 1)`` free slots
+   below it (``D``: distinct written slots so far, a ``cumsum``), so the lowest free slot is found with one
+   ``searchsorted``. It exists whenever the cache has more slots than ``tokens`` (decided at trace time).
+3. **A snapshot, then one scatter.** The free slot's ``(1, kv_heads, head_dim)`` contents are copied into a
+   buffer of their own; every element that writes nothing targets the free slot with that snapshot as its value.
+   All writes to the free slot are bit-identical copies of what it already holds, every other slot has at most
+   one writer, so the result is the same in any order and on any number of threads. The states flow straight
+   into the one scatter (fused with RMSNorm/RoPE producers); the index work is a few tiny kernels plus a sort
+   and two cumsums of ``tokens`` int64s.
+
+Every index is range-checked or clamped before it addresses memory, and out-of-range targets are masked like
+padding, so the compiled op matches eager exactly, including on inputs eager would reject (block ids
+``>= num_blocks`` or ``< -1``, chunks past the block or the token range, non-monotone ``cu_q_lens``). When the
+cache has no more slots than ``tokens`` there may be no free slot; then the new contents of every slot are
+gathered (``owner[slot]``: its writer, or none) and written with a pointwise ``copy_``, as cheap as the scatter
+since the cache is the smaller side.
+
+Why not ``argmin``: before issue 13 the free slot was ``argmin`` of an int8 mark vector. Inductor's CPU
+vectorized ``argmin``/``argmax`` (``cpp_prefix.h``, torch 2.13) is wrong for dtypes narrower than its tiling
+(int8/uint8): lanes past the tiling factor are reduced too, holding whatever the partial load left there (AVX2's
+``loadu(ptr, count)`` fills them with 1; AVX-512's 16-element fast path ``loadu_one_fourth`` leaves the upper
+384 bits undefined, in practice 0) paired with index lanes ``argmin_vec_reduce_all`` never stored (stack
+garbage). On AVX-512 a 0 lane ties with the first free slot and a garbage index wins, so a slot that a valid
+token writes was taken as "free" and got its old contents back (one slot wrong: exactly the 512 = 4 heads x 128
+elements reported). Upstream: pytorch/pytorch#191499. ``tests/test_store_isa.py`` keeps a standalone
+reproduction and runs the compiled store under every vector ISA the CPU offers.
 
 Compile caches
 --------------
@@ -75,13 +99,41 @@ import torch
 from ..errors import KVPassError
 
 __all__ = [
-    "store_paged_kv", "store_paged_single", "LAYOUTS",
+    "store_paged_kv", "store_paged_single", "gather_paged_kv", "quantize", "LAYOUTS", "QUANT_DTYPES",
     "PagedStoreError", "PagedStoreValueError", "PagedStoreTypeError",
 ]
 
 LAYOUTS = ("HND", "NHD")
 """Cache layouts: ``"HND"`` is ``(num_blocks, kv_heads, block_size, head_dim)``, ``"NHD"`` is
 ``(num_blocks, block_size, kv_heads, head_dim)``."""
+
+
+QUANT_DTYPES = (torch.int8, torch.float8_e4m3fn, torch.float8_e5m2)
+"""Cache dtypes a store writes through a scale (``k_scale``/``v_scale``/``scale``)."""
+
+_FLOAT_STATES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def quantize(x: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``x`` ``(n, kv_heads, head_dim)`` quantized to ``dtype`` with a float32 ``scale`` of shape ``[1]`` or
+    ``[kv_heads]``: ``x / scale`` in float32, then for int8 ``torch.round`` (half to even) and a clamp to
+    ``[-128, 127]``, for fp8 a clamp to ``±finfo(dtype).max`` (saturating, as vLLM's ``__NV_SATFINITE``) and
+    ``.to(dtype)`` (round to nearest even).
+
+    kvpass divides by the scale, as vLLM's ``reshape_and_cache`` does; SGLang multiplies by a precomputed
+    reciprocal, which can differ by one ulp of ``x / scale`` before rounding and so, rarely, by one quantization
+    step after it.
+    """
+    y = x.float() / scale.view(1, -1, 1)
+    if dtype == torch.int8:
+        return torch.round(y).clamp(-128, 127).to(dtype)
+    m = torch.finfo(dtype).max
+    return y.clamp(-m, m).to(dtype)
+
+
+def _scales(scales, n):
+    """``scales`` as a list of ``(argument_name, tensor_or_None)``, one per (states, cache) pair."""
+    return list(scales) if scales is not None else [("scale", None)] * n
 
 
 class PagedStoreError(KVPassError):
@@ -117,7 +169,8 @@ def _cache_geometry(cache: torch.Tensor, layout: str) -> tuple[int, int, int, in
 
 
 def _validate_static(op: str, pairs: Sequence[tuple[str, torch.Tensor, str, torch.Tensor]],
-                     block_table, cu_q_lens, context_kv_lens, chunk_metadata, layout) -> None:
+                     block_table, cu_q_lens, context_kv_lens, chunk_metadata, layout, slot_mapping=None,
+                     scales=None) -> None:
     """Checks that need only metadata (ranks, dtypes, devices, shapes, argument combinations).
 
     Runs in eager and at trace time. ``pairs`` is ``[(states_name, states, cache_name, cache), ...]``.
@@ -133,7 +186,7 @@ def _validate_static(op: str, pairs: Sequence[tuple[str, torch.Tensor, str, torc
                       f"NHD: (num_blocks, block_size, kv_heads, head_dim)), got {layout!r}")
     shape_name = ("(num_blocks, kv_heads, block_size, head_dim)" if layout == "HND"
                   else "(num_blocks, block_size, kv_heads, head_dim)")
-    for s_name, states, c_name, cache in pairs:
+    for (s_name, states, c_name, cache), (q_name, scale) in zip(pairs, _scales(scales, len(pairs))):
         for name, t in ((s_name, states), (c_name, cache)):
             if not isinstance(t, torch.Tensor):
                 bad_type(name, f"expected a torch.Tensor, got {type(t).__name__}")
@@ -141,7 +194,12 @@ def _validate_static(op: str, pairs: Sequence[tuple[str, torch.Tensor, str, torc
             bad(s_name, f"expected rank 3 (tokens, kv_heads, head_dim), got shape {tuple(states.shape)}")
         if cache.dim() != 4:
             bad(c_name, f"expected rank 4 {shape_name} for layout={layout!r}, got shape {tuple(cache.shape)}")
-        if states.dtype != cache.dtype:
+        if scale is not None:
+            _validate_scale(op, q_name, scale, s_name, states, c_name, cache, layout)
+        elif cache.dtype in QUANT_DTYPES and states.dtype != cache.dtype:
+            bad_type(q_name, f"required: {c_name} is a quantized {cache.dtype} cache and {s_name} is "
+                             f"{states.dtype} (give a float32 scale of shape [1] or [kv_heads])")
+        elif states.dtype != cache.dtype:
             bad_type(c_name, f"dtype {cache.dtype} differs from {s_name}'s dtype {states.dtype}")
         if states.device != cache.device:
             bad(c_name, f"is on {cache.device} but {s_name} is on {states.device}")
@@ -165,18 +223,30 @@ def _validate_static(op: str, pairs: Sequence[tuple[str, torch.Tensor, str, torc
                         f"both K and V")
     device = first_states.device
 
-    def index(name, t, rank):
+    def index(name, t, rank, dtype=torch.int32):
         if t is None:
             return
         if not isinstance(t, torch.Tensor):
-            bad_type(name, f"expected an int32 torch.Tensor or None, got {type(t).__name__}")
-        if t.dtype != torch.int32:
-            bad_type(name, f"expected dtype torch.int32, got {t.dtype}")
+            bad_type(name, f"expected a {str(dtype)[6:]} torch.Tensor or None, got {type(t).__name__}")
+        if t.dtype != dtype:
+            bad_type(name, f"expected dtype {dtype}, got {t.dtype}")
         if t.dim() != rank:
             bad(name, f"expected rank {rank}, got shape {tuple(t.shape)}")
         if t.device != device:
             bad(name, f"is on {t.device} but the states are on {device}")
 
+    if slot_mapping is not None:
+        mixed = [n for n, t in (("block_table", block_table), ("cu_q_lens", cu_q_lens),
+                                ("context_kv_lens", context_kv_lens), ("chunk_metadata", chunk_metadata))
+                 if t is not None]
+        if mixed:
+            bad("slot_mapping", f"cannot be combined with {', '.join(mixed)}: give exactly one addressing mode "
+                                f"(slot_mapping, chunk_metadata, or block_table + cu_q_lens + context_kv_lens)")
+        index("slot_mapping", slot_mapping, 1, torch.int64)
+        if slot_mapping.shape[0] > first_states.shape[0]:
+            bad("slot_mapping", f"has {slot_mapping.shape[0]} entries but there are only "
+                                f"{first_states.shape[0]} tokens (the states may be longer, not shorter)")
+        return
     if chunk_metadata is not None:
         mixed = [n for n, t in (("block_table", block_table), ("cu_q_lens", cu_q_lens),
                                 ("context_kv_lens", context_kv_lens)) if t is not None]
@@ -189,7 +259,7 @@ def _validate_static(op: str, pairs: Sequence[tuple[str, torch.Tensor, str, torc
                                   f"dst_offset, length), got {tuple(chunk_metadata.shape)}")
         return
     if block_table is None:
-        bad("block_table", "required unless chunk_metadata is given")
+        bad("block_table", "required unless chunk_metadata or slot_mapping is given")
     if context_kv_lens is None:
         bad("context_kv_lens", "required with block_table (tokens already cached per row, -1 for a padding row)")
     index("block_table", block_table, 2)
@@ -204,6 +274,27 @@ def _validate_static(op: str, pairs: Sequence[tuple[str, torch.Tensor, str, torc
     elif first_states.shape[0] != rows:
         bad("context_kv_lens", f"decode mode (cu_q_lens=None) needs one token per row, but there are {rows} rows "
                                f"and {first_states.shape[0]} tokens")
+
+
+def _validate_scale(op, q_name, scale, s_name, states, c_name, cache, layout) -> None:
+    """Metadata checks of a quantization scale (its values are checked in eager by :func:`_validate_data`)."""
+    if not isinstance(scale, torch.Tensor):
+        raise PagedStoreTypeError(op, q_name, f"expected a float32 torch.Tensor or None, got {type(scale).__name__}")
+    if cache.dtype not in QUANT_DTYPES:
+        raise PagedStoreTypeError(op, q_name, f"given, but {c_name} has dtype {cache.dtype}: a scale needs an "
+                                              f"int8, float8_e4m3fn or float8_e5m2 cache")
+    if states.dtype not in _FLOAT_STATES:
+        raise PagedStoreTypeError(op, s_name, f"dtype {states.dtype}: a quantized store takes float32, float16 "
+                                              f"or bfloat16 states")
+    if scale.dtype != torch.float32:
+        raise PagedStoreTypeError(op, q_name, f"expected dtype torch.float32, got {scale.dtype}")
+    heads = _cache_geometry(cache, layout)[1]
+    if scale.dim() != 1 or scale.shape[0] not in (1, heads):
+        raise PagedStoreValueError(op, q_name, f"expected shape [1] (per tensor) or [{heads}] (per kv head), got "
+                                               f"{tuple(scale.shape)}")
+    if scale.device != states.device:
+        raise PagedStoreValueError(op, q_name, f"is on {scale.device} but {s_name} is on {states.device} (a scale "
+                                               f"on another device would need a copy and a sync per call)")
 
 
 def _overlaps(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -223,10 +314,16 @@ def _overlaps(a: torch.Tensor, b: torch.Tensor) -> bool:
 
 
 def _validate_data(op: str, num_tokens: int, num_blocks: int, block_size: int,
-                   block_table, cu_q_lens, context_kv_lens, chunk_metadata) -> None:
+                   block_table, cu_q_lens, context_kv_lens, chunk_metadata, slot_mapping=None, scales=()) -> None:
     """Data-dependent checks (eager only): evaluated on device, one host sync, messages name the argument."""
     checks: list[tuple[str, torch.Tensor, str]] = []
-    if chunk_metadata is not None:
+    for name, scale in scales or ():
+        if scale is not None:
+            checks.append((name, ~((scale > 0) & torch.isfinite(scale)), "entries must be finite and > 0"))
+    if slot_mapping is not None:
+        checks.append(("slot_mapping", slot_mapping >= num_blocks * block_size,
+                       f"slots must be < num_blocks * block_size = {num_blocks * block_size} (negative: skipped)"))
+    elif chunk_metadata is not None:
         src, blk, off, ln = chunk_metadata.to(torch.int64).unbind(1)
         stored = blk >= 0  # a dst_block = -1 row is padding: skipped whatever its other columns say
         checks += [
@@ -268,7 +365,7 @@ def _validate_data(op: str, num_tokens: int, num_blocks: int, block_size: int,
 
 
 def _plan(num_tokens, num_blocks: int, block_size: int, device,
-          block_table, cu_q_lens, context_kv_lens, chunk_metadata):
+          block_table, cu_q_lens, context_kv_lens, chunk_metadata, slot_mapping=None):
     """``(src, blk, off, valid, src_is_identity)`` for ``num_tokens`` elements, or ``None`` if nothing can be written.
 
     Pure, shape-static index arithmetic (no host sync): usable in eager and under tracing. Every index used to
@@ -277,6 +374,15 @@ def _plan(num_tokens, num_blocks: int, block_size: int, device,
     """
     i64 = torch.int64
     e = torch.arange(num_tokens, device=device, dtype=i64)
+    if slot_mapping is not None:  # element e is token e; tokens past the mapping are ignored
+        n = slot_mapping.shape[0]
+        if n == 0:
+            return None
+        slot = slot_mapping[e.clamp(max=n - 1)]
+        valid = (e < n) & (slot >= 0) & (slot < num_blocks * block_size)
+        slot = slot.clamp(0, num_blocks * block_size - 1)
+        blk = torch.div(slot, block_size, rounding_mode="floor")
+        return e, blk, slot - blk * block_size, valid, True
     if chunk_metadata is not None:
         num_chunks = chunk_metadata.shape[0]
         if num_chunks == 0:
@@ -331,18 +437,22 @@ def _cache_index(layout: str, blk, off, kv_heads: int):
 # ----------------------------------------------------------------------------------------------------------
 
 
-def _eager_store(op, pairs, block_table, cu_q_lens, context_kv_lens, chunk_metadata, layout):
-    _validate_static(op, pairs, block_table, cu_q_lens, context_kv_lens, chunk_metadata, layout)
+def _eager_store(op, pairs, block_table, cu_q_lens, context_kv_lens, chunk_metadata, layout, slot_mapping=None,
+                 scales=None):
+    scales = _scales(scales, len(pairs))
+    _validate_static(op, pairs, block_table, cu_q_lens, context_kv_lens, chunk_metadata, layout, slot_mapping, scales)
     states0, cache0 = pairs[0][1], pairs[0][3]
     nb, h, bs, _ = _cache_geometry(cache0, layout)
     T = states0.shape[0]
-    _validate_data(op, T, nb, bs, block_table, cu_q_lens, context_kv_lens, chunk_metadata)
+    _validate_data(op, T, nb, bs, block_table, cu_q_lens, context_kv_lens, chunk_metadata, slot_mapping, scales)
     if T == 0 or nb == 0:
         return
-    plan = _plan(T, nb, bs, states0.device, block_table, cu_q_lens, context_kv_lens, chunk_metadata)
+    plan = _plan(T, nb, bs, states0.device, block_table, cu_q_lens, context_kv_lens, chunk_metadata, slot_mapping)
     if plan is None:
         return
     src, blk, off, valid, identity = plan
+    _, order, win = _last_writer_wins(blk * bs + off, valid, nb * bs)
+    valid = _unsort(order, win)  # one write per slot: the last token that targets it
     sel = valid.nonzero().squeeze(1)  # free on CPU; on GPU the second sync of the call (after validation)
     n = sel.shape[0]
     if n == 0:
@@ -352,8 +462,12 @@ def _eager_store(op, pairs, block_table, cu_q_lens, context_kv_lens, chunk_metad
         blk, off, src = blk[sel], off[sel], src[sel]
     idx = rows = None
     with torch.no_grad():
-        for _, states, _, cache in pairs:
+        for (_, states, _, cache), (_, scale) in zip(pairs, scales):
             values = states if dense else states.index_select(0, src)
+            if scale is not None:
+                values = quantize(values, scale, cache.dtype)
+            if cache.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):  # ATen's CPU scatters lack fp8: bytes
+                cache, values = cache.view(torch.uint8), values.view(torch.uint8)
             if layout == "HND" and cache.is_contiguous():
                 # rows of head_dim: index_copy_ on the (num_blocks*kv_heads*block_size, head_dim) view is the
                 # fastest ATen scatter on CPU for this layout
@@ -367,61 +481,153 @@ def _eager_store(op, pairs, block_table, cu_q_lens, context_kv_lens, chunk_metad
                 cache.index_put_(idx, values)
 
 
-def _slot_snapshot(cache, layout, sb, so):
-    """The current ``(1, kv_heads, head_dim)`` contents of slot ``(sb, so)`` (1-element index tensors), copied
-    into a buffer of its own (a scatter into fresh zeros, which Inductor always materializes) so that the
-    main scatter reads the snapshot rather than the cache it writes."""
-    snap = cache[sb, :, so, :] if layout == "HND" else cache[sb, so, :, :]  # (1, H, D) either way
-    out = torch.zeros_like(snap)
-    return out.scatter(0, torch.zeros_like(snap, dtype=torch.int64), snap)
+def _last_writer_wins(flat: torch.Tensor, valid: torch.Tensor, num_slots: int):
+    """Sort the element targets; drop all but the last valid element of each target slot.
+
+    Returns ``(keys, order, win)``: ``keys`` are the targets sorted stably (skipped elements get the distinct
+    keys ``num_slots + e``, past every slot), ``order`` the sorting permutation, and ``win`` (in sorted order)
+    marks the one element per distinct valid target that is written: the last in element order, as the
+    upstream loop and the per-token reference keep it. No two writes of different values then target one
+    slot, so no result depends on the order in which a kernel (or its threads) performs duplicate writes.
+    """
+    e = torch.arange(flat.shape[0], device=flat.device)
+    keys, order = torch.sort(torch.where(valid, flat, num_slots + e), stable=True)
+    in_cache = keys < num_slots
+    last_of_group = torch.ones_like(in_cache)
+    last_of_group[:-1] = keys[1:] != keys[:-1]
+    return keys, order, in_cache & last_of_group
 
 
-def _traced_store(op, pairs, block_table, cu_q_lens, context_kv_lens, chunk_metadata, layout):
-    """The decomposition: functional index arithmetic + one ``index_put_`` per cache, masked exactly."""
-    _validate_static(op, pairs, block_table, cu_q_lens, context_kv_lens, chunk_metadata, layout)
+def _unsort(order: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """``x`` (given in sorted order) back in element order: a scatter through a permutation (unique indices),
+    which Inductor materializes as a buffer of its own, so the cache scatter loads one index per element."""
+    return torch.zeros_like(x).scatter(0, order, x)
+
+
+def _first_free_slot(keys: torch.Tensor, nslots: int) -> torch.Tensor:
+    """The lowest slot that no element writes, as a ``(1,)`` int64 tensor, by arithmetic on the sorted keys.
+
+    With ``D[i]`` the number of distinct written slots among ``keys[:i+1]``, a written slot ``keys[i]`` has
+    ``keys[i] - (D[i] - 1)`` free slots below it (non-decreasing along the keys), so the lowest free slot is the
+    number of written slots with no free slot below them: ``D`` at the end of the run of zeros. Exists whenever
+    fewer than ``nslots`` slots are written (the caller guarantees it). No ``argmin``: Inductor's vectorized
+    ``argmin`` of int8 reads lanes it never loaded (the AVX-512 miscompile of issue 13; see the module docstring).
+    """
+    T = keys.shape[0]
+    in_cache = keys < nslots
+    first_of_group = in_cache.clone()
+    first_of_group[1:] = in_cache[1:] & (keys[1:] != keys[:-1])
+    distinct = torch.cumsum(first_of_group.to(torch.int64), 0)
+    free_below = torch.where(in_cache, keys - (distinct - 1), nslots + T)
+    zero = torch.zeros(1, dtype=torch.int64, device=keys.device)
+    n_written_below = torch.searchsorted(free_below, zero, right=True)  # entries with no free slot below them
+    free = torch.where(n_written_below > 0, distinct[(n_written_below - 1).clamp(min=0)], 0)
+    return free.clamp(0, nslots - 1)
+
+
+def _traced_store(op, pairs, block_table, cu_q_lens, context_kv_lens, chunk_metadata, layout, slot_mapping=None,
+                  scales=None):
+    """The decomposition: functional index arithmetic + one ``index_put_`` per cache (see "Masking under
+    compile" in the module docstring)."""
+    scales = _scales(scales, len(pairs))
+    _validate_static(op, pairs, block_table, cu_q_lens, context_kv_lens, chunk_metadata, layout, slot_mapping, scales)
     states0, cache0 = pairs[0][1], pairs[0][3]
     nb, h, bs, _ = _cache_geometry(cache0, layout)
     T = states0.shape[0]
     if T == 0 or nb == 0:
         return
     device = states0.device
-    plan = _plan(T, nb, bs, device, block_table, cu_q_lens, context_kv_lens, chunk_metadata)
+    plan = _plan(T, nb, bs, device, block_table, cu_q_lens, context_kv_lens, chunk_metadata, slot_mapping)
     if plan is None:
         return
     src, blk, off, valid, identity = plan
     nslots = nb * bs
-    # A free slot: mark the flat slots 0..T that valid elements write (the rest go to the trash entry T+1),
-    # then take the first unmarked one. There are T+1 candidates and at most T valid elements.
-    flat = blk * bs + off
-    cand = torch.where(valid & (flat <= T), flat, T + 1)
-    marks = torch.zeros(T + 2, dtype=torch.int8, device=device).scatter(0, cand, 1)[: T + 1]
-    marks = marks | (torch.arange(T + 1, device=device) >= nslots).to(torch.int8)
-    free = torch.argmin(marks).view(1)
-    # Every element's target slot, skipped ones sent to the free slot. Materialized once per element so that
-    # the scatter loads one index per row instead of redoing the whole plan for every vector of head_dim.
-    slot = _materialize(torch.where(valid, flat, free))
-    sink = (slot == free)[:, None, None]  # exactly the skipped elements: no valid element targets a free slot
+    keys, order, win = _last_writer_wins(blk * bs + off, valid, nslots)
+    if not identity:
+        src = _unsort(torch.arange(T, device=device), src)  # materialized once (see _unsort)
+    if T >= nslots:  # trace-time: every slot may be written, so there may be no free slot
+        _traced_store_whole_cache(pairs, scales, layout, keys, order, win, src, nslots, nb, bs)
+        return
+    free = _first_free_slot(keys, nslots)
+    # Every element's target slot in element order (materialized: the scatter loads one index per element);
+    # elements that write nothing go to the free slot, with the free slot's own contents as their value.
+    slot = _unsort(order, torch.where(win, keys, free))
+    write = _unsort(order, win)[:, None, None]
     sb = torch.div(slot, bs, rounding_mode="floor")
     idx = _cache_index(layout, sb, slot - sb * bs, h)
     free_blk = torch.div(free, bs, rounding_mode="floor")
     free_off = free - free_blk * bs
-    owner = None
-    if T >= nslots:  # trace-time decision: every slot might be written, so the chosen one might not be free
-        owner = torch.argmax((valid & (flat == free)).to(torch.int8)).view(1)
-        taken = marks[free].bool()[:, None, None]
-    if not identity:
-        src = _materialize(src)
-    for _, states, _, cache in pairs:
+    for (_, states, _, cache), (_, scale) in zip(pairs, scales):
         values = states if identity else states[src]
         fill = _slot_snapshot(cache, layout, free_blk, free_off)
-        if owner is not None:  # the free slot may be a valid target: then copy its owner's write instead
-            fill = torch.where(taken, states[src[owner]], fill)
-        cache.index_put_(idx, torch.where(sink, fill, values))
+        if scale is None or cache.dtype == torch.int8:  # pointwise: fuses with the producers of the states
+            codes = values if scale is None else quantize(values, scale, cache.dtype)
+            cache.index_put_(idx, torch.where(write, codes, fill))
+        else:
+            cache.index_put_(idx, _fp8_blend(write, values, scale, fill, cache.dtype))
 
 
-def _materialize(x: torch.Tensor) -> torch.Tensor:
-    """``x`` (1-D), as a buffer of its own in Inductor's output (a scatter is never inlined into its users)."""
-    return torch.zeros_like(x).scatter(0, torch.arange(x.shape[0], device=x.device), x)
+def _quantize_scaled(x, scale_b, dtype):
+    """:func:`quantize` with a scale already shaped to broadcast against ``x``."""
+    y = x.float() / scale_b
+    if dtype == torch.int8:
+        return torch.round(y).clamp(-128, 127).to(dtype)
+    m = torch.finfo(dtype).max
+    return y.clamp(-m, m).to(dtype)
+
+
+def _fp8_blend(write, values, scale, fill, dtype, scaled=False):
+    """``where(write, quantize(values), fill)`` for an fp8 cache, blended in float32 and converted once.
+
+    Inductor (torch 2.13, CPU) cannot type a ``where`` between fp8 tensors ("Promotion for Float8 Types is not
+    supported"), and its non-vectorized C++ turns a ``view(torch.uint8)`` of fp8 into a numeric conversion
+    instead of a bit cast (found by the ``default``-ISA run of tests/test_store_isa.py), so neither the codes
+    nor their bytes can be blended. ``fill.float()`` is the exact value of each kept code and converts back to
+    the same code (finite values and infinities; a NaN stays a NaN, possibly with another sign bit)."""
+    m = torch.finfo(dtype).max
+    s = scale if scaled else scale.view(1, -1, 1)
+    y = (values.float() / s).clamp(-m, m)
+    return torch.where(write, y, fill.float()).to(dtype)
+
+
+def _slot_snapshot(cache, layout, sb, so):
+    """The current ``(1, kv_heads, head_dim)`` contents of slot ``(sb, so)`` (1-element index tensors), copied
+    into a buffer of its own (a scatter into fresh zeros, which Inductor always materializes) so that the
+    values of the cache scatter read the snapshot, not the cache: Inductor would otherwise realize all the
+    values into a temporary (``index_put`` whose values read the destination), losing the fusion."""
+    snap = cache[sb, :, so, :] if layout == "HND" else cache[sb, so, :, :]  # (1, H, D) either way
+    out = torch.zeros_like(snap)
+    return out.scatter(0, torch.zeros_like(snap, dtype=torch.int64), snap)
+
+
+def _traced_store_whole_cache(pairs, scales, layout, keys, order, win, src, nslots, nb, bs):
+    """More tokens than cache slots (a trace-time case): compute every slot's new contents with a gather and
+    write the whole cache with a pointwise ``copy_`` (as cheap as the scatter here: the cache is the smaller).
+
+    ``owner[slot]`` is the element that writes the slot, or ``-1``; it is built by a scatter with unique indices
+    (winners to their slot, everything else to a trash entry of its own)."""
+    T = keys.shape[0]
+    device = keys.device
+    dest = torch.where(win, keys, nslots + torch.arange(T, device=device))
+    owner = torch.full((nslots + T,), -1, dtype=torch.int64, device=device).scatter(0, dest, order)[:nslots]
+    owner = owner.view(nb, bs)
+    token = src[owner.clamp(min=0)]  # (nb, bs)
+    written = owner >= 0
+    for (_, states, _, cache), (_, scale) in zip(pairs, scales):
+        gathered = states[token]  # (nb, bs, h, d)
+        if layout == "HND":
+            gathered, mask = gathered.permute(0, 2, 1, 3), written[:, None, :, None]
+            head_axis_scale = None if scale is None else scale.view(1, -1, 1, 1)
+        else:
+            mask = written[:, :, None, None]
+            head_axis_scale = None if scale is None else scale.view(1, 1, -1, 1)
+        if scale is None:
+            new = torch.where(mask, gathered, cache)
+        elif cache.dtype == torch.int8:
+            new = torch.where(mask, _quantize_scaled(gathered, head_axis_scale, cache.dtype), cache)
+        else:
+            new = _fp8_blend(mask, gathered, head_axis_scale, cache, cache.dtype, scaled=True)
+        cache.copy_(new)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -431,9 +637,11 @@ def _materialize(x: torch.Tensor) -> torch.Tensor:
 # argument of the op and may be passed by keyword; the Python wrappers below make it keyword-only):
 #   kvpass::store_paged_kv(Tensor key, Tensor value, Tensor(a2!) key_cache, Tensor(a3!) value_cache,
 #       Tensor? block_table=None, Tensor? cu_q_lens=None, Tensor? context_kv_lens=None,
-#       Tensor? chunk_metadata=None, *, str layout="HND") -> ()
+#       Tensor? chunk_metadata=None, Tensor? slot_mapping=None, Tensor? k_scale=None, Tensor? v_scale=None, *,
+#       str layout="HND") -> ()
 #   kvpass::store_paged_single(Tensor states, Tensor(a1!) cache, Tensor? block_table=None,
-#       Tensor? cu_q_lens=None, Tensor? context_kv_lens=None, Tensor? chunk_metadata=None, *,
+#       Tensor? cu_q_lens=None, Tensor? context_kv_lens=None, Tensor? chunk_metadata=None,
+#       Tensor? slot_mapping=None, Tensor? scale=None, *,
 #       str layout="HND") -> ()
 
 
@@ -447,12 +655,16 @@ def _store_paged_kv_op(
     cu_q_lens: Optional[torch.Tensor] = None,
     context_kv_lens: Optional[torch.Tensor] = None,
     chunk_metadata: Optional[torch.Tensor] = None,
+    slot_mapping: Optional[torch.Tensor] = None,
+    k_scale: Optional[torch.Tensor] = None,
+    v_scale: Optional[torch.Tensor] = None,
     *,
     layout: str = "HND",
 ) -> None:
     """Eager kernel of ``kvpass::store_paged_kv`` (see :func:`store_paged_kv`)."""
     _eager_store("store_paged_kv", [("key", key, "key_cache", key_cache), ("value", value, "value_cache", value_cache)],
-                 block_table, cu_q_lens, context_kv_lens, chunk_metadata, layout)
+                 block_table, cu_q_lens, context_kv_lens, chunk_metadata, layout, slot_mapping,
+                 [("k_scale", k_scale), ("v_scale", v_scale)])
 
 
 @torch.library.custom_op("kvpass::store_paged_single", mutates_args=("cache",))
@@ -463,40 +675,47 @@ def _store_paged_single_op(
     cu_q_lens: Optional[torch.Tensor] = None,
     context_kv_lens: Optional[torch.Tensor] = None,
     chunk_metadata: Optional[torch.Tensor] = None,
+    slot_mapping: Optional[torch.Tensor] = None,
+    scale: Optional[torch.Tensor] = None,
     *,
     layout: str = "HND",
 ) -> None:
     """Eager kernel of ``kvpass::store_paged_single`` (see :func:`store_paged_single`)."""
     _eager_store("store_paged_single", [("states", states, "cache", cache)],
-                 block_table, cu_q_lens, context_kv_lens, chunk_metadata, layout)
+                 block_table, cu_q_lens, context_kv_lens, chunk_metadata, layout, slot_mapping, [("scale", scale)])
 
 
 @_store_paged_kv_op.register_fake
 def _store_paged_kv_fake(key, value, key_cache, value_cache, block_table=None, cu_q_lens=None,
-                         context_kv_lens=None, chunk_metadata=None, *, layout="HND"):
+                         context_kv_lens=None, chunk_metadata=None, slot_mapping=None, k_scale=None, v_scale=None,
+                         *, layout="HND"):
     _validate_static("store_paged_kv", [("key", key, "key_cache", key_cache),
                                         ("value", value, "value_cache", value_cache)],
-                     block_table, cu_q_lens, context_kv_lens, chunk_metadata, layout)
+                     block_table, cu_q_lens, context_kv_lens, chunk_metadata, layout, slot_mapping,
+                     [("k_scale", k_scale), ("v_scale", v_scale)])
 
 
 @_store_paged_single_op.register_fake
 def _store_paged_single_fake(states, cache, block_table=None, cu_q_lens=None, context_kv_lens=None,
-                             chunk_metadata=None, *, layout="HND"):
+                             chunk_metadata=None, slot_mapping=None, scale=None, *, layout="HND"):
     _validate_static("store_paged_single", [("states", states, "cache", cache)],
-                     block_table, cu_q_lens, context_kv_lens, chunk_metadata, layout)
+                     block_table, cu_q_lens, context_kv_lens, chunk_metadata, layout, slot_mapping,
+                     [("scale", scale)])
 
 
 def _store_paged_kv_decomposition(key, value, key_cache, value_cache, block_table=None, cu_q_lens=None,
-                                  context_kv_lens=None, chunk_metadata=None, *, layout="HND"):
+                                  context_kv_lens=None, chunk_metadata=None, slot_mapping=None, k_scale=None,
+                                  v_scale=None, *, layout="HND"):
     _traced_store("store_paged_kv", [("key", key, "key_cache", key_cache),
                                      ("value", value, "value_cache", value_cache)],
-                  block_table, cu_q_lens, context_kv_lens, chunk_metadata, layout)
+                  block_table, cu_q_lens, context_kv_lens, chunk_metadata, layout, slot_mapping,
+                  [("k_scale", k_scale), ("v_scale", v_scale)])
 
 
 def _store_paged_single_decomposition(states, cache, block_table=None, cu_q_lens=None, context_kv_lens=None,
-                                      chunk_metadata=None, *, layout="HND"):
+                                      chunk_metadata=None, slot_mapping=None, scale=None, *, layout="HND"):
     _traced_store("store_paged_single", [("states", states, "cache", cache)],
-                  block_table, cu_q_lens, context_kv_lens, chunk_metadata, layout)
+                  block_table, cu_q_lens, context_kv_lens, chunk_metadata, layout, slot_mapping, [("scale", scale)])
 
 
 # A Python CompositeImplicitAutograd kernel is consulted only by OpOverload.decompose(): by FunctionalTensorMode
@@ -514,7 +733,7 @@ torch.ops.kvpass.store_paged_single.default.py_impl(_DK)(_store_paged_single_dec
 
 
 def store_paged_kv(key, value, key_cache, value_cache, block_table=None, cu_q_lens=None, context_kv_lens=None,
-                   *, chunk_metadata=None, layout="HND"):
+                   *, chunk_metadata=None, slot_mapping=None, k_scale=None, v_scale=None, layout="HND"):
     """Write new K and V tokens into paged caches, in place (``torch.ops.kvpass.store_paged_kv``).
 
     Args:
@@ -528,6 +747,13 @@ def store_paged_kv(key, value, key_cache, value_cache, block_table=None, cu_q_le
         context_kv_lens: ``(B,)`` int32 tokens already cached per row (the write start), ``-1`` for a padding row.
         chunk_metadata: ``(num_chunks, 4)`` int32 rows ``(src_token_start, dst_block, dst_offset, length)``,
             each within one block; exclusive with ``block_table``/``cu_q_lens``/``context_kv_lens``.
+        slot_mapping: ``(n,)`` int64 flat slot per token (vLLM's addressing): token ``t < n`` goes to block
+            ``slot // block_size``, offset ``slot % block_size``; a negative slot is skipped, and tokens ``>= n``
+            (rows of a padded batch) are ignored. Exclusive with the other addressing arguments.
+        k_scale, v_scale: float32 scales of shape ``[1]`` (per tensor) or ``[kv_heads]`` on the states' device,
+            required for (and only for) an int8 / float8_e4m3fn / float8_e5m2 cache: the stored value is
+            :func:`quantize` ``(states, scale)`` (``x / scale``; int8: round half to even, clamp to [-128, 127];
+            fp8: clamp to the dtype's finite range). Eager checks they are finite and > 0.
         layout: ``"HND"`` (default) or ``"NHD"``.
 
     Returns:
@@ -543,26 +769,96 @@ def store_paged_kv(key, value, key_cache, value_cache, block_table=None, cu_q_le
     if not torch.compiler.is_compiling():
         _validate_static("store_paged_kv", [("key", key, "key_cache", key_cache),
                                             ("value", value, "value_cache", value_cache)],
-                         block_table, cu_q_lens, context_kv_lens, chunk_metadata, layout)
+                         block_table, cu_q_lens, context_kv_lens, chunk_metadata, layout, slot_mapping,
+                         [("k_scale", k_scale), ("v_scale", v_scale)])
     torch.ops.kvpass.store_paged_kv(key, value, key_cache, value_cache, block_table, cu_q_lens, context_kv_lens,
-                                    chunk_metadata, layout=layout)
+                                    chunk_metadata, slot_mapping, k_scale, v_scale, layout=layout)
     return key_cache, value_cache
 
 
 def store_paged_single(states, cache, block_table=None, cu_q_lens=None, context_kv_lens=None, *,
-                       chunk_metadata=None, layout="HND"):
+                       chunk_metadata=None, slot_mapping=None, scale=None, layout="HND"):
     """Write new K *or* V tokens into one paged cache, in place (``torch.ops.kvpass.store_paged_single``).
 
     The same addressing, layouts, validation and compile behaviour as :func:`store_paged_kv` for one
     ``(states, cache)`` pair: V-only stores, or ``attention_k_eq_v`` layers whose one cache serves as K and V.
-    ``store_paged_single(k, k_cache, ...)`` writes exactly what ``store_paged_kv`` writes into ``key_cache``.
+    ``store_paged_single(k, k_cache, ...)`` writes exactly what ``store_paged_kv`` writes into ``key_cache``;
+    ``scale`` plays the role of ``k_scale``.
 
     Returns:
         ``cache``, the same tensor.
     """
     if not torch.compiler.is_compiling():
         _validate_static("store_paged_single", [("states", states, "cache", cache)],
-                         block_table, cu_q_lens, context_kv_lens, chunk_metadata, layout)
+                         block_table, cu_q_lens, context_kv_lens, chunk_metadata, layout, slot_mapping,
+                         [("scale", scale)])
     torch.ops.kvpass.store_paged_single(states, cache, block_table, cu_q_lens, context_kv_lens, chunk_metadata,
-                                        layout=layout)
+                                        slot_mapping, scale, layout=layout)
     return cache
+
+
+
+def gather_paged_kv(cache, block_table, context_kv_lens, scale=None, *, layout="HND", dtype=None):
+    """Read the cached history of every row back as one contiguous ``(tokens, kv_heads, head_dim)`` tensor.
+
+    Row ``b`` contributes its ``context_kv_lens[b]`` positions ``0 .. ctx-1`` (block ``block_table[b, p //
+    block_size]``, offset ``p % block_size``), rows in order, padding rows (``-1``) nothing; ``cu`` of the result
+    is the running sum of ``max(ctx, 0)``. For attention implementations that read contiguous K/V, and for tests.
+
+    Args:
+        cache: a paged cache in ``layout`` (any dtype; int8 / float8 caches need ``scale``).
+        block_table: ``(B, max_blocks)`` int32; context_kv_lens: ``(B,)`` int32, ``-1`` for a padding row.
+        scale: the float32 ``[1]`` or ``[kv_heads]`` scale the cache was written with (quantized caches only):
+            the result is ``cache.float() * scale`` (dequantization).
+        dtype: the result's dtype (the states' dtype); default: the cache's dtype, float32 for a quantized cache.
+
+    Raises:
+        PagedStoreValueError / PagedStoreTypeError naming the argument: bad ranks, dtypes or devices, a position
+        past the table width or in a ``-1`` / out-of-range block. Eager only: the result's length depends on the
+        data (one host sync).
+    """
+    op = "gather_paged_kv"
+    if not isinstance(layout, str) or layout not in LAYOUTS:
+        raise PagedStoreValueError(op, "layout", f"expected one of {LAYOUTS}, got {layout!r}")
+    if not isinstance(cache, torch.Tensor) or cache.dim() != 4:
+        raise PagedStoreValueError(op, "cache", "expected a rank-4 paged cache tensor")
+    nb, h, bs, d = _cache_geometry(cache, layout)
+    for name, t, rank in (("block_table", block_table, 2), ("context_kv_lens", context_kv_lens, 1)):
+        if not isinstance(t, torch.Tensor) or t.dtype != torch.int32:
+            raise PagedStoreTypeError(op, name, "expected an int32 torch.Tensor")
+        if t.dim() != rank or t.device != cache.device:
+            raise PagedStoreValueError(op, name, f"expected rank {rank} on {cache.device}, got shape "
+                                                 f"{tuple(t.shape)} on {t.device}")
+    if block_table.shape[0] != context_kv_lens.shape[0]:
+        raise PagedStoreValueError(op, "block_table", f"has {block_table.shape[0]} rows but context_kv_lens has "
+                                                      f"{context_kv_lens.shape[0]} entries")
+    quantized = cache.dtype in QUANT_DTYPES
+    if scale is not None:
+        if not quantized:
+            raise PagedStoreTypeError(op, "scale", f"given, but the cache has dtype {cache.dtype}")
+        if not isinstance(scale, torch.Tensor) or scale.dtype != torch.float32:
+            raise PagedStoreTypeError(op, "scale", "expected a float32 torch.Tensor")
+        if scale.dim() != 1 or scale.shape[0] not in (1, h) or scale.device != cache.device:
+            raise PagedStoreValueError(op, "scale", f"expected shape [1] or [{h}] on {cache.device}, got "
+                                                    f"{tuple(scale.shape)} on {scale.device}")
+    elif quantized:
+        raise PagedStoreTypeError(op, "scale", f"required to read a quantized {cache.dtype} cache")
+    out_dtype = dtype or (torch.float32 if quantized else cache.dtype)
+    lens = context_kv_lens.to(torch.int64).clamp(min=0)
+    total = int(lens.sum())  # the host sync: the result's length
+    row = torch.repeat_interleave(torch.arange(lens.shape[0], device=cache.device), lens, output_size=total)
+    starts = torch.cumsum(lens, 0) - lens
+    pos = torch.arange(total, device=cache.device) - starts[row]
+    lb = torch.div(pos, bs, rounding_mode="floor")
+    width = block_table.shape[1]
+    blk = block_table[row, lb.clamp(max=max(width - 1, 0))].to(torch.int64) if width else lb.new_full(lb.shape, -1)
+    bad = (lb >= width) | (blk < 0) | (blk >= nb)
+    if bool(bad.any()):
+        i = int(bad.nonzero()[0, 0])
+        raise PagedStoreValueError(op, "block_table", f"row {int(row[i])} position {int(pos[i])} has no block "
+                                                      f"(past the table width {width}, -1, or >= {nb})")
+    off = pos - lb * bs
+    x = cache[blk, :, off, :] if layout == "HND" else cache[blk, off, :, :]  # (tokens, kv_heads, head_dim)
+    if quantized:
+        x = x.float() * scale.view(1, -1, 1)
+    return x.to(out_dtype)

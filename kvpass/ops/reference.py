@@ -14,27 +14,37 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["reference_store", "loop_store_paged_kv", "token_loop_store_paged_kv"]
+__all__ = ["reference_store", "reference_quantize", "loop_store_paged_kv", "token_loop_store_paged_kv"]
 
 
 def reference_store(states, cache, block_table=None, cu_q_lens=None, context_kv_lens=None, *,
-                    chunk_metadata=None, layout="HND"):
+                    chunk_metadata=None, slot_mapping=None, scale=None, layout="HND"):
     """Return a copy of ``cache`` with ``states`` written token by token (the semantics, in plain Python).
 
     Token ``t`` of row ``b`` goes to position ``p = ctx[b] + t``, block ``block_table[b, p // bs]``, offset
     ``p % bs``; padding rows (``ctx < 0``), ``-1`` blocks and positions past the table are skipped; decode
     (``cu_q_lens=None``) means token ``b`` is row ``b``'s only token. With ``chunk_metadata`` rows
-    ``(src, dst_block, dst_offset, length)``, chunks with ``dst_block < 0`` are skipped.
+    ``(src, dst_block, dst_offset, length)``, chunks with ``dst_block < 0`` are skipped. With ``slot_mapping``,
+    token ``t`` goes to slot ``slot_mapping[t]`` (block ``slot // bs``, offset ``slot % bs``) unless negative.
+    With ``scale`` (``[1]`` or ``[kv_heads]``), each token is quantized on its own to the cache's dtype:
+    :func:`reference_quantize`.
     """
     out = cache.clone()
     bs = cache.shape[2] if layout == "HND" else cache.shape[1]
 
     def put(blk, off, x):
+        if scale is not None:
+            x = reference_quantize(x, scale, cache.dtype)
         if layout == "HND":
             out[blk, :, off, :] = x
         else:
             out[blk, off, :, :] = x
 
+    if slot_mapping is not None:
+        for t, slot in enumerate(slot_mapping.cpu().tolist()):
+            if slot >= 0:
+                put(slot // bs, slot % bs, states[t])
+        return out
     if chunk_metadata is not None:
         for src, blk, off, n in chunk_metadata.cpu().tolist():
             if blk < 0:
@@ -56,6 +66,24 @@ def reference_store(states, cache, block_table=None, cu_q_lens=None, context_kv_
                 continue
             put(table[b][j], p % bs, states[t])
     return out
+
+
+def reference_quantize(token, scale, dtype):
+    """One token ``(kv_heads, head_dim)`` quantized per head, written from the definition (issue 16): each head's
+    values divided by its scale (``scale[0]`` for all heads if ``scale`` has one entry) in float32; int8: round
+    half to even and saturate to [-128, 127]; fp8: saturate to the largest finite value, then round to nearest."""
+    heads = token.shape[0]
+    rows = []
+    for h in range(heads):
+        s = scale[h if scale.numel() == heads else 0].item()
+        y = token[h].to(torch.float32) / torch.tensor(s, dtype=torch.float32)
+        if dtype == torch.int8:
+            y = torch.minimum(torch.maximum(y.round(), torch.tensor(-128.0)), torch.tensor(127.0))
+        else:
+            big = torch.finfo(dtype).max
+            y = torch.minimum(torch.maximum(y, torch.tensor(-big)), torch.tensor(big))
+        rows.append(y.to(dtype))
+    return torch.stack(rows)
 
 
 def loop_store_paged_kv(key, value, key_cache, value_cache, block_table, cu_q_lens, context_kv_lens):
