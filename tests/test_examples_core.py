@@ -22,6 +22,7 @@ def test_compile_shared_kv():
     assert "tokens identical" in out and "compiled graphs: 2" in out and "buffer_history" in out
 
 
+@pytest.mark.slow
 def test_standalone_rewrite():
     out = run_example("standalone_rewrite")
     assert "buffer_history" in out and "+setitem" in out and "-getitem = numpy.getitem" in out
