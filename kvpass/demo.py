@@ -5,12 +5,12 @@
    round trips in them) Dynamo hands to ``backend="inductor"``;
 3. what kvpass does: the rewrite report with the user's lines, the diff of the first layer's cache update, a
    faithful ``kvpass.export`` checked clean, and agreement with eager;
-4. decode-step latency of eager, stock Inductor and ``kvpass.compile``, measured side by side.
+4. decode-step latency of eager, stock Inductor and ``kvpass.compile``, measured side by side with
+   :mod:`kvpass.timing` (the method shared with ``kvpass bench``).
 """
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import json
 import sys
