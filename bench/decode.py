@@ -1,7 +1,8 @@
 """Decode-step latency and compiled-graph count on the reference model (eager, backend="inductor",
-backend="kvpass", kvpass.compile) side by side in one process. Same as ``kvpass bench``.
+backend="kvpass", kvpass.compile) side by side in one process, timed with kvpass.timing (the method of
+``kvpass demo``). Same as ``kvpass bench``.
 
-    python bench/decode.py [--steps 16] [--repeats 5] [--device cpu|cuda]
+    python bench/decode.py [--steps 16] [--rounds 9] [--warmup 2] [--device cpu|cuda]
 """
 
 import sys

@@ -5,7 +5,15 @@ from __future__ import annotations
 import argparse
 import sys
 
-__all__ = ["main"]
+__all__ = ["main", "OneLineErrorParser"]
+
+
+class OneLineErrorParser(argparse.ArgumentParser):
+    """Every ``kvpass`` (sub)command's parser: a usage error is one line on stderr, ``PROG: error: MESSAGE (see
+    PROG --help)``, and exit status 2; ``--help`` prints the full help."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 def _check(args) -> int:
@@ -43,22 +51,33 @@ def _check(args) -> int:
 def main(argv=None) -> int:
     """Entry point of the ``kvpass`` console script."""
     from . import __version__
+    from .benchmark import non_negative_int, positive_int
 
-    parser = argparse.ArgumentParser(
+    parser = OneLineErrorParser(
         prog="kvpass",
         description="Make shared-KV-cache decoders compile-clean and export-faithful under torch.compile/export.",
     )
     parser.add_argument("--version", action="version", version=f"kvpass {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    demo = sub.add_parser("demo", help="run the story on the bundled reference model (about a minute)")
-    demo.add_argument("--steps", type=int, default=16, help="decode steps after an 8-token prefill (default 16)")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=OneLineErrorParser)
+    demo = sub.add_parser(
+        "demo", help="run the story on the bundled reference model (minutes: it compiles with Inductor)",
+        description="The whole story on the bundled reference model, every figure computed in the run: what "
+                    "stock torch.compile / make_fx / export do with host round trips of K/V, what kvpass rewrites "
+                    "(with your source lines), a faithful kvpass.export checked clean, and the decode-step latency "
+                    "of eager, stock Inductor and kvpass.compile timed with one method (kvpass.timing: the same "
+                    "warm-up for every runner, interleaved rounds, median and min-max, ratios per round).",
+    )
+    demo.add_argument("--steps", type=non_negative_int, default=16,
+                      help="decode steps after an 8-token prefill (default 16; >= 1 unless --no-timing)")
+    demo.add_argument("--rounds", type=positive_int, default=9,
+                      help="timed rounds, the runners interleaved in each (default 9)")
     demo.add_argument("--seed", type=int, default=0, help="random seed for weights and prompt (default 0)")
     demo.add_argument("--json", action="store_true", help="print the results as JSON (same content)")
     demo.add_argument("--no-timing", action="store_true", help="skip the timing table (no Inductor compiles)")
     demo.add_argument("--device", default="cpu", help="cpu (default) or cuda when available")
     demo.add_argument("--model", default="reference", help="'reference' (default, the bundled model) or 'hf-gemma4' (transformers, tiny random)")
     sub.add_parser("bench", help="decode-step latency: eager, inductor, kvpass, kvpass.compile (minutes)",
-                   add_help=False)
+                   add_help=False)  # parsed by kvpass.benchmark (kvpass bench --help)
     chk = sub.add_parser(
         "check", help="find K/V that an exported program baked as constants (exit 1 if any, 0 if clean)",
         description="Check .pt2 files written by torch.export.save for K/V values that do not come from the "
@@ -84,14 +103,16 @@ def main(argv=None) -> int:
     if argv[:1] == ["bench"]:  # its own parser (kvpass.benchmark), options passed through as they are
         from .benchmark import main as bench_main
 
-        return bench_main(argv[1:], prog="kvpass bench")
-    args = parser.parse_args(argv)
+        return bench_main(argv[1:], prog="kvpass bench", parser_class=OneLineErrorParser)
+    args, extra = parser.parse_known_args(argv)
+    if extra:  # said by the subcommand that got them, not by the top-level parser
+        (sub.choices[args.command] if args.command else parser).error(f"unrecognized arguments: {' '.join(extra)}")
     if args.command is None:
         parser.print_help()
         return 2
     if args.command == "demo":
-        if args.steps < 0:
-            parser.error(f"--steps must be >= 0, got {args.steps}")
+        if args.steps == 0 and not args.no_timing:
+            demo.error("argument --steps: 0 steps leave nothing to time; give --steps >= 1 or --no-timing")
         from .demo import main as demo_main
 
         return demo_main(args)

@@ -5,21 +5,21 @@
    round trips in them) Dynamo hands to ``backend="inductor"``;
 3. what kvpass does: the rewrite report with the user's lines, the diff of the first layer's cache update, a
    faithful ``kvpass.export`` checked clean, and agreement with eager;
-4. decode-step latency of eager, stock Inductor and ``kvpass.compile``, measured side by side.
+4. decode-step latency of eager, stock Inductor and ``kvpass.compile``, measured side by side with
+   :mod:`kvpass.timing` (the method shared with ``kvpass bench``).
 """
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import json
-import statistics
 import sys
 import time
 
 import torch
 
 from .testing import RecordingBackend, host_round_trip_nodes
+from .timing import RECOMPILE_LIMIT_NOTE, captured_recompile_limit_warnings, measure
 
 __all__ = ["run_demo", "run_hf_demo", "format_demo", "format_hf_demo", "main"]
 
@@ -30,15 +30,14 @@ def _progress(msg: str, quiet: bool) -> None:
 
 
 def _steps(step, model, prompt, decode):
+    """Prefill then teacher-forced decode through ``step``; the logits of each call (untimed: timing is
+    :mod:`kvpass.timing`'s job)."""
     model.reset()
-    times = []
     with torch.no_grad():
         outs = [step(prompt)]
         for tok in decode:
-            t0 = time.perf_counter()
             outs.append(step(tok.reshape(1, 1)))
-            times.append(time.perf_counter() - t0)
-    return outs, times
+    return outs
 
 
 def _max_err(a, b) -> float:
@@ -46,7 +45,7 @@ def _max_err(a, b) -> float:
 
 
 def run_demo(steps: int = 16, seed: int = 0, device: str = "cpu", model_factory=None, quiet: bool = False,
-             timing: bool = True) -> dict:
+             timing: bool = True, rounds: int = 9) -> dict:
     """Run the demo and return its results as a dict (what ``kvpass demo --json`` prints).
 
     ``model_factory(seed)`` builds the model (default: the bundled reference model); tests pass a perturbed one
@@ -77,7 +76,7 @@ def run_demo(steps: int = 16, seed: int = 0, device: str = "cpu", model_factory=
     }
 
     eager_model = factory(seed).to(dev)
-    eager_outs, eager_times = _steps(eager_model, eager_model, prompt, decode)
+    eager_outs = _steps(eager_model, eager_model, prompt, decode)
 
     # -- stock PyTorch ------------------------------------------------------------------------------------
     _progress("stock make_fx capture", quiet)
@@ -96,8 +95,10 @@ def run_demo(steps: int = 16, seed: int = 0, device: str = "cpu", model_factory=
         torch._dynamo.utils.counters.clear()
         recorder = RecordingBackend()
         model = factory(seed).to(dev)
-        with torch._dynamo.config.patch(allow_unspec_int_on_nn_module=False):
+        with torch._dynamo.config.patch(allow_unspec_int_on_nn_module=False), \
+                captured_recompile_limit_warnings() as limits:
             _steps(torch.compile(model, backend=recorder), model, prompt, decode)
+        stock["recompile_limit_hits"] = limits
         stock["graphs"] = len(recorder.graphs)
         stock["graph_breaks"] = sum(torch._dynamo.utils.counters["graph_break"].values())
         stock["host_ops_in_graphs"] = sum(len(host_round_trip_nodes(g)) for g in recorder.graphs)
@@ -117,7 +118,7 @@ def run_demo(steps: int = 16, seed: int = 0, device: str = "cpu", model_factory=
         return kv_backend(inner=recorder, on_report=reports.append)(gm, example_inputs)
 
     model = factory(seed).to(dev)
-    kv_outs, _ = _steps(kv_compile(model, backend=keep_before), model, prompt, decode)
+    kv_outs = _steps(kv_compile(model, backend=keep_before), model, prompt, decode)
     report = reports[0]
     text = diff(befores[0], recorder.graphs[0])
     kv: dict = {
@@ -146,43 +147,32 @@ def run_demo(steps: int = 16, seed: int = 0, device: str = "cpu", model_factory=
     out["kvpass"] = kv
 
     # -- timing -------------------------------------------------------------------------------------------
-    rows = {"eager": statistics.median(eager_times) * 1e3}
-    for name, make in () if not timing else (("inductor", lambda m: torch.compile(m, backend="inductor")),
-                       ("kvpass.compile", lambda m: kv_compile(m))):
-        _progress(f"timing {name} (compiles included in its first run)", quiet)
-        torch._dynamo.reset()
-        ctx = contextlib.nullcontext()
-        if name == "inductor":
-            was_installed = traceable_numpy_installed()
-            uninstall_traceable_numpy()
-            ctx = torch._dynamo.config.patch(allow_unspec_int_on_nn_module=False)
-        try:
-            with ctx:
-                model = factory(seed).to(dev)
-                step = make(model)
-                _steps(step, model, prompt, decode)  # compile
-                times = []
-                for _ in range(3):
-                    _, t = _steps(step, model, prompt, decode)
-                    times += t
-        finally:
-            if name == "inductor" and was_installed:
-                install_traceable_numpy()
-        rows[name] = statistics.median(times) * 1e3
-    out["decode_step_ms"] = rows
+    if timing:
+        from .benchmark import time_decode
+
+        _progress("timing eager, inductor, kvpass.compile (kvpass.timing: same warm-up, interleaved rounds)", quiet)
+        t = time_decode(lambda: factory(seed), prompt, decode, runners=("eager", "inductor", "kvpass.compile"),
+                        rounds=rounds, warmup=2, progress=lambda msg: _progress(msg, quiet))
+        m = t["measurement"]
+        out["timing"] = m.to_dict("eager")
+        out["timing"]["compiled_graphs"] = m.warmup_compiles
+        out["timing"]["recompile_limit_hits"] = t["recompile_limit"]
+        out["timing"]["table"] = m.table("eager", extra={"graphs": {n: str(c) for n, c in m.warmup_compiles.items()}})
+        out["timing"]["kvpass_vs_inductor"] = m.ratio("inductor", "kvpass.compile").to_dict()
+        out["timing"]["kvpass_vs_inductor"]["conclusive"] = m.conclusive("inductor", "kvpass.compile")
+        out["decode_step_ms"] = {n: m.runner(n).median * 1e3 for n in m.per_round}
     torch._dynamo.reset()
     return out
 
 
 def _hf_steps(model, step, prompt, steps):
-    """Greedy decode with a StaticCache through ``step``: (tokens, decode step times in seconds)."""
+    """Greedy decode with a StaticCache through ``step``: the tokens (untimed)."""
     from .examples.hf_gemma4 import greedy
 
-    times: list = []
-    return greedy(model, step, prompt, steps, times), times
+    return greedy(model, step, prompt, steps)
 
 
-def run_hf_demo(steps: int = 16, seed: int = 0, quiet: bool = False, timing: bool = True) -> dict:
+def run_hf_demo(steps: int = 16, seed: int = 0, quiet: bool = False, timing: bool = True, rounds: int = 9) -> dict:
     """The same story on transformers' Gemma4 with a tiny random config (shared KV layers, ``attention_k_eq_v``,
     two head dims): no host round trips there, so kvpass must find nothing and change nothing."""
     from . import backend as kv_backend
@@ -196,7 +186,7 @@ def run_hf_demo(steps: int = 16, seed: int = 0, quiet: bool = False, timing: boo
                  "model": {"layers": [{"layer": i, "type": t, "head_dim": layer.self_attn.head_dim}
                                       for i, (t, layer) in enumerate(zip(c.layer_types, model.model.layers))],
                            "num_kv_shared_layers": c.num_kv_shared_layers, "attention_k_eq_v": c.attention_k_eq_v}}
-    want, eager_times = _hf_steps(model, model.forward, prompt, steps)
+    want = _hf_steps(model, model.forward, prompt, steps)
 
     _progress("transformers' own export path, then kvpass.check", quiet)
     from transformers.integrations.executorch import TorchExportableModuleForDecoderOnlyLM
@@ -212,19 +202,33 @@ def run_hf_demo(steps: int = 16, seed: int = 0, quiet: bool = False, timing: boo
     _progress("kvpass backend", quiet)
     torch._dynamo.reset()
     recorder, reports = RecordingBackend(), []
-    got, _ = _hf_steps(model, torch.compile(model.forward, backend=kv_backend(inner=recorder, on_report=reports.append)),
+    got = _hf_steps(model, torch.compile(model.forward, backend=kv_backend(inner=recorder, on_report=reports.append)),
                        prompt, steps)
     out["kvpass"] = {"graphs": len(recorder.graphs), "tokens_identical": got == want, "tokens": got,
                      "rewrites": sum(len(r.matches) for r in reports), "skips": sum(len(r.skips) for r in reports)}
-    rows = {"eager": statistics.median(eager_times) * 1e3}
-    for name, make in () if not timing else (("inductor", "inductor"), ("kvpass", kv_backend())):
-        _progress(f"timing {name} (compiles first)", quiet)
+    if timing:
+        import types
+
+        from .benchmark import own_code
+        from .examples.hf_gemma4 import greedy
+
+        def runner(backend):
+            step = model.forward if backend is None else torch.compile(
+                types.MethodType(own_code(type(model).forward), model), backend=backend)
+            return lambda timer: greedy(model, step, prompt, steps, timer.samples)
+
+        _progress("timing eager, inductor, kvpass (kvpass.timing: same warm-up, interleaved rounds)", quiet)
         torch._dynamo.reset()
-        step = torch.compile(model.forward, backend=make)
-        _hf_steps(model, step, prompt, steps)
-        _, t = _hf_steps(model, step, prompt, steps)
-        rows[name] = statistics.median(t) * 1e3
-    out["decode_step_ms"] = rows
+        with captured_recompile_limit_warnings() as limits:
+            m = measure({"eager": runner(None), "inductor": runner("inductor"), "kvpass": runner(kv_backend())},
+                        rounds=rounds, warmup=2, progress=lambda msg: _progress(msg, quiet))
+        out["timing"] = m.to_dict("eager")
+        out["timing"]["compiled_graphs"] = m.warmup_compiles
+        out["timing"]["recompile_limit_hits"] = limits
+        out["timing"]["table"] = m.table("eager", extra={"graphs": {n: str(c) for n, c in m.warmup_compiles.items()}})
+        out["timing"]["kvpass_vs_inductor"] = m.ratio("inductor", "kvpass").to_dict()
+        out["timing"]["kvpass_vs_inductor"]["conclusive"] = m.conclusive("inductor", "kvpass")
+        out["decode_step_ms"] = {n: m.runner(n).median * 1e3 for n in m.per_round}
     torch._dynamo.reset()
     return out
 
@@ -242,11 +246,7 @@ def format_hf_demo(r: dict) -> str:
              "kvpass (no host round trips in this model: it must find nothing and change nothing)",
              f"  rewrites reported: {k['rewrites']} (skips: {k['skips']}); graphs: {k['graphs']}; greedy tokens "
              f"identical to eager: {'yes' if k['tokens_identical'] else 'NO'}"]
-    t = r["decode_step_ms"]
-    if len(t) > 1:
-        lines += ["", "Decode step (median ms, side by side in this process)", "  | runner | ms | vs eager |",
-                  "  |---|---:|---:|"] + [f"  | {n} | {ms:.3f} | {t['eager'] / ms:.2f}x |" for n, ms in t.items()]
-    return "\n".join(lines)
+    return "\n".join(lines + _format_timing(r, "kvpass"))
 
 
 def _first_hunks(text: str, max_lines: int = 28) -> str:
@@ -267,7 +267,9 @@ def format_demo(r: dict) -> str:
               "the computation, e.g.:"]
     lines += [f"    {f}" for f in s["findings"][:2]]
     lines += [f"  backend='inductor' receives {s['graphs']} graphs ({s['graph_breaks']} graph breaks), with "
-              f"{s['host_ops_in_graphs']} host round-trip ops in them", "",
+              f"{s['host_ops_in_graphs']} host round-trip ops in them"]
+    lines += [f"  {line}" for line in _recompile_note(s.get("recompile_limit_hits"))]
+    lines += ["",
               "kvpass",
               f"  kvpass.compile: {k['graphs']} graphs ({k['graph_breaks']} graph breaks), "
               f"{k['host_ops_in_graphs']} host ops left; rewrites in the prefill graph: {k['report_counts']}"]
@@ -283,13 +285,35 @@ def format_demo(r: dict) -> str:
         lines.append(f"  kvpass.export of the prefill: kvpass.check finds {k['export_findings']} problem(s); "
                      f"max abs difference from eager {k['export_max_abs_err_vs_eager']:.1e}")
     lines.append(f"  compiled vs eager over all steps: max abs difference {k['max_abs_err_vs_eager']:.1e}")
-    t = r["decode_step_ms"]
-    if len(t) == 1:
-        return "\n".join(lines)
-    lines += ["", "Decode step (median ms, measured side by side in this process)",
-              "  | runner | ms | vs eager |", "  |---|---:|---:|"]
-    lines += [f"  | {name} | {ms:.3f} | {t['eager'] / ms:.2f}x |" for name, ms in t.items()]
-    return "\n".join(lines)
+    return "\n".join(lines + _format_timing(r, "kvpass.compile"))
+
+
+def _format_timing(r: dict, kv_name: str) -> list[str]:
+    """The timing table and what it can and cannot support (kvpass.timing)."""
+    t = r.get("timing")
+    if not t:
+        return []
+    method = t["method"]
+    steps = max(method["samples_per_round"].values())
+    lines = ["", f"Decode step in ms (kvpass.timing: {method['warmup_rounds']} warm-up runs per runner, then "
+             f"{method['rounds']} interleaved rounds of {steps} steps; per round the median step; median and "
+             "min-max over the rounds; ratios per round, '?' where they do not decide)"]
+    lines += [f"  {row}" for row in t["table"]]
+    k = t["kvpass_vs_inductor"]
+    lines.append(f"  {kv_name} vs inductor, per round: {k['median']:.2f}x ({k['min']:.2f}-{k['max']:.2f})"
+                 + ("" if k["conclusive"] else ": the range spans 1x, no conclusion"))
+    lines += [f"  note: {n}" for n in t["notes"]]
+    if not r.get("stock", {}).get("recompile_limit_hits"):  # said once, where it first happened
+        lines += [f"  {line}" for line in _recompile_note(t.get("recompile_limit_hits"))]
+    return lines
+
+
+def _recompile_note(hits) -> list[str]:
+    """One line for Dynamo's captured recompile-limit warnings (expected stock behaviour), or nothing."""
+    if not hits:
+        return []
+    limit, _, where = hits[0].partition(" in ")
+    return [RECOMPILE_LIMIT_NOTE.format(limit=limit, where=where)]
 
 
 def main(args) -> int:
@@ -302,7 +326,8 @@ def main(args) -> int:
             print("kvpass demo: error: --model hf-gemma4 runs on cpu only", file=sys.stderr)
             return 2
         t0 = time.perf_counter()
-        result = run_hf_demo(steps=args.steps, seed=args.seed, quiet=args.json, timing=not args.no_timing)
+        result = run_hf_demo(steps=args.steps, seed=args.seed, quiet=args.json, timing=not args.no_timing,
+                             rounds=args.rounds)
         result["wall_s"] = round(time.perf_counter() - t0, 1)
         print(json.dumps(result, indent=2) if args.json else format_hf_demo(result))
         k = result["kvpass"]
@@ -312,7 +337,7 @@ def main(args) -> int:
         return 2
     t0 = time.perf_counter()
     result = run_demo(steps=args.steps, seed=args.seed, device=args.device, quiet=args.json,
-                      timing=not args.no_timing)
+                      timing=not args.no_timing, rounds=args.rounds)
     result["wall_s"] = round(time.perf_counter() - t0, 1)
     if args.json:
         print(json.dumps(result, indent=2))

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 __all__ = ["traceable_np_pad", "install_traceable_numpy", "uninstall_traceable_numpy", "traceable_numpy_installed",
-           "tracing_context", "install_process_wide", "DYNAMO_CONFIG"]
+           "tracing_context", "stock_tracing", "install_process_wide", "DYNAMO_CONFIG"]
 
 # Dynamo config kvpass.compile puts in force while tracing.
 DYNAMO_CONFIG = {"allow_unspec_int_on_nn_module": True}
@@ -127,3 +127,18 @@ def tracing_context(dynamo_config: dict | None = None):
     finally:
         if not installed_before:
             uninstall_traceable_numpy()
+
+
+@contextlib.contextmanager
+def stock_tracing():
+    """Scoped: stock Dynamo (its own ``np.pad`` handling, the default of each :data:`DYNAMO_CONFIG` key), whatever
+    naming ``backend="kvpass"`` put in force process-wide before; restored after. For baselines."""
+    installed_before = traceable_numpy_installed()
+    uninstall_traceable_numpy()
+    defaults = {key: torch._dynamo.config._config[key].default for key in DYNAMO_CONFIG}
+    try:
+        with torch._dynamo.config.patch(defaults):
+            yield
+    finally:
+        if installed_before:
+            install_traceable_numpy()

@@ -15,6 +15,9 @@ PyTorch upgrade that changes what they bake fails here loudly:
 from __future__ import annotations
 
 import ast
+import inspect
+import linecache
+import re
 import contextlib
 import pathlib
 
@@ -514,22 +517,39 @@ def test_hf_gemma4_static_cache_export_is_clean_and_matches_eager(gemma4, tmp_pa
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
 
 
+def _source_location(source: str):
+    """``path:line in func: code`` (a finding's ``source``) -> (path, line, func, code)."""
+    m = re.fullmatch(r"(?P<path>[^:]+):(?P<line>\d+) in (?P<func>\w+): (?P<code>.*)", source, flags=re.S)
+    assert m, source
+    return m["path"], int(m["line"]), m["func"], m["code"]
+
+
 def test_hf_gemma4_nonstrict_export_lifts_its_kv_cache_as_mutated_constants(gemma4):
-    """Pinned on torch 2.13 + transformers 5.23: non-strict export reaches the StaticCache tensors through the
-    cache object, not the registered buffers, so the owner layers' K/V caches become lifted constants written
-    with index_copy_ (run_decompositions then fails). kvpass.check reports exactly those four."""
+    """Non-strict export reaches the StaticCache tensors through the cache object, not the registered buffers, so
+    the owner layers' K/V caches become lifted constants written in place (run_decompositions then fails).
+    kvpass.check reports exactly those, one K and one V per owner layer, each at the line of the attention's
+    forward that writes the cache (checked against transformers' own source file, whatever its text)."""
     ids = _ids(torch.Generator().manual_seed(20), 6, vocab=128)
     ep = _gemma4_export(gemma4, ids, strict=False)
     findings = check(ep)
-    assert [f.kind for f in findings] == [MUTATED_CONSTANT] * 4
-    assert [f.target.rsplit(".", 1)[-1] for f in findings] == [f"lifted_tensor_{i}" for i in range(4, 8)]
-    assert [f.consumer.split(" of ")[0] for f in findings] == ["key", "value", "key", "value"]
+    config = gemma4.config
+    owners = config.num_hidden_layers - config.num_kv_shared_layers  # layers that own (write) a K/V cache
+    assert [f.kind for f in findings] == [MUTATED_CONSTANT] * (2 * owners)
+    assert [f.consumer.split(" of ")[0] for f in findings] == ["key", "value"] * owners
+    lifted = {s.target for s in ep.graph_signature.input_specs if s.kind.name == "CONSTANT_TENSOR"}
+    assert {f.target for f in findings} <= lifted and len({f.target for f in findings}) == 2 * owners
+    attention = type(gemma4.model.layers[0].self_attn)
+    src_file = inspect.getsourcefile(attention)
+    lines, first = inspect.getsourcelines(attention.forward)
     for f in findings:
-        assert f.all_zeros is True and "aten.index_copy_.default" in f.detail
-        assert "modeling_gemma4.py" in f.source and "past_key_values.update" in f.source
-    # the scalar cumulative_length constants are mutated too, and stay silent (not K/V)
-    lifted = [s.target for s in ep.graph_signature.input_specs if s.kind.name == "CONSTANT_TENSOR"]
-    assert len(lifted) == 8
+        assert f.all_zeros is True  # the trace-time cache: what the exported program would attend over
+        assert re.search(r"written in place by aten\.index_copy_?\.default", f.detail), f.detail
+        path, line, func, code = _source_location(f.source)
+        assert src_file.replace("\\", "/").endswith(path) and func == "forward"
+        assert first <= line < first + len(lines)  # inside the attention's forward ...
+        assert linecache.getline(src_file, line).strip() == code.strip()  # ... and quoted as it is on disk
+    # the other lifted constants (scalar cumulative lengths) are mutated too, and stay silent: not K/V
+    assert len(lifted) > 2 * owners
 
 
 # --------------------------------------------------------------------------------------------------------

@@ -3,6 +3,8 @@
 import subprocess
 import sys
 
+import pytest
+
 import kvpass
 from kvpass.cli import main
 
@@ -26,6 +28,7 @@ def test_no_command_prints_help_and_fails(capsys):
     assert "usage: kvpass" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_demo_runs(capsys):
     assert main(["demo", "--steps", "2", "--no-timing"]) == 0
     out = capsys.readouterr().out
@@ -34,6 +37,7 @@ def test_demo_runs(capsys):
     assert "kvpass.check finds 0 problem(s)" in out
 
 
+@pytest.mark.slow
 def test_demo_json(capsys):
     import json
 
@@ -43,22 +47,63 @@ def test_demo_json(capsys):
     assert result["kvpass"]["report_counts"]["scatter_slice"] == 16
 
 
+def _one_line_error(argv, capsys):
+    """Run ``kvpass ARGV``; it must exit 2 with exactly one line on stderr, no usage block, nothing on stdout."""
+    with pytest.raises(SystemExit) as info:
+        main(argv)
+    captured = capsys.readouterr()
+    assert info.value.code == 2
+    lines = captured.err.splitlines()
+    assert len(lines) == 1 and "usage:" not in captured.err and captured.out == "", captured.err
+    return lines[0]
+
+
 def test_demo_rejects_negative_steps(capsys):
-    try:
-        main(["demo", "--steps", "-1"])
-    except SystemExit as e:
-        assert e.code == 2
-    assert "--steps must be >= 0" in capsys.readouterr().err
+    line = _one_line_error(["demo", "--steps", "-1"], capsys)
+    assert line == "kvpass demo: error: argument --steps: must be >= 0, got -1 (see kvpass demo --help)"
 
 
-def test_bench_help_and_bad_device(capsys):
-    try:
+@pytest.mark.parametrize("argv, words", [
+    (["demo", "--steps", "x"], "kvpass demo: error: argument --steps: invalid integer value: 'x'"),
+    (["demo", "--steps", "0"], "0 steps leave nothing to time"),
+    (["demo", "--rounds", "0"], "kvpass demo: error: argument --rounds: must be >= 1, got 0"),
+    (["demo", "--bogus"], "kvpass demo: error: unrecognized arguments: --bogus"),
+    (["bench", "--steps", "0"], "kvpass bench: error: argument --steps: must be >= 1, got 0"),
+    (["bench", "--device", "tpu"], "kvpass bench: error: argument --device: invalid choice: 'tpu'"),
+    (["bench", "--bogus"], "kvpass bench: error: unrecognized arguments: --bogus"),
+    (["check"], "kvpass check: error: the following arguments are required: FILE.pt2"),
+    (["frobnicate"], "kvpass: error: argument COMMAND: invalid choice: 'frobnicate'"),
+])
+def test_usage_errors_are_one_line_and_exit_2(argv, words, capsys):
+    assert words in _one_line_error(argv, capsys)
+
+
+@pytest.mark.parametrize("command", ["demo", "bench", "check"])
+def test_every_subcommand_has_full_help(command, capsys):
+    with pytest.raises(SystemExit) as info:
+        main([command, "--help"])
+    assert info.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"usage: kvpass {command}")
+    options = [line.strip() for line in out.splitlines() if line.strip().startswith("--")]
+    for line in options:  # every option says what it does, on its line or the next
+        assert len(line.split(None, 2)) >= 2 or line.endswith(("STEPS", "ROUNDS")), line
+    description = out.split("\n\n")[1]
+    assert description.rstrip().endswith((".", ")")), description  # a whole sentence, not cut mid-way
+
+
+def test_bench_help_describes_the_method_and_every_option(capsys):
+    with pytest.raises(SystemExit):
         main(["bench", "--help"])
-    except SystemExit as e:
-        assert e.code == 0
-    assert "usage: kvpass bench" in capsys.readouterr().out
-    try:
-        main(["bench", "--device", "cuda"]) if not __import__("torch").cuda.is_available() else None
-    except SystemExit as e:
-        assert e.code == 2
-        assert "CUDA is not available" in capsys.readouterr().err
+    out = " ".join(capsys.readouterr().out.split())
+    assert "eager, backend=\"inductor\", backend=\"kvpass\" and kvpass.compile, measured side by side in one process" in out
+    for words in ("--steps STEPS decode steps after an 8-token prefill", "--rounds ROUNDS timed rounds",
+                  "--warmup WARMUP untimed runs of each runner", "--device {cpu,cuda} device to run on",
+                  "interleaved", "the median and the min", "computed within each round", "recompile-limit warning"):
+        assert words in out, words
+
+
+def test_bench_bad_device(capsys):
+    if __import__("torch").cuda.is_available():
+        pytest.skip("CUDA is available here")
+    assert "CUDA is not available" in _one_line_error(["bench", "--device", "cuda"], capsys)

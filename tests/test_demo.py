@@ -1,9 +1,12 @@
 """The demo computes its claims: a model without round trips gives another report than the bundled one."""
 
+import pytest
+
 from kvpass.demo import format_demo, run_demo
 from kvpass.examples.shared_kv_model import reference_model
 
 
+@pytest.mark.slow
 def test_demo_follows_the_model():
     host = run_demo(steps=2, timing=False, quiet=True)
     twin = run_demo(steps=2, timing=False, quiet=True, model_factory=lambda s: reference_model(functional=True, seed=s))
@@ -18,6 +21,7 @@ def test_demo_follows_the_model():
     assert "Decode step" not in format_demo(host)
 
 
+@pytest.mark.slow
 def test_demo_on_hf_gemma4_finds_nothing(capsys):
     import json
 

@@ -6,6 +6,8 @@ import shutil
 import subprocess
 import sys
 
+import pytest
+
 import kvpass
 from kvpass.inductor_pass import KVPassInductorPass, _hash, catalogue_files
 
@@ -45,6 +47,7 @@ def run_python(code):
     return out.stdout.strip().splitlines()[-1]
 
 
+@pytest.mark.slow
 def test_rewrite_output_is_identical_in_two_processes():
     script = REWRITE_SCRIPT.format(tests=TESTS)
     first, second = run_python(script), run_python(script)
@@ -53,6 +56,7 @@ def test_rewrite_output_is_identical_in_two_processes():
     assert int(graphs) >= 2 and int(matches) >= 10  # prefill and decode graphs, every cache rewritten
 
 
+@pytest.mark.slow
 def test_uuid_is_identical_in_two_processes():
     code = "from kvpass.inductor_pass import KVPassInductorPass as P; print(P().uuid())"
     assert run_python(code) == run_python(code) == KVPassInductorPass().uuid()

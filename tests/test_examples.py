@@ -16,6 +16,7 @@ def run_example(name, *args):
     return proc.stdout
 
 
+@pytest.mark.slow
 def test_paged_store_batching():
     out = run_example("paged_store_batching")
     assert "store_paged_kv eager vs torch.compile (fullgraph): caches identical" in out
@@ -24,6 +25,7 @@ def test_paged_store_batching():
     assert out.rstrip().endswith("PASS: paged store and attention agree with the contiguous reference")
 
 
+@pytest.mark.slow
 def test_hf_gemma4_fast():
     pytest.importorskip("transformers")
     out = run_example("hf_gemma4", "--fast")

@@ -22,6 +22,7 @@ def test_compile_shared_kv():
     assert "tokens identical" in out and "compiled graphs: 2" in out and "scatter_slice" in out
 
 
+@pytest.mark.slow
 def test_standalone_rewrite():
     out = run_example("standalone_rewrite")
     assert "scatter_slice" in out and "-slice_1 = aten.slice.Tensor(slice_scatter" in out

@@ -128,6 +128,7 @@ def decode():
 # --------------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_seed_verification_stock_captures_bake_kv_constants_kvpass_does_not(prefill):
     model, ids, ep, _ = prefill
     # make_fx real mode (the seed's capture) of the same model and step: the host reads become K/V constants
@@ -164,6 +165,7 @@ def test_seed_verification_stock_captures_bake_kv_constants_kvpass_does_not(pref
     assert InputKind.CONSTANT_TENSOR not in kinds
 
 
+@pytest.mark.slow
 def test_export_contract_buffers_parameters_inputs(prefill):
     model, _, ep, initial = prefill
     specs = ep.graph_signature.input_specs
@@ -221,6 +223,7 @@ def test_prefill_matches_eager_on_fresh_inputs(prefill):
                                            torch.from_numpy(getattr(model.caches[i], f"{kv}_buf")), **TOL)
 
 
+@pytest.mark.slow
 def test_pt2_round_trip(prefill, tmp_path):
     model, _, ep, _ = prefill
     path = tmp_path / "prefill.pt2"
@@ -234,6 +237,7 @@ def test_pt2_round_trip(prefill, tmp_path):
         torch.testing.assert_close(loaded.module()(fresh), model(fresh), **TOL)
 
 
+@pytest.mark.slow
 def test_decode_steps_with_cache_state_passed_in(decode, tmp_path):
     model, ep = decode
     assert check(ep) == []
@@ -268,6 +272,7 @@ def test_decode_steps_with_cache_state_passed_in(decode, tmp_path):
             run(tok, **state, **full)
 
 
+@pytest.mark.slow
 def test_chunked_prefill_program_with_dynamic_length():
     """One program for a prefill from an empty cache and for later chunks (T >= 2, any position).
 
@@ -404,19 +409,38 @@ def test_replaced_state_warns():
 # --------------------------------------------------------------------------------------------------------
 
 
-def test_example_script_runs():
+@pytest.mark.slow
+def test_example_script_runs(tmp_path):
     script = ROOT / "examples" / "faithful_export.py"
     env = dict(os.environ, PYTHONWARNINGS="ignore")
-    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300, env=env)
+    target = tmp_path / "out" / "prefill.pt2"
+    proc = subprocess.run([sys.executable, str(script), "--out", str(target)], capture_output=True, text=True,
+                          timeout=300, env=env, cwd=tmp_path)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     out = proc.stdout
     assert "stock make_fx capture: kvpass.check finds" in out and "constant-kv: _tensor_constant" in out
     assert "kvpass.check(prefill.pt2) -> []" in out
+    # the program stays where the example says it is, for `kvpass check`
+    assert f"exported prefill program: {target}" in out and target.is_file()
+    assert out.rstrip().endswith("PASS")
+    assert kvpass.check(str(target)) == []
     (prefill_err,) = re.findall(r"prefill of 8 fresh random tokens: max \|exported - eager\| = (\S+) ", out)
     (steps, state_err) = re.findall(r"4 greedy decode steps .* per step = \[(.*)\]; cache state vs eager host "
                                     r"buffers: (\S+)", out)[0]
     errs = [float(prefill_err), float(state_err)] + [float(e.strip("' ")) for e in steps.split(",")]
     assert len(errs) == 6 and max(errs) < 1e-5, out
+
+
+@pytest.mark.slow
+def test_example_fails_loudly(tmp_path, capsys, monkeypatch):
+    """The example says FAIL and exits 1 when its checks do not hold (here: an impossible tolerance)."""
+    spec = importlib.util.spec_from_file_location("faithful_export_example", ROOT / "examples" / "faithful_export.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    monkeypatch.setattr(module, "TOLERANCE", -1.0)
+    assert module.cli(["--out", str(tmp_path / "p.pt2")]) == 1
+    out = capsys.readouterr().out
+    assert "FAIL: exported and eager differ by" in out and "PASS" not in out
 
 
 def test_example_is_importable_without_side_effects(capsys):

@@ -103,6 +103,7 @@ def _counting_compile(model):
     return torch.compile(model, backend=counting_backend), graphs
 
 
+@pytest.mark.slow
 def test_compile_recompiles_every_decode_step(rng):
     model = reference_model(NO_PAD, seed=6)
     compiled, graphs = _counting_compile(model)

@@ -104,12 +104,14 @@ def _fuzz_cache_steps(case):
     fd.COUNTS["rewrite cases (cache steps)"] += 1
 
 
+@pytest.mark.slow
 def test_generated_decoders_rewrite_exactly():
     before = fd.COUNTS["rewrite cases (decoders)"]
     _fuzz_decoders()
     assert fd.COUNTS["rewrite cases (decoders)"] - before >= round(DECODER_CASES * fd.SCALE) * 0.9  # allow dedupes
 
 
+@pytest.mark.slow
 def test_generated_cache_steps_rewrite_exactly():
     before = fd.COUNTS["rewrite cases (cache steps)"]
     _fuzz_cache_steps()

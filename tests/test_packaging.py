@@ -65,7 +65,8 @@ def test_wheel_ships_patterns_inside_kvpass(wheel):
     assert "[torch_dynamo_backends]" in text and "kvpass = kvpass.registered_backend:kvpass_backend" in text
     assert "[console_scripts]" in text and "kvpass = kvpass.cli:main" in text
     (meta,) = [n for n in names if n.endswith("METADATA")]
-    assert "Requires-Dist: torch>=2.6" in zipfile.ZipFile(wheel).read(meta).decode()
+    metadata = zipfile.ZipFile(wheel).read(meta).decode()
+    assert "Requires-Dist: torch<2.14,>=2.13" in metadata  # the tested range of pyproject.toml
 
 
 def test_installed_wheel_imports_patterns(wheel, tmp_path):
@@ -80,3 +81,33 @@ def test_installed_wheel_imports_patterns(wheel, tmp_path):
     assert out.returncode == 0, out.stderr[-3000:]
     for line in out.stdout.split():
         assert line.startswith(str(site)), line
+
+
+def _declared_requirements():
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+    from packaging.requirements import Requirement
+
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    return [Requirement(r) for r in project["dependencies"] + project["optional-dependencies"]["test"]]
+
+
+def test_every_dependency_declares_its_tested_range_and_the_installed_version_is_in_it():
+    """A fresh install resolves to tested versions: each runtime and test dependency has a lower and an upper
+    bound in pyproject.toml, and what this suite runs with lies inside them (so a test run outside the tested
+    range says so here first, instead of as a puzzling failure elsewhere)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    from packaging.version import Version
+
+    reqs = _declared_requirements()
+    assert {r.name for r in reqs} >= {"torch", "numpy", "transformers", "pytest", "expecttest", "hypothesis"}
+    for req in reqs:
+        ops = {spec.operator for spec in req.specifier}
+        assert ">=" in ops and "<" in ops, f"{req}: declare the tested range as >=LOW,<HIGH"
+        try:
+            installed = Version(version(req.name))
+        except PackageNotFoundError:
+            pytest.fail(f"{req.name} is declared but not installed")
+        # a local build tag (2.13.0+cpu, +cu128) is the same release
+        assert req.specifier.contains(Version(installed.public), prereleases=True), (
+            f"{req.name} {installed} is outside the tested range {req.specifier} declared in pyproject.toml")

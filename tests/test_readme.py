@@ -20,9 +20,20 @@ def test_quick_start_commands_are_what_ci_runs():
         assert cmd in ci.splitlines(), f"README command not in .ci/run: {cmd}"
 
 
-def test_python_examples_run():
+def test_python_examples_run(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # what the examples save (model.pt2) lands here
     for code in blocks("python"):
         exec(compile(code, "README.md", "exec"), {})
+
+
+def test_saved_program_is_clean_for_kvpass_check(tmp_path, monkeypatch):
+    """The README's "save a program for kvpass check" snippet writes a .pt2 that `kvpass check` calls clean."""
+    from kvpass.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    (snippet,) = [code for code in blocks("python") if "torch.export.save(" in code]
+    exec(compile(snippet, "README.md", "exec"), {})
+    assert main(["check", "model.pt2"]) == 0
 
 
 def test_pattern_catalogue_table_is_in_sync_with_the_docstrings():
