@@ -179,30 +179,42 @@ def _compare(before, after, where="output") -> str | None:
 
 
 def guard_aliased_inputs(gm: torch.fx.GraphModule, traced: torch.fx.GraphModule) -> None:
-    """Make calls of the functional ``gm`` whose host-buffer inputs overlap in memory (numpy views of one pool,
-    which functionalization treats as independent) run ``traced``, the torch-level graph, with eager's
-    aliasing; warn once. ``gm`` stays a GraphModule (its class gets a ``__call__`` that checks first)."""
+    """Make calls of the functional ``gm`` whose inputs overlap in memory (numpy views of one pool, which
+    functionalization treats as independent) run ``traced``, the torch-level graph, with eager's aliasing; warn
+    once. ``gm`` stays a GraphModule: its own class wraps the generated ``forward`` (also after a ``recompile()``),
+    so ``gm(...)`` and ``gm.forward(...)`` are both guarded."""
     import warnings
 
     from .aliasing import aliased_inputs_message, overlapping_inputs
     from .errors import KVPassWarning
 
-    base = type(gm)
+    def wrap(cls):
+        generated = cls.__dict__["forward"]
 
-    def __call__(self, *args, **kwargs):
-        pairs = overlapping_inputs(args, external_only=False)
-        if not pairs:
-            return torch.nn.Module.__call__(self, *args, **kwargs)
-        if not getattr(self, "_kvpass_warned", False):
-            self._kvpass_warned = True
-            names = [n.name for n in self.graph.nodes if n.op == "placeholder"]
-            i, j = pairs[0]
-            warnings.warn(aliased_inputs_message(names[i] if i < len(names) else f"input {i}",
-                                                 names[j] if j < len(names) else f"input {j}"),
-                          KVPassWarning, stacklevel=2)
-        return traced(*args, **kwargs)
+        def forward(self, *args, **kwargs):
+            pairs = overlapping_inputs(args, external_only=False)
+            if not pairs:
+                return generated(self, *args, **kwargs)
+            if not getattr(self, "_kvpass_warned", False):
+                self._kvpass_warned = True
+                names = [n.name for n in self.graph.nodes if n.op == "placeholder"]
+                i, j = pairs[0]
+                warnings.warn(aliased_inputs_message(names[i] if i < len(names) else f"input {i}",
+                                                     names[j] if j < len(names) else f"input {j}"),
+                              KVPassWarning, stacklevel=2)
+            return traced(*args, **kwargs)
 
-    gm.__class__ = type(base.__name__, (base,), {"__call__": __call__})
+        cls.forward = forward
+
+    cls = type(gm)  # FX gives every GraphModule instance a class of its own: changing it touches only gm
+
+    def recompile(self):
+        out = torch.fx.GraphModule.recompile(self)  # sets a new generated forward on this class
+        wrap(type(self))
+        return out
+
+    cls.recompile = recompile
+    wrap(cls)
 
 
 def _snapshot(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:

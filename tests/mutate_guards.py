@@ -59,7 +59,7 @@ MUTATIONS = [
      "    for i, j in overlapping_inputs(inputs, external_only=True):", "    for i, j in []:",
      [G + "test_verify_copies_inputs_that_share_memory_together"]),
     ("rewrite: the returned module runs as traced on overlapping inputs", "kvpass/engine.py",
-     "        if not pairs:", "        if True:",
+     "            if not pairs:", "            if True:",
      [G + "test_rewritten_graph_runs_as_traced_on_inputs_that_share_memory"]),
     # a sample of the store ops' argument checks (each invalid-argument class has its own test)
     ("store: states/cache dtype", "kvpass/ops/_store.py", "        if states.dtype != cache.dtype:",
