@@ -11,7 +11,6 @@
 
 from __future__ import annotations
 
-import copy
 import json
 import sys
 import time
@@ -111,16 +110,12 @@ def run_demo(steps: int = 16, seed: int = 0, device: str = "cpu", model_factory=
     _progress("kvpass.compile (rewrite report, graphs)", quiet)
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
-    recorder, reports, befores = RecordingBackend(), [], []
-
-    def keep_before(gm, example_inputs):
-        befores.append(copy.deepcopy(gm))
-        return kv_backend(inner=recorder, on_report=reports.append)(gm, example_inputs)
-
+    recorder, reports = RecordingBackend(), []
     model = factory(seed).to(dev)
-    kv_outs = _steps(kv_compile(model, backend=keep_before), model, prompt, decode)
+    kv_outs = _steps(kv_compile(model, backend=kv_backend(inner=recorder, on_report=reports.append)), model,
+                     prompt, decode)
     report = reports[0]
-    text = diff(befores[0], recorder.graphs[0])
+    text = diff(report.before, recorder.graphs[0])  # the functional graph before and after the rules
     kv: dict = {
         "graphs": len(recorder.graphs),
         "graph_breaks": sum(torch._dynamo.utils.counters["graph_break"].values()),

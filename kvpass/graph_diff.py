@@ -9,7 +9,6 @@ names), so the same computation always prints the same text.
 from __future__ import annotations
 
 import difflib
-import operator
 import re
 from typing import Any
 

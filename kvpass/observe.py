@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import logging
 
-import torch
 
 __all__ = ["emit", "count", "log"]
 

@@ -50,7 +50,6 @@ the reads this rule creates are rewritten, so graphs without a cache are left by
 
 from __future__ import annotations
 
-import operator
 
 import torch
 import torch.fx

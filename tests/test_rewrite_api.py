@@ -1,6 +1,5 @@
 """kvpass.rewrite: argument errors, verify, idempotence, and the cases it must leave alone."""
 
-import copy
 
 import pytest
 import torch
