@@ -173,8 +173,11 @@ class Emitter:
         vals = [n.meta.get("val") for n in self.graph.nodes if n.op == "placeholder"]
         return detect_fake_mode([v for v in vals if isinstance(v, torch.Tensor)])
 
-    def call(self, target, *args) -> torch.fx.Node:
-        """``target(*args)`` as a new node; args are nodes, ints, SymInt nodes or lists of them."""
+    def call(self, target, *args, **kwargs) -> torch.fx.Node:
+        """``target(*args, **kwargs)`` as a new node; args are nodes, ints, SymInt nodes or lists of them. Its
+        traced value is computed on the graph's fake values, adding no guard to their ShapeEnv."""
+        import contextlib
+
         def val(a):
             if isinstance(a, torch.fx.Node):
                 return meta_value(a)
@@ -183,12 +186,13 @@ class Emitter:
             return a
         mode = self._fake_mode()
         shape_env = getattr(mode, "shape_env", None)
-        import contextlib
-
         guards = shape_env.suppress_guards() if shape_env is not None else contextlib.nullcontext()
         with (mode if mode is not None else contextlib.nullcontext()), guards:
-            v = target(*[val(a) for a in args])
-        return self._node(target, args, v)
+            v = target(*[val(a) for a in args], **kwargs)
+        node = self._node(target, args, v)
+        if kwargs:
+            node.kwargs = kwargs
+        return node
 
     def cat(self, pieces: list, d: int):
         """``cat(pieces, d)``, or the one piece."""

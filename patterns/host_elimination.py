@@ -149,10 +149,10 @@ class HostElimination:
                 kwargs = dict(node.kwargs)
                 if "device" in kwargs:
                     kwargs["device"] = device
-                return (_call_kwargs(em, target, args, kwargs) if kwargs else em.call(target, *args)), trips
+                return em.call(target, *args, **kwargs), trips
             if not any(isinstance(a, torch.fx.Node) for a in node.all_input_nodes) and "device" in node.kwargs:
                 kwargs = dict(node.kwargs, device=device)  # a factory: build it on the device
-                return _call_kwargs(em, target, list(node.args), kwargs), 0
+                return em.call(target, *node.args, **kwargs), 0
             em.drop_after(mark)  # nothing of a round trip below: move the result, not its inputs
             self.memo = {k: v for k, v in self.memo.items() if not getattr(v[0], "_erased", False)}
         return _to(em, node, device), 0
@@ -163,27 +163,12 @@ class HostElimination:
         return self._on(em, a, device)
 
 
-def _call_kwargs(em: Emitter, target, args, kwargs):
-    def val(a):
-        if isinstance(a, torch.fx.Node):
-            return meta_value(a)
-        if isinstance(a, (list, tuple)):
-            return type(a)(val(x) for x in a)
-        return a
-    mode = em._fake_mode()
-    with mode:
-        v = target(*[val(a) for a in args], **kwargs)
-    node = em._node(target, args, v)
-    node.kwargs = kwargs
-    return node
-
-
 def _to(em, node, device):
-    return _call_kwargs(em, aten._to_copy.default, [node], {"device": device})
+    return em.call(aten._to_copy.default, node, device=device)
 
 
 def _cast(em, node, dtype):
-    return _call_kwargs(em, aten._to_copy.default, [node], {"dtype": dtype})
+    return em.call(aten._to_copy.default, node, dtype=dtype)
 
 
 PATTERN = HostElimination()
