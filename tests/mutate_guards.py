@@ -62,9 +62,9 @@ MUTATIONS = [
      "            if not pairs:", "            if True:",
      [G + "test_rewritten_graph_runs_as_traced_on_inputs_that_share_memory"]),
     # a sample of the store ops' argument checks (each invalid-argument class has its own test)
-    ("store: states/cache dtype", "kvpass/ops/_store.py", "        if states.dtype != cache.dtype:",
-     "        if False:", [S + "[dtype_mismatch]"]),
-    ("store: int32 index tensors", "kvpass/ops/_store.py", "        if t.dtype != torch.int32:", "        if False:",
+    ("store: states/cache dtype", "kvpass/ops/_store.py", "        elif states.dtype != cache.dtype:",
+     "        elif False:", [S + "[dtype_mismatch]"]),
+    ("store: int32 index tensors", "kvpass/ops/_store.py", "        if t.dtype != dtype:", "        if False:",
      [S + "[block_table_int64]"]),
     ("store: block_table rows", "kvpass/ops/_store.py", "    if block_table.shape[0] != rows:", "    if False:",
      [S + "[block_table_rows]"]),
