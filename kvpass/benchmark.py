@@ -23,6 +23,7 @@ import types
 import torch
 import torch._dynamo.utils
 
+from .argtypes import positive_int
 from .timing import RECOMPILE_LIMIT_NOTE, captured_recompile_limit_warnings, measure
 
 __all__ = ["decode_benchmark", "time_decode", "own_code", "RUNNERS", "main"]
@@ -98,23 +99,6 @@ def time_decode(model_factory, prompt, decode, runners=RUNNERS, rounds: int = 9,
     return {"measurement": m, "outputs": outputs, "recompile_limit": limits}
 
 
-def positive_int(text: str) -> int:
-    """argparse type: an integer >= 1."""
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
-
-
-def non_negative_int(text: str) -> int:
-    """argparse type: an integer >= 0."""
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
-    return value
-
-
-positive_int.__name__ = non_negative_int.__name__ = "integer"  # argparse: "invalid integer value: 'x'"
 
 
 def build_parser(prog=None, parser_class=argparse.ArgumentParser) -> argparse.ArgumentParser:

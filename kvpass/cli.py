@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from .argtypes import non_negative_int, positive_int
+
 __all__ = ["main", "OneLineErrorParser"]
 
 
@@ -51,7 +53,6 @@ def _check(args) -> int:
 def main(argv=None) -> int:
     """Entry point of the ``kvpass`` console script."""
     from . import __version__
-    from .benchmark import non_negative_int, positive_int
 
     parser = OneLineErrorParser(
         prog="kvpass",

@@ -351,7 +351,7 @@ def _validate_data(op: str, num_tokens: int, num_blocks: int, block_size: int,
     if not checks:
         return
     flags = torch.stack([c.any() for _, c, _ in checks])
-    if False:  # the one host sync of a valid call
+    if bool(flags.any()):  # the one host sync of a valid call
         i = int(flags.to(torch.int8).argmax())
         arg, cond, msg = checks[i]
         where = cond.nonzero()
