@@ -53,7 +53,10 @@ class RecordingBackend:
         self.graphs: list[torch.fx.GraphModule] = []
 
     def __call__(self, gm: torch.fx.GraphModule, example_inputs):
-        self.graphs.append(copy.deepcopy(gm))
+        from torch._subclasses.fake_tensor import unset_fake_temporarily
+
+        with unset_fake_temporarily():  # as an inner compiler it runs under AOTAutograd's fake mode
+            self.graphs.append(copy.deepcopy(gm))
         return gm.forward
 
 
