@@ -152,7 +152,8 @@ def backend(inner="inductor", patterns: Sequence | None = None, on_report: Calla
             registered backend name, or a backend callable (these get the rewritten functional ATen graph from
             AOTAutograd, with ``keep_inference_input_mutations``).
         patterns: rule names or objects to run (default: all, in order).
-        on_report: called with each graph's :class:`kvpass.Report` after its rewrite.
+        on_report: called with each graph's :class:`kvpass.Report` after its rewrite (with Inductor, also when
+            Inductor serves the graph from its cache and skips its passes: the report is then computed again).
 
     The returned backend accepts ``mode=`` and ``options=`` (what ``torch.compile`` passes to a custom backend)
     and hands them to Inductor. Calls whose host-buffer inputs overlap in memory run the traced graph eagerly
@@ -181,12 +182,25 @@ def backend(inner="inductor", patterns: Sequence | None = None, on_report: Calla
             from .inductor_pass import KVPassInductorPass
 
             if aten_level:
-                aten_pass = KVPassInductorPass(aten_level, lambda r: report_to_user(_merged(pre, r)))
+                reported: list = []
+
+                def inductor_report(r):
+                    reported.append(r)
+                    report_to_user(_merged(pre, r))
+
+                # Inductor's caches skip post-grad passes on a hit: keep the graph to report from then
+                kept = copy.deepcopy(gm) if on_report is not None else None
+                aten_pass = KVPassInductorPass(aten_level, inductor_report)
                 patches = _inductor_patches(aten_pass, mode, options, kwargs.get("dynamic"))
+                compiled = compile_fx(gm, example_inputs, config_patches=patches)
+                if kept is not None and not reported:
+                    _, r = engine.rewrite(kept, patterns=aten_level)  # same rules, same graph: the cached report
+                    if r.matches or r.skips:
+                        report_to_user(_merged(pre, r))
             else:  # only torch-level rules (store_loop): nothing to add to Inductor's passes
                 report_to_user(pre)
-                patches = _inductor_patches(None, mode, options, kwargs.get("dynamic"))
-            compiled = compile_fx(gm, example_inputs, config_patches=patches)
+                compiled = compile_fx(gm, example_inputs,
+                                      config_patches=_inductor_patches(None, mode, options, kwargs.get("dynamic")))
         else:
             from torch._dynamo.backends.common import aot_autograd
             from functorch.compile import make_boxed_func
