@@ -90,9 +90,13 @@ def _memory_range(t: torch.Tensor) -> tuple[int, int] | None:
 def external_inputs(inputs: Sequence[Any]) -> list[int]:
     """Indices of the tensor inputs whose memory torch does not own (numpy arrays, DLPack): the only ones that
     can overlap without torch knowing. Computed once per compiled graph from its example inputs."""
-    return [i for i, x in enumerate(inputs) if isinstance(x, torch.Tensor) and x.device.type == "cpu"
-            and not isinstance(x, torch._subclasses.FakeTensor) and x.layout is torch.strided
-            and not x.untyped_storage().resizable()]
+    return [i for i, x in enumerate(inputs) if _host_tensor(x) and not x.untyped_storage().resizable()]
+
+
+def _host_tensor(x) -> bool:
+    """A real (not fake) strided CPU tensor: the inputs whose memory can be compared by address."""
+    return isinstance(x, torch.Tensor) and x.device.type == "cpu" and not isinstance(
+        x, torch._subclasses.FakeTensor) and x.layout is torch.strided
 
 
 def copy_together(inputs: Sequence[Any]) -> list:
@@ -144,8 +148,7 @@ def overlapping_inputs(inputs: Sequence[Any], external_only: bool = True) -> lis
     """
     ranges = []
     for i, x in enumerate(inputs):
-        if isinstance(x, torch.Tensor) and x.device.type == "cpu" and not isinstance(
-                x, torch._subclasses.FakeTensor) and x.layout is torch.strided:
+        if _host_tensor(x):
             storage = x.untyped_storage()
             if external_only and storage.resizable():
                 continue
