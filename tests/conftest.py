@@ -1,5 +1,7 @@
 """Shared fixtures. Every numerical test draws fresh random inputs; nothing compares zeros with zeros."""
 
+import collections
+
 import pytest
 import torch
 
@@ -54,11 +56,32 @@ def gemma4():
     return tiny_gemma4(seed=18)
 
 
-def pytest_terminal_summary(terminalreporter):
-    """Print how many generated cases the fuzz tests ran (tests/test_fuzz_rewrite.py)."""
+def _fuzz_counts():
     import sys
 
     fuzz = sys.modules.get("fuzz_decoders")
-    if fuzz is not None and fuzz.COUNTS:
-        counts = ", ".join(f"{v} {k}" for k, v in sorted(fuzz.COUNTS.items()))
-        terminalreporter.write_line(f"kvpass fuzz: {counts}")
+    return dict(fuzz.COUNTS) if fuzz is not None else {}
+
+
+def pytest_sessionfinish(session):
+    """Under pytest-xdist each worker hands its fuzz counts to the controller (``workeroutput``)."""
+    if hasattr(session.config, "workeroutput"):
+        session.config.workeroutput["kvpass_fuzz"] = _fuzz_counts()
+
+
+def pytest_configure(config):
+    config._kvpass_fuzz = collections.Counter()
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_testnodedown(node, error):
+    """Controller side of pytest-xdist: add up what each worker's fuzz tests ran."""
+    node.config._kvpass_fuzz.update(getattr(node, "workeroutput", {}).get("kvpass_fuzz", {}))
+
+
+def pytest_terminal_summary(terminalreporter):
+    """Print how many generated cases the fuzz tests ran (tests/test_fuzz_rewrite.py), over all workers."""
+    counts = collections.Counter(terminalreporter.config._kvpass_fuzz)
+    counts.update(_fuzz_counts())
+    if counts:
+        terminalreporter.write_line("kvpass fuzz: " + ", ".join(f"{v} {k}" for k, v in sorted(counts.items())))

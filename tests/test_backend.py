@@ -188,6 +188,7 @@ def test_report_lists_every_round_trip_with_pattern_and_source_line(compiled_eag
     assert "scatter_slice" in text and "shared_kv_model.py" in text
 
 
+@pytest.mark.slow
 def test_report_of_a_functional_model_is_empty():
     torch._dynamo.reset()
     reports = []

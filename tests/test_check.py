@@ -501,6 +501,7 @@ def _gemma4_export(model, ids, strict):
     return wrapper.export(input_ids=ids, strict=strict)
 
 
+@pytest.mark.slow
 def test_hf_gemma4_static_cache_export_is_clean_and_matches_eager(gemma4, tmp_path):
     gen = torch.Generator().manual_seed(19)
     ids = _ids(gen, 6, vocab=128)

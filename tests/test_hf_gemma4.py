@@ -29,6 +29,7 @@ def test_config_is_the_interesting_one(gemma4):
     assert c.num_kv_shared_layers > 0 and c.attention_k_eq_v and head_dims == {8, 16}  # global_head_dim != head_dim
 
 
+@pytest.mark.slow
 def test_report_is_empty_and_graph_count_no_greater_than_stock(gemma4):
     p = prompt(1)
     want = greedy(gemma4, gemma4.forward, p, STEPS)

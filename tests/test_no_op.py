@@ -27,6 +27,7 @@ def assert_no_op(texts):
         assert not report.matches and not report.skips, report.format()
 
 
+@pytest.mark.slow
 @fd.fuzz(8)
 @given(fd.cases(max_layers=4, max_decode=2, round_trips=False))
 def test_random_models_without_round_trips_are_left_identical(case):

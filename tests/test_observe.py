@@ -1,6 +1,7 @@
 """What kvpass shows through PyTorch's channels: ``TORCH_LOGS``, ``tlparse`` artifacts, ``counters["kvpass"]``;
 and ``torch.compile`` keywords reaching Inductor through the kvpass backend."""
 
+import pytest
 import os
 import subprocess
 import sys
@@ -30,6 +31,7 @@ def run_script(tmp_path, **env):
     return out.stdout + out.stderr
 
 
+@pytest.mark.slow
 def test_torch_logs_shows_the_report_and_the_graphs(tmp_path):
     text = run_script(tmp_path, TORCH_LOGS="+kvpass")
     assert "kvpass rewrite:" in text and "scatter_slice" in text

@@ -19,6 +19,7 @@ def run_python(code: str, cwd, env_extra=None, timeout=300):
                           text=True, timeout=timeout)
 
 
+@pytest.mark.slow
 def test_backend_resolves_without_importing_kvpass(tmp_path):
     out = run_python("""
         import sys, torch

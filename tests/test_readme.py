@@ -1,5 +1,6 @@
 """README.md stays runnable: its commands are what CI runs, and its Python examples execute."""
 
+import pytest
 import re
 from pathlib import Path
 
@@ -20,12 +21,14 @@ def test_quick_start_commands_are_what_ci_runs():
         assert cmd in ci.splitlines(), f"README command not in .ci/run: {cmd}"
 
 
+@pytest.mark.slow
 def test_python_examples_run(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # what the examples save (model.pt2) lands here
     for code in blocks("python"):
         exec(compile(code, "README.md", "exec"), {})
 
 
+@pytest.mark.slow
 def test_saved_program_is_clean_for_kvpass_check(tmp_path, monkeypatch):
     """The README's "save a program for kvpass check" snippet writes a .pt2 that `kvpass check` calls clean."""
     from kvpass.cli import main

@@ -29,7 +29,9 @@ def schemes(n, seed=0):
     return out
 
 
-@pytest.mark.parametrize("scheme", schemes(8), ids=lambda s: "-".join(
+# the first two schemes are in the quick subset, the other six only in the full run (each compiles a model: ~10 s)
+@pytest.mark.parametrize("scheme", [pytest.param(s, marks=[pytest.mark.slow] if i >= 2 else [])
+                                    for i, s in enumerate(schemes(8))], ids=lambda s: "-".join(
     f"{t[0]}{k[0] if k else ''}" for t, k in zip(s["layer_types"], [None] * (s["num_layers"] - s["kv_shared_layers"])
                                                     + s["follower_caches"])))
 def test_scheme_compiles_exactly(scheme):

@@ -549,6 +549,7 @@ def test_idiom_standalone_rewrite_verifies(name):
     for_each_graph(name, lambda g: rewrite_checked(name, g))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(IDIOMS))
 def test_idiom_rewrite_recompiles_and_reports(name):
     """(d) item 12: the returned module runs its graph's code; a changed graph comes with a reported match."""

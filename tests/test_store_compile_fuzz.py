@@ -31,6 +31,7 @@ def _fresh_inductor():
         yield
 
 
+@pytest.mark.slow
 @fd.fuzz(60)
 @given(bucket=st.sampled_from([b.name for b in BUCKETS]), seed=st.integers(0, 2**31 - 1))
 def test_compiled_store_matches_eager_and_reference(bucket, seed):

@@ -92,6 +92,7 @@ def _repro_params():
     return out
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("isa", _repro_params())
 def test_inductor_int8_reductions(isa):
     """Not kvpass code: ``torch.compile(torch.amin / torch.argmin)`` of 100 int8 values (101 down to 2) against

@@ -13,6 +13,15 @@ from kvpass.timing import (Measurement, captured_recompile_limit_warnings, measu
                            WIDE_SPREAD)
 
 
+@pytest.fixture(autouse=True)
+def collections(monkeypatch):
+    """Count ``gc.collect()`` calls instead of running them: a full collection of this test process's heap (every
+    graph the suite compiled so far) takes about a second, and these tests are about the method, not the heap."""
+    calls = []
+    monkeypatch.setattr(gc, "collect", lambda *a: calls.append(a) or 0)
+    return calls
+
+
 def _fake(log, name, per_round, gc_states=None):
     """A runner that records ``per_round[i]`` (three samples around it) in its i-th call."""
     calls = []
@@ -27,13 +36,14 @@ def _fake(log, name, per_round, gc_states=None):
     return work
 
 
-def test_same_warmup_then_interleaved_rotating_rounds_with_gc_off():
+def test_same_warmup_then_interleaved_rotating_rounds_with_gc_off(collections):
     log, gc_states = [], []
     runners = {n: _fake(log, n, [1.0] * 10, gc_states) for n in ("a", "b", "c")}
     m = measure(runners, rounds=3, warmup=2, compiles=None)
     assert log[:6] == ["a", "a", "b", "b", "c", "c"]  # the same warm-up for every runner, before any timing
     assert log[6:] == ["a", "b", "c", "b", "c", "a", "c", "a", "b"]  # interleaved, the order rotating
     assert gc.isenabled() and not any(gc_states)  # the collector is off during every turn, on again after
+    assert len(collections) == len(log)  # and a full collection runs before every turn
     assert m.samples_per_round == {"a": 3, "b": 3, "c": 3} and m.rounds == 3 and m.warmup == 2
 
 
