@@ -49,16 +49,14 @@ def _known_without_mod(pred) -> bool:
     mods = list(expr.atoms(Mod, PythonMod, sympy.Mod))
     if not mods:
         return False
-    subst = {}
-    for m in mods:
-        a, n = m.args
-        if env._maybe_evaluate_static(a >= 0) is not None and bool(env._maybe_evaluate_static(a >= 0)) and \
-                env._maybe_evaluate_static(a < n) is not None and bool(env._maybe_evaluate_static(a < n)):
-            subst[m] = a
+    def proven(e):
+        out = env._maybe_evaluate_static(e)
+        return out is not None and bool(out)
+
+    subst = {m: m.args[0] for m in mods if proven(m.args[0] >= 0) and proven(m.args[0] < m.args[1])}
     if not subst:
         return False
-    out = env._maybe_evaluate_static(expr.xreplace(subst))
-    return out is not None and bool(out)
+    return proven(expr.xreplace(subst))
 
 
 def known_le(a, b) -> bool:

@@ -370,9 +370,11 @@ class ScatterSlice:
 
 def _write_of(node):
     """The user's write a read decomposes (the scatter that carries a source line), for the report."""
-    while isinstance(node, torch.fx.Node) and node.target in _DECOMPOSABLE and "stack_trace" not in node.meta:
+    first = node
+    while isinstance(node, torch.fx.Node) and node.target in _DECOMPOSABLE and node.target is not aten.cat.default \
+            and "stack_trace" not in node.meta:
         node = node.args[0]
-    return node
+    return node if isinstance(node, torch.fx.Node) else first
 
 
 def _describe(value) -> str:
