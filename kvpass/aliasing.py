@@ -69,14 +69,13 @@ def grown_buffers(graph: torch.fx.Graph) -> set:
     whose value, or a chain of functional writes into it, is a graph output (the program stores it in place of
     ``buf``: a cache grown by capacity doubling, ``buf = np.concatenate([buf, np.zeros_like(buf)], 1)``). Like
     :func:`state_inputs`, the program's state after the step."""
-    out = set()
+    def grown(node) -> bool:  # a concatenation with a graph input among its pieces (or grown twice)
+        return isinstance(node, torch.fx.Node) and node.op == "call_function" and node.target is aten.cat.default \
+            and any(isinstance(p, torch.fx.Node) and (p.op == "placeholder" or grown(p)) for p in node.args[0])
+
     output = next((n for n in reversed(graph.nodes) if n.op == "output"), None)
-    for value in (output.all_input_nodes if output is not None else ()):
-        root = scatter_base(value) or value
-        if root.op == "call_function" and root.target is aten.cat.default and any(
-                isinstance(p, torch.fx.Node) and p.op == "placeholder" for p in root.args[0]):
-            out.add(root)
-    return out
+    roots = [scatter_base(value) or value for value in (output.all_input_nodes if output is not None else ())]
+    return {root for root in roots if grown(root)}
 
 
 def scatter_base(node: Any) -> torch.fx.Node | None:

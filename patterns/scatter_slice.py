@@ -39,6 +39,7 @@ The equations (``B`` the buffer before the write, ``V`` the value written, reads
                                                    read whole along d2' (the equations above, a = 0, b = size):
                                                    cat([read(B)[s'':s], read(V), read(B)[e:]], d2')  (same for select_scatter)
     permute(slice_scatter(B, V, d, s, e), p)     = slice_scatter(permute(B, p), permute(V, p), p.index(d), s, e)
+    select(unsqueeze(x, d), d, 0)                = x
     alias(W) for a write W on dim d              = slice(W, d, 0, size of d)          (a read of the whole buffer)
     roll(select_scatter(B, V, d, j), k, d)       = select_scatter(roll(B, k, d), V, d, (j + k) mod n)   (n = size of d)
     roll(slice_scatter(B, V, d, s, e), k, d)     = slice_scatter(roll(B, k, d), V, d, r, r + e - s)
@@ -136,6 +137,7 @@ class ScatterSlice:
             if value is None or value is node:
                 em.discard()
                 continue
+            value = self._whole(em, value)
             node.replace_all_uses_with(value)
             graph.erase_node(node)
             if src not in created:
@@ -168,7 +170,7 @@ class ScatterSlice:
         if not top:
             src = _plain_copy_source(src)
             if known_eq(a, 0) and known_eq(b, _shape(src)[d]):
-                return src
+                return self._whole(em, src)
         t = getattr(src, "target", None)
         try:
             if t is aten.slice_scatter.default:
@@ -189,6 +191,8 @@ class ScatterSlice:
         if not top:
             src = _plain_copy_source(src)
         t = getattr(src, "target", None)
+        if t is aten.unsqueeze.default and norm_dim(src.args[1], len(_shape(src))) == d and known_eq(i, 0):
+            return self._whole(em, _plain_copy_source(src.args[0]))  # select(unsqueeze(x, d), d, 0) = x
         try:
             if t is aten.slice_scatter.default:
                 base, value, d2, s, e = self._slice_scatter_args(src)
@@ -229,6 +233,24 @@ class ScatterSlice:
         if top:
             return None
         return em.call(aten.select.int, src, d, i)
+
+    def _whole(self, em: Emitter, value):
+        """What a read came to, when that is itself a write read whole (a read of exactly the region one write
+        updated, e.g. ``buf[h:2h]`` after ``buf[h:2h, p:p+t] = k``): its pieces along its own dim, where provable
+        (else the write as it is, which is exact)."""
+        if not (isinstance(value, torch.fx.Node) and value.target in (aten.slice_scatter.default,
+                                                                      aten.select_scatter.default)):
+            return value
+        d = norm_dim(value.args[2] if len(value.args) > 2 else value.kwargs.get("dim", 0), len(_shape(value)))
+        mark = len(em.added)
+        try:
+            out = self.slice_of(em, value, d, 0, _shape(value)[d], top=True)
+        except (_Undecided, LookupError):
+            out = None
+        if out is None:
+            em.drop_after(mark)
+            return value
+        return out
 
     # -- the cases ------------------------------------------------------------------------------------------
 
