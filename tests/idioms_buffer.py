@@ -398,18 +398,19 @@ def kv_path(gm: torch.fx.GraphModule, roots=None) -> set:
 
 
 def kv_through_buffer(gm: torch.fx.GraphModule, roots=None) -> list:
-    """Writes into a buffer (a functional scatter whose chain does not start at a fresh tensor such as the
-    ``zeros`` of a padding) that an attention's K or V depends on: the step's K/V reaching attention through a
-    cache buffer (a graph input, or one grown from it) instead of through graph edges (on a GPU: through host
-    memory). Reading the old history (a slice of the buffer input itself) is not one."""
+    """Writes into a buffer (a functional scatter whose chain starts at a graph input, or at a buffer grown from
+    one by concatenation) that an attention's K or V depends on: the step's K/V reaching attention through a
+    cache buffer instead of through graph edges (on a GPU: through host memory). Reading the old history (a
+    slice of the buffer input itself) is not one, nor a write into a value computed in the step (a padding's
+    ``zeros``, an in-place collective's result)."""
     from kvpass.aliasing import SCATTER_OPS, scatter_base
 
-    aten = torch.ops.aten
-    fresh = {aten.zeros.default, aten.empty.memory_format, aten.full.default, aten.new_zeros.default,
-             aten.new_empty.default, aten.zeros_like.default, aten.empty_like.default, aten.full_like.default}
+    def buffer(node):
+        return isinstance(node, torch.fx.Node) and (node.op == "placeholder" or (
+            node.target is torch.ops.aten.cat.default and any(buffer(p) for p in node.args[0])))
+
     path = kv_path(gm, roots)
-    return [n for n in gm.graph.nodes if n in path and n.target in SCATTER_OPS
-            and getattr(scatter_base(n), "target", None) not in fresh]
+    return [n for n in gm.graph.nodes if n in path and n.target in SCATTER_OPS and buffer(scatter_base(n))]
 
 
 def kv_host_ops(gm: torch.fx.GraphModule) -> list:
