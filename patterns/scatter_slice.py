@@ -275,7 +275,7 @@ class ScatterSlice:
         base, value, d2, s, e = self._slice_scatter_args(src)
         if d2 != d:  # the read's region of the write, read whole along the written dim (so it decomposes too)
             base, value = self.slice_of(em, base, d, a, b), self.slice_of(em, value, d, a, b)
-            return self._around(em, base, value, d2, s, e, 0, _shape(base)[d2])
+            return self._around(em, base, value, d2, s, e, 0, _shape(base)[d2])  # read whole along d2
         return self._around(em, base, value, d, s, e, a, b)
 
     def _around(self, em, base, value, d, s, e, a, b):
