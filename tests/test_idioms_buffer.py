@@ -57,6 +57,19 @@ WRITES = {
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("name", sorted(ib.IDIOMS))
+def test_buffer_idiom_through_inductor_matches_eager(name):
+    """``kvpass.compile(model)`` with its defaults (the rewrite inside Inductor) over a prefill and 6 decode steps."""
+    xs = ib.inputs(name, decode=6)
+    want = ib.run_steps(ib.IDIOMS[name](), xs)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        got = ib.run_steps(kvpass.compile(ib.IDIOMS[name]()), xs)
+    for i, (g, w) in enumerate(zip(got, want)):
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-4, msg=lambda s: f"{name} step {i}: {s}")
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(GRAPHS))
 def test_ring_and_growing_graph_counts_do_not_grow(name):
     """Over 22 decode steps (the ring wraps 3 times, the buffer grows 3 times) the graph count stays the one
