@@ -21,7 +21,7 @@ from typing import Any, Sequence
 import torch
 import torch.fx
 
-__all__ = ["meta_value", "is_pure", "state_inputs", "scatter_base", "overlapping_inputs", "external_inputs",
+__all__ = ["meta_value", "is_pure", "state_inputs", "grown_buffers", "scatter_base", "overlapping_inputs", "external_inputs",
            "copy_together", "aliased_inputs_message", "is_side_effect", "SCATTER_OPS"]
 
 aten = torch.ops.aten
@@ -62,6 +62,20 @@ def state_inputs(graph: torch.fx.Graph) -> dict[torch.fx.Node, torch.fx.Node]:
                 isinstance(node.args[0], torch.fx.Node) and node.args[0].op == "placeholder":
             out[node.args[0]] = node.args[1]
     return out
+
+
+def grown_buffers(graph: torch.fx.Graph) -> set:
+    """Buffers grown from a graph input in this step and kept: ``cat([buf, fresh], d)`` (``buf`` a graph input)
+    whose value, or a chain of functional writes into it, is a graph output (the program stores it in place of
+    ``buf``: a cache grown by capacity doubling, ``buf = np.concatenate([buf, np.zeros_like(buf)], 1)``). Like
+    :func:`state_inputs`, the program's state after the step."""
+    def grown(node) -> bool:  # a concatenation with a graph input among its pieces (or grown twice)
+        return isinstance(node, torch.fx.Node) and node.op == "call_function" and node.target is aten.cat.default \
+            and any(isinstance(p, torch.fx.Node) and (p.op == "placeholder" or grown(p)) for p in node.args[0])
+
+    output = next((n for n in reversed(graph.nodes) if n.op == "output"), None)
+    roots = [scatter_base(value) or value for value in (output.all_input_nodes if output is not None else ())]
+    return {root for root in roots if grown(root)}
 
 
 def scatter_base(node: Any) -> torch.fx.Node | None:

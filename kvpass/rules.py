@@ -34,9 +34,29 @@ def _known(pred) -> bool:
     if isinstance(pred, bool):
         return pred
     try:
-        return bool(statically_known_true(pred))
+        return bool(statically_known_true(pred)) or _known_without_mod(pred)
     except Exception:  # noqa: BLE001 - an expression sympy cannot decide is not proven
         return False
+
+
+def _known_without_mod(pred) -> bool:
+    """``pred`` with every ``Mod(a, m)`` whose ``0 <= a < m`` is proven replaced by ``a`` (the same value there),
+    then proven: a ring position ``pos % W`` read before the ring is full (the graph's guards bound ``pos``)."""
+    import sympy
+    from torch.utils._sympy.functions import Mod, PythonMod
+
+    expr, env = pred.node.expr, pred.node.shape_env
+    mods = list(expr.atoms(Mod, PythonMod, sympy.Mod))
+    if not mods:
+        return False
+    def proven(e):
+        out = env._maybe_evaluate_static(e)
+        return out is not None and bool(out)
+
+    subst = {m: m.args[0] for m in mods if proven(m.args[0] >= 0) and proven(m.args[0] < m.args[1])}
+    if not subst:
+        return False
+    return proven(expr.xreplace(subst))
 
 
 def known_le(a, b) -> bool:
@@ -220,6 +240,10 @@ class Emitter:
         if known_eq(a, b):
             return 0
         return self._sym(operator.sub, a, b)
+
+    def mod(self, a, b):
+        """``a % b`` (Python's: the sign of ``b``) as an int or a SymInt node."""
+        return self._sym(operator.mod, a, b)
 
     def drop_after(self, mark: int) -> None:
         """Remove the nodes added since ``len(self.added) == mark`` that nothing uses (a branch given up)."""

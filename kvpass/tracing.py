@@ -10,6 +10,11 @@ trace (``torch.compile(..., backend="kvpass")`` imports the backend before traci
 - ``np.pad`` of a traced array: Dynamo maps it to ``torch._numpy.pad``, which turns ``pad_width`` into a tensor and
   reads it back (a data-dependent graph break on every call). :func:`traceable_np_pad` keeps a constant
   ``pad_width`` in Python and lowers to ``F.pad`` (``constant_pad_nd``); anything else goes to the original.
+- an integer index that is a symbolic int in a numpy write (``buf[:, pos] = v``, ``buf[:, p + j] = v[:, j]``,
+  ``buf[:, p % W] = v``): ``torch._numpy``'s ``ndarray.__setitem__`` hands it to ``Tensor.__setitem__``, which
+  reads it as a Python int (``__index__``): a guard ``pos == 4`` and one graph per decode position.
+  :func:`traceable_ndarray_setitem` writes the same elements through ``slice(i, i + 1)`` instead (guarded
+  ``0 <= i < size``, where the two agree), so the position stays symbolic.
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-__all__ = ["traceable_np_pad", "install_traceable_numpy", "uninstall_traceable_numpy", "traceable_numpy_installed",
+__all__ = ["traceable_np_pad", "traceable_ndarray_setitem", "install_traceable_numpy", "uninstall_traceable_numpy", "traceable_numpy_installed",
            "tracing_context", "stock_tracing", "install_process_wide", "DYNAMO_CONFIG"]
 
 # Dynamo config kvpass.compile puts in force while tracing.
@@ -86,15 +91,68 @@ traceable_np_pad.__module__ = "torch._numpy._funcs"
 _ORIGINAL: dict = {}
 
 
+def _int_index(i) -> bool:
+    return isinstance(i, (int, torch.SymInt)) and not isinstance(i, bool)
+
+
+def traceable_ndarray_setitem(self, index, value):
+    """``torch._numpy.ndarray.__setitem__`` that keeps a symbolic integer index symbolic.
+
+    ``a[..., i, ...] = v`` with ``i`` a SymInt and ``0 <= i < a.shape[dim]`` writes the same elements as
+    ``a[..., i:i + 1, ...] = v'``, where ``v'`` is ``v`` with a size-1 dim where ``i`` removed one (when ``v``
+    reaches that dim; broadcasting is otherwise unchanged). The bounds are checked with Python ``bool``s of
+    SymInts, which Dynamo turns into guards (ranges, not values): a call outside them recompiles and gets
+    the original. Indexes with anything but ints, SymInts, slices and ``...`` (arrays, ``None``, booleans) use the
+    original.
+    """
+    original = _ORIGINAL.get("setitem") or type(self).__setitem__
+    key = index if isinstance(index, tuple) else (index,)
+    if not any(isinstance(i, torch.SymInt) for i in key) or not all(
+            _int_index(i) or isinstance(i, slice) or i is Ellipsis for i in key) or \
+            sum(i is Ellipsis for i in key) > 1:
+        return original(self, index, value)
+    tensor = self.tensor
+    ndim, consumed = tensor.ndim, sum(i is not Ellipsis for i in key)
+    if consumed > ndim:
+        return original(self, index, value)
+    full = []
+    for i in key:
+        full += [slice(None)] * (ndim - consumed) if i is Ellipsis else [i]
+    full += [slice(None)] * (ndim - len(full))
+    for d, i in enumerate(full):  # guards on ranges: where slice(i, i + 1) and the index i select the same
+        if isinstance(i, torch.SymInt) and not (0 <= i and i < tensor.shape[d]):
+            return original(self, index, value)
+    from torch._numpy import _dtypes_impl, _util
+    from torch._numpy._ndarray import normalize_array_like
+
+    if not _dtypes_impl.is_scalar(value):
+        value = _util.cast_if_needed(normalize_array_like(value), tensor.dtype)
+    kept = [not (isinstance(i, int) and not isinstance(i, torch.SymInt)) for i in full]  # dims of the target
+    for d in reversed(range(ndim)):
+        if isinstance(full[d], torch.SymInt):
+            after = sum(kept[d + 1 :])  # target dims to its right (a converted index to the right included)
+            if isinstance(value, torch.Tensor) and value.ndim > after:
+                value = value.unsqueeze(value.ndim - after)
+            full[d] = slice(full[d], full[d] + 1)
+    tensor[tuple(full)] = value
+    return None
+
+
 def install_traceable_numpy() -> None:
-    """Make Dynamo trace ``np.pad`` through :func:`traceable_np_pad` (idempotent, process-wide).
+    """Make Dynamo trace ``np.pad`` through :func:`traceable_np_pad` and numpy writes through
+    :func:`traceable_ndarray_setitem` (idempotent, process-wide).
 
     Safe to leave installed: it computes what ``np.pad`` computes and defers to the original otherwise.
     """
+    import torch._numpy as tnp
+
     m = _tnp_map()
     if m.get(np.pad) is not traceable_np_pad:
         _ORIGINAL.setdefault("pad", m.get(np.pad))
         m[np.pad] = traceable_np_pad
+    if tnp.ndarray.__setitem__ is not traceable_ndarray_setitem:
+        _ORIGINAL.setdefault("setitem", tnp.ndarray.__setitem__)
+        tnp.ndarray.__setitem__ = traceable_ndarray_setitem
 
 
 def traceable_numpy_installed() -> bool:
@@ -104,8 +162,12 @@ def traceable_numpy_installed() -> bool:
 
 def uninstall_traceable_numpy() -> None:
     """Undo :func:`install_traceable_numpy`."""
+    import torch._numpy as tnp
+
     if "pad" in _ORIGINAL:
         _tnp_map()[np.pad] = _ORIGINAL["pad"]
+    if "setitem" in _ORIGINAL:
+        tnp.ndarray.__setitem__ = _ORIGINAL["setitem"]
 
 
 def install_process_wide() -> None:

@@ -8,6 +8,9 @@ The idiom families, as user code (any layout, any one sliced dim, any mix of own
     k_f = torch.from_numpy(o.k_buf[:, :end, :d])                     # ... and reads a window, sliced
     buf[:, pos] = k[:, 0]                                            # one-position write (select_scatter)
     hist = torch.from_numpy(buf[:, :p]); buf[:, p:p + t] = k         # history read before the step's write
+    kv[layer][0][:, p:p + t] = k; torch.from_numpy(kv[layer, 0, :, :p + t])   # K and V of every layer in one slab
+    buf[:h, p:p + t] = k_a; buf[h:, p:p + t] = k_b                   # two owners, two head slices of one buffer
+    buf[:, p % W] = k[:, 0]; np.roll(buf, -(p % W + 1), axis=1)      # a ring buffer read back in logical order
 
 Graph before (functional ATen IR, ``kvpass.ir``)::
 
@@ -33,7 +36,14 @@ The equations (``B`` the buffer before the write, ``V`` the value written, reads
     slice(cat([x0, x1, ...], d), d, a, b)        = the pieces of the xk that [a, b) covers
     copy(dst, src)                               = src      if src has dst's shape, dtype and device
     read(slice_scatter(B, V, d2, s, e)) on another dim d = slice_scatter(read(B), read(V), d2', s, e)
+                                                   read whole along d2' (the equations above, a = 0, b = size):
+                                                   cat([read(B)[s'':s], read(V), read(B)[e:]], d2')  (same for select_scatter)
     permute(slice_scatter(B, V, d, s, e), p)     = slice_scatter(permute(B, p), permute(V, p), p.index(d), s, e)
+    select(unsqueeze(x, d), d, 0)                = x
+    alias(W) for a write W on dim d              = slice(W, d, 0, size of d)          (a read of the whole buffer)
+    roll(select_scatter(B, V, d, j), k, d)       = select_scatter(roll(B, k, d), V, d, (j + k) mod n)   (n = size of d)
+    roll(slice_scatter(B, V, d, s, e), k, d)     = slice_scatter(roll(B, k, d), V, d, r, r + e - s)
+                                                   with r = (s + k) mod n, if r + e - s <= n (the region does not wrap)
 
 Side conditions: every bound is an int or a SymInt of the graph, and each case is taken only when its
 inequalities are proven for every value of the symbols (``statically_known_true``), so one graph serves every
@@ -54,7 +64,7 @@ from __future__ import annotations
 import torch
 import torch.fx
 
-from kvpass.aliasing import meta_value, scatter_base, state_inputs
+from kvpass.aliasing import grown_buffers, meta_value, scatter_base, state_inputs
 from kvpass.engine import Report
 from kvpass.rules import Emitter, known_le, known_lt, known_eq, known_ne, norm_dim, norm_index, norm_slice
 
@@ -98,7 +108,7 @@ class ScatterSlice:
 
     def apply(self, gm: torch.fx.GraphModule, report: Report) -> int:
         graph = gm.graph
-        states = state_inputs(graph)
+        states = set(state_inputs(graph)) | grown_buffers(graph)  # the buffers the program keeps: its caches
         if not states:
             return 0
         count = 0
@@ -108,7 +118,8 @@ class ScatterSlice:
                 continue
             is_read = node.target in _READS
             is_view = node.target in _VIEWS and all(u.target in _READS + _VIEWS for u in node.users)
-            if not (is_read or is_view):
+            is_roll = node.target in (aten.roll.default, aten.alias.default)
+            if not (is_read or is_view or is_roll):
                 continue
             src = node.args[0]
             if not (isinstance(src, torch.fx.Node) and src.target in _DECOMPOSABLE):
@@ -117,7 +128,7 @@ class ScatterSlice:
                 continue  # not the program's state (a cache buffer): not ours to touch
             em = Emitter(graph, node, created)
             try:
-                value = self._read(em, node) if is_read else self._view(em, node)
+                value = self._read(em, node) if is_read else self._view(em, node) if is_view else self._roll(em, node)
             except (_Undecided, LookupError) as why:
                 em.discard()
                 if src not in created:
@@ -126,6 +137,7 @@ class ScatterSlice:
             if value is None or value is node:
                 em.discard()
                 continue
+            value = self._whole(em, value)
             node.replace_all_uses_with(value)
             graph.erase_node(node)
             if src not in created:
@@ -148,7 +160,9 @@ class ScatterSlice:
         if step != 1:
             raise _Undecided("a strided read (step != 1) is not decomposed")
         if a is None:
-            raise _Undecided("the read's bounds cannot be proven inside the buffer")
+            raise _Undecided("the read's end cannot be proven within the buffer's size when the graph is traced "
+                             "(the size and the positions are separate symbols, e.g. a capacity kept in its own "
+                             "int: compare the positions with buf.shape instead)")
         return self.slice_of(em, src, d, a, b, top=True)
 
     def slice_of(self, em: Emitter, src, d, a, b, top=False):
@@ -156,7 +170,7 @@ class ScatterSlice:
         if not top:
             src = _plain_copy_source(src)
             if known_eq(a, 0) and known_eq(b, _shape(src)[d]):
-                return src
+                return self._whole(em, src)
         t = getattr(src, "target", None)
         try:
             if t is aten.slice_scatter.default:
@@ -177,6 +191,8 @@ class ScatterSlice:
         if not top:
             src = _plain_copy_source(src)
         t = getattr(src, "target", None)
+        if t is aten.unsqueeze.default and norm_dim(src.args[1], len(_shape(src))) == d and known_eq(i, 0):
+            return self._whole(em, _plain_copy_source(src.args[0]))  # select(unsqueeze(x, d), d, 0) = x
         try:
             if t is aten.slice_scatter.default:
                 base, value, d2, s, e = self._slice_scatter_args(src)
@@ -186,8 +202,8 @@ class ScatterSlice:
                     if known_lt(i, s) or known_le(e, i):
                         return self.select_of(em, base, d, i)
                     raise _Undecided("the read's index cannot be proven inside or outside the write")
-                return em.call(aten.slice_scatter.default, self.select_of(em, base, d, i),
-                               self.select_of(em, value, d, i), d2 - (d < d2), s, e)
+                base, value, d2 = self.select_of(em, base, d, i), self.select_of(em, value, d, i), d2 - (d < d2)
+                return self._around(em, base, value, d2, s, e, 0, _shape(base)[d2])
             if t is aten.select_scatter.default:
                 base, value, d2, j = self._select_scatter_args(src)
                 if d2 == d:
@@ -196,8 +212,9 @@ class ScatterSlice:
                     if known_ne(i, j):
                         return self.select_of(em, base, d, i)
                     raise _Undecided("the read's index cannot be proven equal or unequal to the written one")
-                return em.call(aten.select_scatter.default, self.select_of(em, base, d, i),
-                               self.select_of(em, value, d - (d > d2), i), d2 - (d < d2), j)
+                base, value = self.select_of(em, base, d, i), self.select_of(em, value, d - (d > d2), i)
+                d2 = d2 - (d < d2)
+                return self._around_one(em, base, value, d2, j, 0, _shape(base)[d2])
             if t is aten.cat.default:
                 pieces, dc = src.args[0], norm_dim(src.args[1] if len(src.args) > 1 else 0, len(_shape(src)))
                 if dc != d:
@@ -216,6 +233,24 @@ class ScatterSlice:
         if top:
             return None
         return em.call(aten.select.int, src, d, i)
+
+    def _whole(self, em: Emitter, value):
+        """What a read came to, when that is itself a write read whole (a read of exactly the region one write
+        updated, e.g. ``buf[h:2h]`` after ``buf[h:2h, p:p+t] = k``): its pieces along its own dim, where provable
+        (else the write as it is, which is exact)."""
+        if not (isinstance(value, torch.fx.Node) and value.target in (aten.slice_scatter.default,
+                                                                      aten.select_scatter.default)):
+            return value
+        d = norm_dim(value.args[2] if len(value.args) > 2 else value.kwargs.get("dim", 0), len(_shape(value)))
+        mark = len(em.added)
+        try:
+            out = self.slice_of(em, value, d, 0, _shape(value)[d], top=True)
+        except (_Undecided, LookupError):
+            out = None
+        if out is None:
+            em.drop_after(mark)
+            return value
+        return out
 
     # -- the cases ------------------------------------------------------------------------------------------
 
@@ -238,9 +273,13 @@ class ScatterSlice:
 
     def _slice_of_slice_scatter(self, em, src, d, a, b):
         base, value, d2, s, e = self._slice_scatter_args(src)
-        if d2 != d:
-            return em.call(aten.slice_scatter.default, self.slice_of(em, base, d, a, b),
-                           self.slice_of(em, value, d, a, b), d2, s, e)
+        if d2 != d:  # the read's region of the write, read whole along the written dim (so it decomposes too)
+            base, value = self.slice_of(em, base, d, a, b), self.slice_of(em, value, d, a, b)
+            return self._around(em, base, value, d2, s, e, 0, _shape(base)[d2])  # read whole along d2
+        return self._around(em, base, value, d, s, e, a, b)
+
+    def _around(self, em, base, value, d, s, e, a, b):
+        """``slice(slice_scatter(base, value, d, s, e), d, a, b)``: the first three equations."""
         if known_le(b, s) or known_le(e, a):
             return self.slice_of(em, base, d, a, b)
         if known_le(s, a) and known_le(b, e):
@@ -256,9 +295,13 @@ class ScatterSlice:
 
     def _slice_of_select_scatter(self, em, src, d, a, b):
         base, value, d2, j = self._select_scatter_args(src)
-        if d2 != d:
-            return em.call(aten.select_scatter.default, self.slice_of(em, base, d, a, b),
-                           self.slice_of(em, value, d - (d > d2), a, b), d2, j)
+        if d2 != d:  # read whole along the written dim, as above
+            base, value = self.slice_of(em, base, d, a, b), self.slice_of(em, value, d - (d > d2), a, b)
+            return self._around_one(em, base, value, d2, j, 0, _shape(base)[d2])
+        return self._around_one(em, base, value, d, j, a, b)
+
+    def _around_one(self, em, base, value, d, j, a, b):
+        """``slice(select_scatter(base, value, d, j), d, a, b)``."""
         if known_le(b, j) or known_lt(j, a):
             return self.slice_of(em, base, d, a, b)
         if known_le(a, j) and known_lt(j, b):
@@ -308,11 +351,52 @@ class ScatterSlice:
         return None
 
 
+    def _roll(self, em: Emitter, node):
+        """``roll`` of a write along the rolled dim (a ring buffer read back in logical order): the write of ``V``
+        into the rolled old buffer, where the roll moves it, read whole (so it decomposes). ``alias`` of a write
+        (a read of the whole buffer): the write read whole along its dim."""
+        src = node.args[0]
+        if node.target is aten.alias.default:
+            if src.target is aten.copy.default:  # the whole buffer written, then read
+                value = _plain_copy_source(src)
+                return value if value is not src else None
+            if src.target not in (aten.select_scatter.default, aten.slice_scatter.default):
+                return None
+            d = norm_dim(src.args[2] if len(src.args) > 2 else src.kwargs.get("dim", 0), len(_shape(src)))
+            return self.slice_of(em, src, d, 0, _shape(src)[d], top=True)
+        shifts = node.args[1] if len(node.args) > 1 else node.kwargs.get("shifts", ())
+        dims = node.args[2] if len(node.args) > 2 else node.kwargs.get("dims", ())
+        if src.target not in (aten.select_scatter.default, aten.slice_scatter.default) or len(shifts) != 1 \
+                or len(dims) != 1:
+            return None
+        shape = _shape(src)
+        d = norm_dim(dims[0], len(shape))
+        n, k = shape[d], shifts[0]
+        if src.target is aten.select_scatter.default:
+            base, value, d2, j = self._select_scatter_args(src)
+            if d2 != d:
+                return None
+            to = em.mod(em.add(j, k), n)
+            if norm_index(to, n) is None:
+                raise _Undecided("the ring position after the roll cannot be proven inside the buffer")
+            return self._around_one(em, em.call(aten.roll.default, base, [k], [d]), value, d, to, 0, n)
+        base, value, d2, s, e = self._slice_scatter_args(src)
+        if d2 != d:
+            return None
+        to = em.mod(em.add(s, k), n)
+        end = em.add(to, em.sub(e, s))
+        if not (known_le(0, to) and known_le(end, n)):  # the written region must not wrap around the end
+            raise _Undecided("the written region may wrap around the end of the ring after the roll")
+        return self._around(em, em.call(aten.roll.default, base, [k], [d]), value, d, to, end, 0, n)
+
+
 def _write_of(node):
     """The user's write a read decomposes (the scatter that carries a source line), for the report."""
-    while isinstance(node, torch.fx.Node) and node.target in _DECOMPOSABLE and "stack_trace" not in node.meta:
+    first = node
+    while isinstance(node, torch.fx.Node) and node.target in _DECOMPOSABLE and node.target is not aten.cat.default \
+            and "stack_trace" not in node.meta:
         node = node.args[0]
-    return node
+    return node if isinstance(node, torch.fx.Node) else first
 
 
 def _describe(value) -> str:

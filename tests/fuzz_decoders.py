@@ -698,3 +698,165 @@ def _is_sdpa(node) -> bool:
 def _is_kv_projection(node) -> bool:
     return node.op == "call_function" and node.target is torch._C._nn.linear and any(
         p in a.name for a in node.all_input_nodes if a.op == "placeholder" for p in ("k_proj", "v_proj"))
+
+
+# ==== issue 12, part B: buffer-region idioms (tests/idioms_buffer.py has them as user models) =================
+#
+# An owner whose buffer is addressed by region, drawn on top of the plain owner idioms (layout, ways to the host
+# and back, int-index decode writes, extra hops, the workspace, dtypes) and read-only followers:
+#
+# * ``loop``: the new tokens written one at a time, ``for j in range(t): buf[:, p + j] = a[:, j]``;
+# * ``slab_chained`` / ``slab_tuple``: K and V of two layers in one slab ``[2, 2, ...]``, this cache at
+#   ``slab[1][0]`` / ``slab[1, 1]``, the other layer's region written too (with other values);
+# * ``heads``: the buffer holds twice the heads; another owner writes the first half, this one the second;
+# * ``ring`` / ``ring_roll``: ``W = prompt + 1`` slots written at ``pos % W``, read oldest first with two slices +
+#   ``np.concatenate`` (or ``np.roll``) once full;
+# * ``grow``: capacity doubling with ``np.concatenate`` and zeros when the new tokens do not fit;
+# * ``before``: the old history read before the step's write, ``cat([old, k], 1)`` on the device.
+
+REGIONS = ("loop", "slab_chained", "slab_tuple", "heads", "ring", "ring_roll", "grow", "before")
+_SLAB = ("K", "V")  # what OwnerCache.k / .v hold for a slab owner: which half of its region
+
+
+class RegionOwnerCache(OwnerCache):
+    """An :class:`OwnerCache` whose buffer is addressed by region (``region``, see the block comment)."""
+
+    def __init__(self, region: str, idiom: OwnerIdiom, kv_heads, max_len, head_dim, dtype, seed):
+        super().__init__(idiom, kv_heads, max_len, head_dim, dtype, seed)
+        self.region, self.kv_heads = region, kv_heads
+        rng = np.random.default_rng(seed + 7)
+        shape = self.k.shape
+        if region.startswith("slab"):
+            self.slab = rng.standard_normal((2, 2) + shape).astype(self.np_dtype)
+            self.k, self.v = _SLAB
+        elif region == "heads":
+            self.k, self.v = (rng.standard_normal((2 * kv_heads,) + shape[1:]).astype(self.np_dtype) for _ in "kv")
+        elif region.startswith("ring"):
+            self.window = max_len  # RegionStep sets it (and cuts the buffers) to prompt + 1
+        elif region == "grow":
+            self.k, self.v = self.k[:, :1].copy(), self.v[:, :1].copy()  # capacity 1: the prefill grows it
+
+    def _slab_store(self, which, a, start, t):
+        j = _SLAB.index(which)
+        other = a * 0.5 + 1.0  # the other layer's region: other values, never read here
+        if self.region == "slab_chained":
+            self.slab[0][j][:, start : start + t] = other
+            self.slab[1][j][:, start : start + t] = a
+        else:
+            self.slab[0, j, :, start : start + t] = other
+            self.slab[1, j, :, start : start + t] = a
+
+    def _store(self, buf, x, start, host):
+        r, t = self.region, x.shape[1]
+        if r in ("before",) or self.idiom.layout != "hsd" and r != "loop":
+            return super()._store(buf, x, start, host)
+        a = host(x if self.idiom.layout == "hsd" else x.transpose(0, 1))
+        if r == "loop":
+            for j in range(t):
+                if self.idiom.layout == "hsd":
+                    buf[:, start + j] = a[:, j]
+                else:
+                    buf[start + j] = a[j]
+        elif r.startswith("slab"):
+            self._slab_store(buf, a, start, t)
+        elif r == "heads":
+            h = self.kv_heads
+            buf[:h, start : start + t] = a * -1.0 + 0.5  # the other owner: other values, other heads
+            buf[h:, start : start + t] = a
+        elif r.startswith("ring"):
+            if t == 1:
+                buf[:, start % self.window] = a[:, 0]
+            else:  # the prefill fits in the ring
+                buf[:, start : start + t] = a
+        elif r == "grow":
+            while start + t > buf.shape[1]:
+                buf = np.concatenate([buf, np.zeros_like(buf)], axis=1)
+            buf[:, start : start + t] = a
+        return buf
+
+    def read(self, buf, end, d, how, device):
+        r = self.region
+        if r in ("before", "loop", "grow") or self.idiom.layout != "hsd":
+            return super().read(buf, end, d, how, device)
+        if r.startswith("slab"):
+            j = _SLAB.index(buf)
+            view = self.slab[1][j] if r == "slab_chained" else self.slab[1, j]
+            return to_device(view[:, :end, :d], how, device)
+        if r == "heads":
+            return to_device(buf[self.kv_heads :, :end, :d], how, device)
+        if end <= self.window:
+            return to_device(buf[:, :end, :d], how, device)
+        slot = (end - 1) % self.window
+        if r == "ring_roll":
+            return to_device(np.roll(buf, -(slot + 1), axis=1)[:, :, :d], how, device)
+        return to_device(np.concatenate([buf[:, slot + 1 :, :d], buf[:, : slot + 1, :d]], axis=1), how, device)
+
+    def update(self, k, v):
+        if self.region != "before" or self.idiom.layout != "hsd":
+            return super().update(k, v)
+        t, p, how = k.shape[1], self.pos, self.idiom.to_device
+        k_old = self.read(self.k, p, self.head_dim, how, k.device)
+        v_old = self.read(self.v, p, self.head_dim, how, v.device)
+        host = self.host()
+        self.k = self._store(self.k, k, p, host)
+        self.v = self._store(self.v, v, p, host)
+        self.step_start, self.pos = p, p + t
+        return torch.cat([k_old, k], 1), torch.cat([v_old, v], 1)
+
+
+@dataclasses.dataclass(frozen=True)
+class RegionCase:
+    """A :class:`Case` (one owner, read-only followers) and the region idiom of its owner."""
+
+    case: Case
+    region: str
+
+    @property
+    def dtype(self):
+        return self.case.dtype
+
+    @property
+    def decode_steps(self):
+        return self.case.decode_steps
+
+    structural = True
+
+    def short(self) -> str:
+        return f"{self.region} {self.case.short()}"
+
+
+@st.composite
+def region_cases(draw, max_decode=3, dtypes=DTYPES):
+    """One region owner (plain owner idioms drawn on top, no issue-11 edits) and up to two read-only followers."""
+    region = draw(st.sampled_from(REGIONS))
+    o = draw(owner_idioms)
+    o = dataclasses.replace(o, store="prealloc", workspace=draw(st.booleans()),
+                            layout=o.layout if region == "loop" else "hsd")  # regions are of [heads, seq, d]
+    dim = draw(st.sampled_from([4, 6, 8]))
+    followers = tuple(FollowerIdiom(kind="readonly", to_device=draw(st.sampled_from(TO_DEVICE)))
+                      for _ in range(draw(st.integers(0, 2))))
+    case = Case(layer_types=(FULL,) * (1 + len(followers)), kv_shared_layers=len(followers),
+                kv_heads=draw(st.integers(1, 3)), q_per_kv=1, head_dims=(dim, dim), owners=(o,), followers=followers,
+                numpy_mask=False, dtype=draw(st.sampled_from(dtypes)), prompt_len=draw(st.integers(1, 5)),
+                decode_steps=draw(st.integers(1, max_decode)), seed=draw(st.integers(0, 2**16)))
+    return RegionCase(case, region)
+
+
+class RegionStep(CacheStep):
+    """:class:`CacheStep` over a :class:`RegionCase`: the owner is a :class:`RegionOwnerCache`."""
+
+    def __init__(self, rc: RegionCase):
+        nn.Module.__init__(self)
+        case = self.case = rc.case
+        owner = RegionOwnerCache(rc.region, case.owners[0], case.kv_heads, case.max_len, case.head_dims[1],
+                                 case.dtype, case.seed)
+        if rc.region.startswith("ring"):  # W = prompt + 1 slots: the second decode step wraps
+            owner.window = case.prompt_len + 1
+            owner.k, owner.v = owner.k[:, : owner.window].copy(), owner.v[:, : owner.window].copy()
+        self.caches = [owner] + [FollowerCache(f, owner) for f in case.followers]
+
+
+def region_kv_steps(rc: RegionCase):
+    return kv_steps(rc.case)
+
+# ==== end of issue 12, part B ====================================================================================

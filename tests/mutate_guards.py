@@ -17,11 +17,16 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 G = "tests/test_guards.py::"
 S = "tests/test_store_ops.py::test_invalid_arguments_raise_and_write_nothing"
 H = "tests/test_host_elimination.py::"
+B = "tests/test_idioms_buffer.py::"
 
 MUTATIONS = [
     ("scatter_slice: a read outside the write is the old buffer", "patterns/scatter_slice.py",
      "        if known_le(b, s) or known_le(e, a):", "        if True:",
      [G + "test_read_past_the_end_of_the_write_keeps_the_buffer_tail"]),
+    ("scatter_slice: a read outside the write is the old buffer (history before the write)",
+     "patterns/scatter_slice.py", "        if known_le(b, s) or known_le(e, a):", "        if True:",
+     [B + "test_buffer_idiom_compiles_clean[06a_history_before_write]",
+      B + "test_buffer_idiom_compiles_clean[06b_lagging_follower]"]),
     ("scatter_slice: a read inside the write ends inside it", "patterns/scatter_slice.py",
      "        if known_le(s, a) and known_le(b, e):", "        if known_le(s, a):",
      [G + "test_read_past_the_end_of_the_write_keeps_the_buffer_tail"]),
@@ -61,6 +66,27 @@ MUTATIONS = [
     ("rewrite: the returned module runs as traced on overlapping inputs", "kvpass/engine.py",
      "            if not pairs:", "            if True:",
      [G + "test_rewritten_graph_runs_as_traced_on_inputs_that_share_memory"]),
+    # issue 12, part B (buffer-region idioms): tests in tests/test_idioms_buffer.py
+    ("tracing: numpy writes at a symbolic int index stay symbolic", "kvpass/tracing.py",
+     "        tnp.ndarray.__setitem__ = traceable_ndarray_setitem", "        pass",
+     [B + "test_buffer_idiom_compiles_clean[04_per_token_loop]"]),
+    ("tracing: slice(i, i + 1) only where 0 <= i < size", "kvpass/tracing.py",
+     "        if isinstance(i, torch.SymInt) and not (0 <= i and i < tensor.shape[d]):", "        if False:",
+     [B + "test_symbolic_negative_index_write_keeps_numpy_meaning"]),
+    ("scatter_slice: a rolled write must not wrap around the end", "patterns/scatter_slice.py",
+     "        if not (known_le(0, to) and known_le(end, n)):", "        if False:",
+     [B + "test_roll_of_a_write_that_wraps_is_not_decomposed"]),
+    ("aliasing: a grown buffer has a graph input among its pieces", "kvpass/aliasing.py",
+     '            and any(isinstance(p, torch.fx.Node) and (p.op == "placeholder" or grown(p)) for p in node.args[0])',
+     "            and True",
+     [B + "test_a_concatenation_of_intermediates_is_not_a_cache"]),
+    ("rules: pos % W is pos only where 0 <= pos < W", "kvpass/rules.py",
+     "    subst = {m: m.args[0] for m in mods if proven(m.args[0] >= 0) and proven(m.args[0] < m.args[1])}",
+     "    subst = {m: m.args[0] for m in mods}",
+     [B + "test_ring_position_is_its_int_only_where_bounded"]),
+    ("scatter_slice: a select of the written index only (slab regions)", "patterns/scatter_slice.py",
+     "                    if known_eq(i, j):", "                    if True:",
+     [B + "test_buffer_idiom_compiles_clean[05b_slab_tuple]"]),
     # a sample of the store ops' argument checks (each invalid-argument class has its own test)
     ("store: states/cache dtype", "kvpass/ops/_store.py", "        elif states.dtype != cache.dtype:",
      "        elif False:", [S + "[dtype_mismatch]"]),
