@@ -121,7 +121,7 @@ def _symbol_names(ep: torch.export.ExportedProgram) -> dict[str, str]:
             for d, size in enumerate(val.shape):
                 if isinstance(size, torch.SymInt) and isinstance(size.node.expr, sympy.Symbol):
                     names.setdefault(str(size.node.expr), f"{n.name}.shape[{d}]")
-        elif n.target is torch.ops.aten._local_scalar_dense.default and isinstance(val, torch.SymInt) and \
+        elif n.target in (aten._local_scalar_dense.default, aten.item.default) and isinstance(val, torch.SymInt) and \
                 isinstance(val.node.expr, sympy.Symbol):
             src = n.args[0]
             while isinstance(src, torch.fx.Node) and src.op == "call_function" and src.args:
