@@ -84,30 +84,6 @@ def mutating_nodes(gm: torch.fx.GraphModule) -> list[torch.fx.Node]:
     return out
 
 
-def _same_value(a, b) -> bool:
-    va = a.meta.get("val") if isinstance(a, torch.fx.Node) else a
-    vb = b.meta.get("val") if isinstance(b, torch.fx.Node) else b
-    if isinstance(va, torch.SymInt) and isinstance(vb, torch.SymInt):
-        return va.node.expr == vb.node.expr
-    return a is b
-
-
-def _drop_trivial_sym_minmax(gm: torch.fx.GraphModule) -> None:
-    """``sym_max(x, y) -> x`` where ``x`` and ``y`` are the same symbolic expression (max(x, x) = x, min(x, x)
-    = x: no side condition). kvpass.export feeds every position of the model the same value, so a follower's
-    ``max(owner.pos, self.pos)`` compares two equal expressions."""
-    changed = False
-    for n in sym_minmax_nodes(gm):
-        a, b = n.args
-        if _same_value(a, b):
-            n.replace_all_uses_with(a)
-            gm.graph.erase_node(n)
-            changed = True
-    if changed:
-        gm.graph.lint()
-        gm.recompile()
-
-
 def _symbol_names(ep: torch.export.ExportedProgram) -> dict[str, str]:
     """``{"s27": "input_ids.shape[1]", "u0": "position"}``: each symbol of the program by the user input it
     comes from (a dynamic dim of an input, or the value ``.item()`` reads out of an input)."""
@@ -160,18 +136,19 @@ def explain_asserts(ep: torch.export.ExportedProgram) -> None:
 
 
 def finish_deployable(ep: torch.export.ExportedProgram) -> torch.export.ExportedProgram:
-    """Decompose ``ep`` to functional core ATen (``run_decompositions()``), drop trivial ``sym_max``/``sym_min``,
-    and check the result: no op writes into an argument, no ``sym_max``/``sym_min`` is left, no input is
-    mutated. Raises :class:`kvpass.faithful_export.ExportCaptureError` (naming the node and its source line)
+    """Decompose ``ep`` to functional core ATen (``run_decompositions()``), word its asserts in the user's terms
+    (:func:`explain_asserts`) and check the result: no op writes into an argument, no ``sym_max``/``sym_min``,
+    no input is mutated. (kvpass.export feeds every position of the model the same value, so a follower's
+    ``max(owner.pos, self.pos)`` is ``Max(x, x) = x`` for the shape environment and no ``sym_max`` is traced;
+    one that is left compares values the program cannot order, and the export is refused.) Raises :class:`kvpass.faithful_export.ExportCaptureError` (naming the node and its source line)
     otherwise."""
     from .errors import user_source_line
     from .faithful_export import ExportCaptureError
 
     ep = ep.run_decompositions()
-    _drop_trivial_sym_minmax(ep.graph_module)
     explain_asserts(ep)
     bad = [(n, "writes into its argument") for n in mutating_nodes(ep.graph_module)]
-    bad += [(n, "compares positions that the program does not know to be equal") for n in
+    bad += [(n, "compares sizes the program cannot order; ExecuTorch and IREE reject sym_max/sym_min") for n in
             sym_minmax_nodes(ep.graph_module)]
     mutated = [s for s in ep.graph_signature.output_specs if s.kind.name in ("BUFFER_MUTATION", "USER_INPUT_MUTATION")]
     if bad or mutated:

@@ -220,10 +220,10 @@ def test_substitutions_apply_only_where_their_side_conditions_hold(rng):
     torch.testing.assert_close(DeployInterpreter(gm).run(buf, b), b.expand(2, 16, 4), rtol=0, atol=0)
 
 
-def test_trivial_sym_max_is_dropped_and_asserts_name_the_inputs():
-    """On a program with a position read out of a tensor: max(p + T, p + T) is p + T, and the program's asserts
-    say 'position' and 'x.shape[0]' instead of u0 and s27."""
-    from kvpass.deploy import _drop_trivial_sym_minmax, explain_asserts
+def test_one_position_leaves_no_sym_max_and_asserts_name_the_inputs():
+    """On a program with a position read out of a tensor: max(p + T, p + T) traces as p + T (no sym_max), and the
+    program's asserts say 'position' and 'x.shape[0]' instead of u0 and s27."""
+    from kvpass.deploy import explain_asserts
 
     class Step(torch.nn.Module):
         def forward(self, x, position):
@@ -235,7 +235,6 @@ def test_trivial_sym_max_is_dropped_and_asserts_name_the_inputs():
 
     ep = torch.export.export(Step(), (torch.randn(3), torch.tensor([2])),
                              dynamic_shapes={"x": {0: Dim("T", min=1, max=15)}, "position": None})
-    _drop_trivial_sym_minmax(ep.graph_module)
     assert sym_minmax_nodes(ep.graph_module) == []
     explain_asserts(ep)
     messages = [n.args[1] for n in ep.graph.nodes if n.target is torch.ops.aten._assert_scalar.default]
@@ -245,6 +244,28 @@ def test_trivial_sym_max_is_dropped_and_asserts_name_the_inputs():
     torch.testing.assert_close(run(torch.ones(4), torch.tensor([12])), torch.ones(4))
     with pytest.raises(RuntimeError, match=r"kvpass: position out of range: the step requires"):
         run(torch.ones(4), torch.tensor([13]))
+
+
+def test_a_program_with_sym_max_or_a_mutation_is_refused():
+    from kvpass.deploy import finish_deployable
+
+    class Max(torch.nn.Module):
+        def forward(self, x, y):
+            return torch.zeros(torch.sym_max(x.shape[0], y.shape[0])) + 1
+
+    ep = torch.export.export(Max(), (torch.randn(3), torch.randn(4)),
+                             dynamic_shapes={"x": {0: Dim("A", min=1, max=9)}, "y": {0: Dim("B", min=1, max=9)}})
+    with pytest.raises(ExportCaptureError, match=r"not functional: .*sym_max.*ExecuTorch and IREE reject"):
+        finish_deployable(ep)
+
+    class Writes(torch.nn.Module):
+        def forward(self, cache, k):
+            cache[:, :2] = k
+            return cache.sum()
+
+    ep = torch.export.export(Writes(), (torch.randn(2, 8), torch.randn(2, 2)))
+    with pytest.raises(ExportCaptureError, match=r"output \w+ mutates cache"):
+        finish_deployable(ep)
 
 
 # --------------------------------------------------------------------------------------------------------
