@@ -87,7 +87,9 @@ def export(model: torch.nn.Module, args: tuple, kwargs: dict | None = None, *, d
             length that may be 1 (reshape and SDPA of transposed views guard ``size != 1``: depending on the
             example the export fails, or the program refuses one token at run time). So ``{"input_ids": {1:
             Dim("T", min=2, max=max_len - 1)}}`` gives one program for prefill and chunked prefill; export the
-            one-token decode step as its own program (a ``(1, 1)`` example, no dynamic dim).
+            one-token decode step as its own program (a ``(1, 1)`` example, no dynamic dim). With
+            ``cache="outputs"`` a ``min`` of 1 works: ``{"input_ids": {1: Dim("T", min=1, max=max_len - 1)}}`` is
+            one program for the prefill and every decode step.
         positions: the integer cache state to keep symbolic, making it an ``int`` input of the program (one
             program for every position). Each entry is a regex matched against the attribute path from the
             model (``"caches[0].pos"``, ``r"caches\\[\\d+\\]\\.pos"``); a bare name such as ``"pos"`` matches

@@ -339,6 +339,9 @@ def test_stock_exports_of_the_same_model_give_no_onnx_program(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.xfail(strict=True, reason="ExecuTorch 1.5.1 + torch 2.13: to_executorch() fails in "
+                   "dim_order_from_stride on a stride that depends on the position (a data-dependent guard); "
+                   "strict: this test says so when it starts to pass")
 def test_executorch_pte_with_prefill_and_decode_methods(deploy, tmp_path):
     """One ``.pte`` (portable kernels) whose ``prefill`` and ``decode`` methods are the same program."""
     pytest.importorskip("executorch.exir")
@@ -346,8 +349,12 @@ def test_executorch_pte_with_prefill_and_decode_methods(deploy, tmp_path):
     from executorch.exir import to_edge
 
     model, ep = deploy
+    saved = tmp_path / "decoder.pt2"
+    torch.export.save(ep, saved)  # to_edge decomposes again: from fresh copies (the in-memory program's shape
+    # environment trips PendingUnbackedSymbolNotFound when decomposed a second time)
     pte = tmp_path / "decoder.pte"
-    pte.write_bytes(to_edge({"prefill": ep, "decode": ep}).to_executorch().buffer)
+    methods = {"prefill": torch.export.load(saved), "decode": torch.export.load(saved)}
+    pte.write_bytes(to_edge(methods).to_executorch().buffer)
     program = runtime.Runtime.get().load_program(str(pte))
     prefill, decode = program.load_method("prefill"), program.load_method("decode")
 
@@ -385,4 +392,5 @@ def test_iree_llvm_cpu_runs_prefill_and_chained_decode(deploy):
     prompt, tokens = chained_steps(torch.Generator().manual_seed(159))
     cache = [np.zeros(t.shape, np.float32) for t in empty_cache(ep).values()]
     errors, _, _ = run_chain(step, model, prompt, tokens, np.zeros(1, np.int64), cache, to_torch=torch.from_numpy)
+    print(f"IREE llvm-cpu max |iree - eager| per step = [{', '.join(f'{e:.1e}' for e in errors)}]")
     assert max(errors) < 1e-3, errors
