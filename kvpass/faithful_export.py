@@ -29,6 +29,7 @@ would not be valid instead of computing something else.
 from __future__ import annotations
 
 import contextlib
+import functools
 import inspect
 import itertools
 import keyword
@@ -44,7 +45,7 @@ from .errors import KVPassError
 __all__ = ["export", "ExportError", "ExportInputError", "ExportCaptureError", "CACHE_MODES", "MODEL_ROOT"]
 
 #: Accepted values of ``export(..., cache=...)``.
-CACHE_MODES = ("buffers", "inputs")
+CACHE_MODES = ("buffers", "inputs", "outputs")
 #: The name the model has in the function Dynamo captures; sources read ``L['kvpass_model'].caches[0].pos``.
 MODEL_ROOT = "kvpass_model"
 
@@ -86,7 +87,9 @@ def export(model: torch.nn.Module, args: tuple, kwargs: dict | None = None, *, d
             length that may be 1 (reshape and SDPA of transposed views guard ``size != 1``: depending on the
             example the export fails, or the program refuses one token at run time). So ``{"input_ids": {1:
             Dim("T", min=2, max=max_len - 1)}}`` gives one program for prefill and chunked prefill; export the
-            one-token decode step as its own program (a ``(1, 1)`` example, no dynamic dim).
+            one-token decode step as its own program (a ``(1, 1)`` example, no dynamic dim). With
+            ``cache="outputs"`` a ``min`` of 1 works: ``{"input_ids": {1: Dim("T", min=1, max=max_len - 1)}}`` is
+            one program for the prefill and every decode step.
         positions: the integer cache state to keep symbolic, making it an ``int`` input of the program (one
             program for every position). Each entry is a regex matched against the attribute path from the
             model (``"caches[0].pos"``, ``r"caches\\[\\d+\\]\\.pos"``); a bare name such as ``"pos"`` matches
@@ -99,8 +102,9 @@ def export(model: torch.nn.Module, args: tuple, kwargs: dict | None = None, *, d
             ``ep.module()`` shares its buffers with ``ep.state_dict``, so running it changes what
             ``torch.export.save(ep)`` writes: save first, or ``copy.deepcopy(ep)``). ``"inputs"``: the same tensors
             become inputs that the step mutates in place (the caller owns the cache state; ``ep.module()`` writes
-            into the tensors passed). The model's own parameters and registered buffers stay parameters and
-            buffers either way.
+            into the tensors passed). ``"outputs"``: the deployable form (see below): the cache state is an
+            input and an output of a functional program, with one position tensor for the model. The model's own
+            parameters and registered buffers stay parameters and buffers in every mode.
         patterns: rewrite patterns to run (default: the whole catalogue), as for :func:`kvpass.rewrite`.
 
     Returns:
@@ -122,6 +126,30 @@ def export(model: torch.nn.Module, args: tuple, kwargs: dict | None = None, *, d
           overflow the cache, a position the trace required to be >= 1 ...) fails with an assertion naming the
           input instead of computing something else;
         - the output has the structure of ``model.forward``'s return value.
+
+        With ``cache="outputs"`` the program is ``(*args, position, cache) -> (result, new_position,
+        new_cache)``, the form ONNX Runtime, ExecuTorch and IREE take as it is (``torch.onnx.export(ep)``):
+
+        - ``position``: an int64 tensor of shape ``[1]``, the value every symbolic position of the model
+          holds before the step (they must be equal at export time and advance alike; the program checks both
+          while exporting and raises :class:`ExportInputError`/:class:`ExportCaptureError` otherwise);
+          ``new_position`` is it advanced by the step (``position + T`` for a step of ``T`` tokens);
+        - ``cache``: a dict of tensors keyed by the attribute path of each cache buffer in the model
+          (``"caches.0.k_buf"`` for ``model.caches[0].k_buf``); ``new_cache`` has the same keys and holds the
+          state after the step. The program's flat inputs are ``*args, position, cache_caches_0_k_buf, ...``
+          and its flat outputs ``result leaves, new_position, new cache in the same order``: feed the outputs
+          back as the next step's inputs. Zeros and ``position = 0`` are an empty cache;
+        - the program is functional core ATen (decompositions run): no in-place op, no input mutation, no
+          ``sym_max``/``sym_min``;
+        - with a dynamic token length of ``min=1`` (``dynamic_shapes={"input_ids": {1: Dim("T", min=1,
+          max=max_len)}}``) the same program runs the prefill and every decode step;
+        - the traced guards on positions (``position + T <= max_len``) become asserts of the program whose
+          message names ``position`` (``ep.module()`` checks them before the step computes; runtimes without
+          asserts, such as ONNX, do not).
+
+        ``positions`` names the position attributes as for ``cache="inputs"`` (``positions="pos"``); left
+        ``None``, it is every int attribute of the model that the step reads and advances (found by a first
+        capture with ints specialized, then the model is captured again with those symbolic).
 
         Model state that the step *replaces* (``self.k = torch.cat(...)`` on an attribute) instead of writing in
         place is not an output: such a program computes its step right but does not carry that state to the next
@@ -155,13 +183,22 @@ def export(model: torch.nn.Module, args: tuple, kwargs: dict | None = None, *, d
     engine.resolve_patterns(patterns)  # an unknown pattern name fails before the (slow) capture
 
     cap = _capture(model, user_names, user_values, dims, position_patterns)
+    if cache == "outputs" and positions is None:
+        positions = _advanced_ints(cap)
+        position_patterns = _position_patterns(positions)
+        cap = _capture(model, user_names, user_values, dims, position_patterns)
     _check_positions(cap, positions, position_patterns)
     outputs = _output_plan(cap, model, user_names, user_values)
     gm, report = engine.rewrite(cap.gm, patterns=patterns)
     _clean_module_paths(gm)
     plan = _plan(cap, model, user_names, cache)
-    wrapper = _ExportWrapper(model, gm, plan, cap, user_names, cache, outputs, n_positional=len(args))
-    ep = _torch_export(wrapper, plan, cap, user_names, user_values, dims, report)
+    positions_plan = _positions_plan(cap, plan) if cache == "outputs" else None
+    step = _Step(model, gm, plan, cap, user_names, cache, outputs, positions_plan, n_positional=len(args))
+    ep = _torch_export(step, plan, user_names, user_values, dims, report)
+    if cache == "outputs":
+        from .deploy import finish_deployable
+
+        ep = finish_deployable(ep)
     require_faithful(ep, what="kvpass.export(model) result")
     return ep
 
@@ -286,6 +323,8 @@ class _Capture:
         self.gm: torch.fx.GraphModule | None = None
         self.example_inputs: list = []
         self.sources: list[str | None] = []
+        self.source_objs: list = []  # Dynamo's Source objects of the placeholders (None where unknown)
+        self.stores: dict = {}  # "L['kvpass_model'].caches[0].pos" -> new value (sympy expr or int) the step stores
         self.guards: list = []
         self.replacements: dict = {}
         self.var_to_sources: dict = {}
@@ -323,8 +362,8 @@ def _capture(model, names, values, dims, position_patterns) -> _Capture:
         cap.gm = gm
         cap.example_inputs = list(example_inputs)
         phs = [n for n in gm.graph.nodes if n.op == "placeholder"]
-        cap.sources = [n.meta["grapharg"].source.name if n.meta.get("grapharg") is not None and
-                       n.meta["grapharg"].source is not None else None for n in phs]
+        cap.source_objs = [n.meta["grapharg"].source if n.meta.get("grapharg") is not None else None for n in phs]
+        cap.sources = [src.name if src is not None else None for src in cap.source_objs]
         fake_mode = torch._guards.detect_fake_mode(example_inputs)
         if fake_mode is None:
             fake_mode = next((n.meta["example_value"].fake_mode for n in phs if isinstance(
@@ -341,6 +380,7 @@ def _capture(model, names, values, dims, position_patterns) -> _Capture:
             cap.replacements = dict(shape_env.replacements)
             cap.var_to_sources = {k: [s.name for s in v] for k, v in shape_env.var_to_sources.items()}
         cap.replaced = _replaced_tensor_attributes()
+        cap.stores = _stored_int_attributes()
         cap.constants = _specialized_model_values()
         (out,) = [n for n in gm.graph.nodes if n.op == "output"]
         outs = out.args[0]
@@ -413,6 +453,30 @@ def _replaced_tensor_attributes() -> list[str]:
         return []
 
 
+def _stored_int_attributes() -> dict:
+    """``{source name: new value}`` of the int attributes the traced step assigns (``self.pos += t``), from
+    Dynamo's side-effect record: a sympy expression over the graph's symbols, or an int. Best effort (``{}`` if
+    this Dynamo keeps it elsewhere; ``cache="outputs"`` then refuses to guess how positions advance)."""
+    try:
+        from torch._dynamo.symbolic_convert import InstructionTranslator
+        from torch._dynamo.variables import ConstantVariable, SymNodeVariable
+
+        tx = InstructionTranslator.current_tx()
+        out = {}
+        for item, attrs in tx.output.side_effects.store_attr_mutations.items():
+            source = getattr(item, "source", None)
+            if source is None:
+                continue
+            for name, value in attrs.items():
+                if isinstance(value, SymNodeVariable) and isinstance(value.sym_num, torch.SymInt):
+                    out[f"{source.name}.{name}"] = value.sym_num.node.expr
+                elif isinstance(value, ConstantVariable) and type(value.value) is int:
+                    out[f"{source.name}.{name}"] = value.value
+        return out
+    except Exception:  # noqa: BLE001 - a Dynamo internal moved
+        return {}
+
+
 def _specialized_model_values() -> list[str]:
     """Model attributes the trace read as constants (Dynamo's ``CONSTANT_MATCH``/``EQUALS_MATCH`` guards), for
     error messages; best effort."""
@@ -428,6 +492,19 @@ def _specialized_model_values() -> list[str]:
         return names
     except Exception:  # noqa: BLE001
         return []
+
+
+def _advanced_ints(cap: _Capture) -> list[str]:
+    """The model's positions, found in a capture that specialized every int: the int attributes the step reads
+    (Dynamo guarded their values) and assigns anew (``self.pos += t``). An attribute the step assigns before
+    reading it (``self.step_start = self.pos``) is per-step scratch, not state: it is not guarded."""
+    found = [_rel(name) for name, value in cap.stores.items()
+             if name.startswith(f"L['{MODEL_ROOT}'].") and _rel(name) in cap.constants]
+    if not found:
+        raise ExportInputError(
+            "kvpass.export(positions): cache='outputs' needs the model's positions as symbolic ints and found no "
+            "int attribute that the step reads and advances; pass positions=... naming them (positions='pos')")
+    return found
 
 
 def _check_positions(cap: _Capture, positions, patterns) -> None:
@@ -519,20 +596,71 @@ def _output_plan(cap: _Capture, model, names, values):
 
 
 class _Feed:
-    """One placeholder of the captured graph and what the wrapper feeds it."""
+    """One placeholder of the captured graph and what the step module feeds it.
 
-    def __init__(self, kind: str, name: str, source: str | None, example=None):
-        self.kind = kind  # "param" (model parameter/buffer FQN), "user" (from the arguments), "state", "position"
+    ``kind``: ``"param"`` (a parameter or buffer of the model, ``name`` its FQN), ``"user"`` (read from the
+    arguments along ``steps``), ``"state"`` (a cache tensor the step reads or writes) or ``"position"`` (a
+    symbolic int of the model). ``path`` is the attribute path from the model (``caches.0.k_buf``) for state and
+    positions; ``name`` the identifier made of it (``caches_0_k_buf``).
+    """
+
+    def __init__(self, kind: str, name: str, source: str | None, example=None, steps=None, path: str = ""):
+        self.kind = kind
         self.name = name
         self.source = source
         self.example = example
+        self.steps = steps
+        self.path = path
 
 
-def _identifier(source: str, taken: set[str]) -> str:
-    text = _rel(source)
-    text = re.sub(r"^___from_numpy\((.*)\)$", r"\1", text)
-    text = _rel(text)
-    text = re.sub(r"[^0-9A-Za-z_]+", "_", text).strip("_") or "state"
+def _source_steps(source) -> tuple | None:
+    """A Dynamo ``Source`` as a chain of accessors from a local: ``(("local", "input_ids"), ("size", 1))`` for
+    ``L['input_ids'].size()[1]``; ``None`` for a source of another kind."""
+    from torch._dynamo import source as S
+
+    steps = []
+    while source is not None:
+        if isinstance(source, S.LocalSource):
+            steps.append(("local", source.local_name))
+            return tuple(reversed(steps))
+        if isinstance(source, S.TensorPropertySource) and source.prop is S.TensorProperty.SIZE:
+            steps.append(("size", source.idx))
+        elif isinstance(source, S.NNModuleSource):
+            pass  # how Dynamo tracks a module, not an accessor
+        elif isinstance(source, S.NumpyTensorSource):
+            steps.append(("numpy", None))
+        elif isinstance(source, S.AttrSource):
+            steps.append(("attr", source.member))
+        elif isinstance(source, (S.GetItemSource, S.DictGetItemSource)) and \
+                not getattr(source, "index_is_slice", False) and isinstance(source.index, (int, str)):
+            steps.append(("item", source.index))
+        else:
+            return None
+        source = getattr(source, "base", None)
+    return None
+
+
+def _resolve(value, steps):
+    """Follow ``steps`` (after the root) from ``value``: the user input a graph placeholder reads."""
+    for kind, key in steps:
+        if kind == "attr":
+            value = getattr(value, key)
+        elif kind == "item":
+            value = value[key]
+        elif kind == "size":
+            value = value.size(key)
+        else:
+            raise ExportCaptureError(f"kvpass.export(model): cannot feed a graph input through {kind}")
+    return value
+
+
+def _attribute_path(steps) -> str:
+    """``caches.0.k_buf`` for the steps of ``___from_numpy(L['kvpass_model'].caches[0].k_buf)``."""
+    return ".".join(str(key) for kind, key in steps[1:] if kind in ("attr", "item"))
+
+
+def _identifier(path: str, taken: set[str]) -> str:
+    text = re.sub(r"[^0-9A-Za-z_]+", "_", path).strip("_") or "state"
     if text[0].isdigit() or keyword.iskeyword(text):
         text = "s_" + text
     name, i = text, 1
@@ -548,27 +676,87 @@ def _plan(cap: _Capture, model, user_names, cache) -> list[_Feed]:
     for fqn, p in itertools.chain(model.named_parameters(remove_duplicate=True),
                                   model.named_buffers(remove_duplicate=True)):
         by_id.setdefault(id(p), fqn)
-    user_root = re.compile(r"^L\['(\w+)'\]")
-    taken = set(user_names) | {"self"}
+    taken = set(user_names) | {"self", "position", "cache"}
     plan = []
-    for i, (value, source) in enumerate(zip(cap.example_inputs, cap.sources)):
-        m = user_root.match(source or "")
+    for i, (value, source, obj) in enumerate(zip(cap.example_inputs, cap.sources, cap.source_objs)):
+        steps = _source_steps(obj)
+        root = steps[0][1] if steps else None
         if isinstance(value, torch.Tensor) and id(value) in by_id:
             plan.append(_Feed("param", by_id[id(value)], source))
-        elif m and m.group(1) in user_names:
-            plan.append(_Feed("user", m.group(1), source))
+        elif root in user_names:
+            if any(kind == "numpy" for kind, _ in steps):
+                raise ExportCaptureError(f"kvpass.export(args): graph input {source} is a numpy view of an argument; "
+                                         f"pass tensors")
+            plan.append(_Feed("user", root, source, steps=steps))
+        elif root != MODEL_ROOT:
+            raise ExportCaptureError(f"kvpass.export(model): graph input {i} ({source or 'no source'}) is neither an "
+                                     f"argument nor reachable from the model by attributes and indices")
         elif isinstance(value, torch.Tensor):
-            if source is None:
-                raise ExportCaptureError(f"kvpass.export(model): graph input {i} is a tensor of unknown origin")
-            plan.append(_Feed("state", _identifier(source, taken), source, value))
+            path = _attribute_path(steps)
+            plan.append(_Feed("state", _identifier(path, taken), source, value, steps=steps, path=path))
         elif isinstance(value, (int, torch.SymInt)) and not isinstance(value, bool):
-            if source is None:
-                raise ExportCaptureError(f"kvpass.export(model): graph input {i} is an int of unknown origin")
-            plan.append(_Feed("position", _identifier(source, taken), source, int(value)))
+            path = _attribute_path(steps)
+            plan.append(_Feed("position", _identifier(path, taken), source, int(value), steps=steps, path=path))
         else:
             raise ExportCaptureError(f"kvpass.export(model): graph input {source or i} is a "
                                      f"{type(value).__name__}; kvpass.export handles tensors and ints")
     return plan
+
+
+class _Positions:
+    """How ``cache="outputs"`` carries the model's positions: one int64 tensor for every symbolic position.
+
+    ``symbols``: the position symbols of the capture (all fed the same value); ``delta``: the advance of a step,
+    a sympy expression free of them (``T``, the number of new tokens, for the reference caches); ``paths``: the
+    attribute paths the tensor stands for.
+    """
+
+    def __init__(self, symbols, delta, paths, example):
+        self.symbols, self.delta, self.paths, self.example = symbols, delta, paths, example
+
+
+def _positions_plan(cap: _Capture, plan: list[_Feed]) -> _Positions:
+    """One position for the model: every symbolic position holds the same value and the step advances each by the
+    same amount (``self.pos += T``), read from Dynamo's record of the step's stores."""
+    import sympy
+
+    feeds = [(i, f) for i, f in enumerate(plan) if f.kind == "position"]
+    if not feeds:
+        raise ExportInputError(
+            "kvpass.export(positions): cache='outputs' needs the model's positions as symbolic ints: pass "
+            "positions=... naming the int attributes the step advances (for example positions='pos')")
+    values = {f.path: f.example for _, f in feeds}
+    if len(set(values.values())) > 1:
+        shown = ", ".join(f"{p}={v}" for p, v in values.items())
+        raise ExportInputError(
+            f"kvpass.export(positions): cache='outputs' carries one position for the model, but the model's "
+            f"positions differ ({shown}); export from a state where they are equal (a freshly reset model)")
+    by_index = {i: s for s, i in cap.symbols.items()}
+    repl = cap.replacements
+
+    def sub(expr):
+        return sympy.sympify(expr).xreplace(repl) if repl else sympy.sympify(expr)
+
+    symbols = {sub(by_index[i]) for i, _ in feeds if i in by_index}
+    deltas = {}
+    for i, f in feeds:
+        if i not in by_index:
+            raise ExportCaptureError(f"kvpass.export(positions): {f.path} was not kept symbolic while tracing")
+        new = cap.stores.get(f.source)
+        if new is None:
+            raise ExportCaptureError(
+                f"kvpass.export(positions): the step does not advance {f.path} (no store to it was traced); "
+                f"cache='outputs' returns the positions advanced and needs every position to move with the step")
+        delta = sympy.expand(sub(new) - sub(by_index[i]))
+        if delta.free_symbols & symbols:
+            raise ExportCaptureError(f"kvpass.export(positions): {f.path} advances by {delta}, which depends on a "
+                                     f"position; cache='outputs' needs a step that advances by an amount of its own")
+        deltas[f.path] = delta
+    if len(set(deltas.values())) > 1:
+        shown = ", ".join(f"{p} += {d}" for p, d in deltas.items())
+        raise ExportCaptureError(f"kvpass.export(positions): the positions advance differently ({shown}); "
+                                 f"cache='outputs' carries one position for the model")
+    return _Positions(symbols, next(iter(deltas.values())), list(values), next(iter(values.values())))
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -580,15 +768,22 @@ class _StateModule(torch.nn.Module):
     """Holds the cache buffers of a ``cache="buffers"`` export (``kv_cache.<name>``)."""
 
 
-class _ExportWrapper(torch.nn.Module):
-    """Owns the model's parameters (same FQNs) and the cache state; its ``forward`` feeds the rewritten graph.
+class _Step(torch.nn.Module):
+    """Owns the model's parameters (same FQNs) and, with ``cache="buffers"``, the cache state; its ``forward``
+    feeds the rewritten graph.
 
-    ``forward`` is generated with named parameters so that the exported program's inputs carry those names.
+    ``forward`` is ``_step`` with a declared signature (the names ``torch.export`` gives the program's inputs):
+    the model's positional arguments positionally, the rest keyword-only:
+
+    - ``cache="buffers"``/``"inputs"``: the model's arguments, then (``"inputs"``) one tensor per cache buffer and
+      one int per symbolic position, named after their attribute paths (``caches_0_k_buf``, ``caches_0_pos``);
+    - ``cache="outputs"``: the model's arguments, ``position`` (int64 tensor) and ``cache`` (a dict keyed by
+      attribute path, ``"caches.0.k_buf"``); it returns ``(result, new_position, new_cache)``.
     """
 
-    def __init__(self, model, gm, plan, cap, user_names, cache, outputs, n_positional):
+    def __init__(self, model, gm, plan, cap, user_names, cache, outputs, positions: _Positions | None,
+                 n_positional: int):
         super().__init__()
-        self._kvpass_outputs = outputs
         for name, child in model.named_children():
             self.add_module(name, child)
         for name, p in model._parameters.items():
@@ -610,47 +805,70 @@ class _ExportWrapper(torch.nn.Module):
             self.add_module(state_root, holder)
         object.__setattr__(self, "_kvpass_graph", gm)  # not a submodule: its constants would become buffers
         self._kvpass_plan = plan
+        self._kvpass_outputs = outputs
+        self._kvpass_positions = positions
         self._kvpass_guards, self._kvpass_symbols = _guards_for(cap, plan)
+        self.user_names = list(user_names)
+        # The model's positional arguments stay positional; the rest is keyword-only (cache="outputs" without
+        # keyword arguments: position and cache are positional too, (input_ids, position, cache)).
+        extra = [f.name for f in plan if f.kind == "state"] if cache == "inputs" else []
+        extra += ["position", "cache"] if cache == "outputs" else [f.name for f in plan if f.kind == "position"]
         self.positional_names = list(user_names[:n_positional])
         self.keyword_names = list(user_names[n_positional:])
-        if cache == "inputs":
-            self.keyword_names += [f.name for f in plan if f.kind == "state"]
-        self.keyword_names += [f.name for f in plan if f.kind == "position"]
+        if cache == "outputs" and not self.keyword_names:
+            self.positional_names += extra
+        else:
+            self.keyword_names += extra
         self.input_names = self.positional_names + self.keyword_names
-        params = ", ".join(["self"] + self.positional_names + (["*"] + self.keyword_names if self.keyword_names
-                                                                 else []))
-        body = "{" + ", ".join(f"{n!r}: {n}" for n in self.input_names) + "}"
-        src = f"def forward({params}):\n    return self._kvpass_step({body})\n"
-        ns: dict = {}
-        exec(compile(src, "<kvpass.export wrapper>", "exec"), ns)
-        # a class of its own, so that torch.export sees the named signature on type(self).forward
-        self.__class__ = type("KVPassExportStep", (_ExportWrapper,), {"forward": ns["forward"]})
-        self._kvpass_user_names = list(user_names)
+        # An ordinary method with a declared signature: torch.export names the program's inputs after it.
+        P = inspect.Parameter
+        forward = functools.partial(type(self)._step, self)
+        forward.__signature__ = inspect.Signature(
+            [P(n, P.POSITIONAL_OR_KEYWORD) for n in self.positional_names] +
+            [P(n, P.KEYWORD_ONLY) for n in self.keyword_names])
+        self.forward = forward
 
-    def _kvpass_step(self, values: dict):
-        from torch.fx import traceback as fx_traceback
-
-        user = {n: values[n] for n in self._kvpass_user_names}
+    def _step(self, *args, **kwargs):
+        inputs = dict(zip(self.positional_names, args), **kwargs)
+        user = {n: inputs[n] for n in self.user_names}
+        positions = self._kvpass_positions
+        if positions is not None:
+            position = inputs["position"]
+            p = position.reshape(()).item()
+            torch._check(p >= 0)
+            cache = {path: t.clone() for path, t in inputs["cache"].items()}
         feeds = []
         for feed in self._kvpass_plan:
             if feed.kind == "param":
                 feeds.append(self.get_parameter(feed.name) if _is_param(self, feed.name)
                              else self.get_buffer(feed.name))
             elif feed.kind == "user":
-                feeds.append(eval(feed.source, {"__builtins__": {}}, {"L": user}))  # noqa: S307 - Dynamo source
+                feeds.append(_resolve(user[feed.steps[0][1]], feed.steps[1:]))
             elif feed.kind == "state":
-                feeds.append(values[feed.name] if self.cache_mode == "inputs"
+                feeds.append(cache[feed.path] if positions is not None
+                             else inputs[feed.name] if self.cache_mode == "inputs"
                              else getattr(getattr(self, self.state_root), feed.name))
             else:
-                feeds.append(values[feed.name])
+                feeds.append(p if positions is not None else inputs[feed.name])
         _assert_guards(self._kvpass_guards, self._kvpass_symbols, feeds)
-        with fx_traceback.preserve_node_meta():  # exported nodes keep the user's stack traces
-            outs = torch.fx.Interpreter(self._kvpass_graph).run(*feeds)
-        if not isinstance(outs, (tuple, list)):
-            outs = (outs,)
+        outs = self._run_graph(feeds, deploy=positions is not None)
         leaves, spec = self._kvpass_outputs
         flat = [outs[ref] if kind == "graph" else user[ref] if kind == "user" else ref for kind, ref in leaves]
-        return pytree.tree_unflatten(flat, spec)
+        result = pytree.tree_unflatten(flat, spec)
+        if positions is None:
+            return result
+        advance = _evaluate(positions.delta, self._kvpass_symbols, feeds)
+        return result, position + advance, cache
+
+    def _run_graph(self, feeds, deploy: bool = False):
+        from torch.fx import traceback as fx_traceback
+
+        from .deploy import DeployInterpreter
+
+        interpreter = DeployInterpreter if deploy else torch.fx.Interpreter
+        with fx_traceback.preserve_node_meta():  # exported nodes keep the user's stack traces
+            outs = interpreter(self._kvpass_graph).run(*feeds)
+        return outs if isinstance(outs, (tuple, list)) else (outs,)
 
 
 def _is_param(module, fqn) -> bool:
@@ -670,15 +888,19 @@ def _guards_for(cap: _Capture, plan: list[_Feed]):
     return guards, symbols
 
 
-def _assert_guards(guards, symbols, feeds) -> None:
-    if not guards:
-        return
+def _evaluate(expr, symbols, feeds, overrides=None):
+    """``expr`` (sympy, over the capture's symbols) on the values fed to the graph: an int, a SymInt, a bool..."""
     from torch.utils._sympy.interp import sympy_interp
     from torch.utils._sympy.reference import PythonReferenceAnalysis
 
     env = {sym: feeds[i] for sym, i in symbols.items()}
+    env.update(overrides or {})
+    return sympy_interp(PythonReferenceAnalysis, env, expr)
+
+
+def _assert_guards(guards, symbols, feeds) -> None:
     for expr in guards:
-        ok = sympy_interp(PythonReferenceAnalysis, env, expr)
+        ok = _evaluate(expr, symbols, feeds)
         if isinstance(ok, bool):
             if not ok:
                 raise ExportInputError(f"kvpass.export: the example violates the traced guard {expr}")
@@ -691,31 +913,39 @@ def _assert_guards(guards, symbols, feeds) -> None:
 # --------------------------------------------------------------------------------------------------------
 
 
-def _torch_export(wrapper, plan, cap, user_names, user_values, dims, report) -> torch.export.ExportedProgram:
+def _torch_export(step: _Step, plan, user_names, user_values, dims, report) -> torch.export.ExportedProgram:
     import torch.fx.experimental._config as fx_config
     from torch.export import Dim
 
     example = dict(zip(user_names, user_values))
     shapes: dict[str, Any] = {n: dims.get(n) for n in user_names}
-    if wrapper.cache_mode == "inputs":
+    if step.cache_mode == "inputs":
         for f in plan:
             if f.kind == "state":
                 example[f.name] = f.example.detach().clone()
                 shapes[f.name] = None
-    for f in plan:
-        if f.kind == "position":
-            example[f.name] = f.example
-            shapes[f.name] = Dim.DYNAMIC
-    args = tuple(example[n] for n in wrapper.positional_names)
-    kwargs = {n: example[n] for n in wrapper.keyword_names}
-    dynamic = any(v is not None for v in shapes.values())
-    spec = {n: shapes[n] for n in wrapper.input_names} if dynamic else None
+    if step.cache_mode == "outputs":
+        example["position"] = torch.tensor([step._kvpass_positions.example], dtype=torch.int64)
+        shapes["position"] = None
+        example["cache"] = {f.path: f.example.detach().clone() for f in plan if f.kind == "state"}
+        shapes["cache"] = {f.path: None for f in plan if f.kind == "state"}
+    else:
+        for f in plan:
+            if f.kind == "position":
+                example[f.name] = f.example
+                shapes[f.name] = Dim.DYNAMIC
+    args = tuple(example[n] for n in step.positional_names)
+    kwargs = {n: example[n] for n in step.keyword_names}
+    dynamic = any(v is not None and not (isinstance(v, dict) and all(x is None for x in v.values()))
+                  for v in shapes.values())
+    spec = {n: shapes[n] for n in step.input_names} if dynamic else None
     # Positions start at 0 and a decode step has one token: reason about symbolic sizes size-obliviously
     # instead of specializing 0 and 1 from the example values.
-    ctx = fx_config.patch(backed_size_oblivious=True) if dynamic else contextlib.nullcontext()
+    ctx = fx_config.patch(backed_size_oblivious=True) if dynamic and step.cache_mode != "outputs" \
+        else contextlib.nullcontext()
     try:
         with ctx, torch.no_grad():
-            ep = torch.export.export(wrapper, args, kwargs, dynamic_shapes=spec, strict=False)
+            ep = torch.export.export(step, args, kwargs, dynamic_shapes=spec, strict=False)
     except Exception as e:  # noqa: BLE001
         skips = "; ".join(f"{s.pattern} at {s.source}: {s.reason}" for s in report.skips)
         text = "\n".join(str(e).strip().splitlines()[:12])

@@ -1,6 +1,8 @@
 """The examples run as a user runs them (``python examples/NAME.py``) and report success."""
 
+import importlib.util
 import pathlib
+import re
 import subprocess
 import sys
 
@@ -39,8 +41,35 @@ def test_hf_gemma4_fast():
 def test_examples_import_without_side_effects():
     """Importing an example runs nothing (all the work is in main())."""
     code = ("import sys; sys.path.insert(0, 'examples');\n"
-            "import paged_store_batching, hf_gemma4\n"
-            "assert callable(paged_store_batching.main) and callable(hf_gemma4.main)\n")
+            "import paged_store_batching, hf_gemma4, deploy_onnx\n"
+            "assert callable(paged_store_batching.main) and callable(hf_gemma4.main)\n"
+            "assert callable(deploy_onnx.main) and callable(deploy_onnx.generate)\n")
     proc = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, timeout=120, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout == ""
+
+
+@pytest.mark.slow
+def test_deploy_onnx(tmp_path):
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    out = run_example("deploy_onnx", "--out", str(tmp_path / "decoder.onnx"), "--steps", "6")
+    assert "kvpass.export(cache='outputs') -> torch.onnx.export" in out
+    (errors,) = re.findall(r"max \|onnxruntime - eager\| per step = \[(.*)\]", out)
+    errors = [float(e) for e in errors.split(",")]
+    assert len(errors) == 7 and max(errors) < 1e-5, out
+    assert out.rstrip().endswith("PASS")
+
+
+@pytest.mark.slow
+def test_deploy_onnx_fails_loudly(tmp_path, monkeypatch, capsys):
+    """The example says FAIL and exits 1 when ONNX Runtime and eager disagree (here: an impossible tolerance)."""
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    spec = importlib.util.spec_from_file_location("deploy_onnx_example", REPO_ROOT / "examples" / "deploy_onnx.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    monkeypatch.setattr(module, "TOLERANCE", -1.0)
+    assert module.cli(["--out", str(tmp_path / "d.onnx"), "--steps", "1"]) == 1
+    out = capsys.readouterr().out
+    assert "FAIL: ONNX Runtime and eager differ by" in out and "PASS" not in out

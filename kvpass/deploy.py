@@ -1,0 +1,158 @@
+"""The last steps of ``kvpass.export(..., cache="outputs")``: a program other runtimes take as it is.
+
+``torch.onnx.export``, ExecuTorch's ``to_edge`` and IREE's importer each want a *functional* ATen program over
+tensors: no in-place op (IREE rejects the ``copy_`` of a non-functional program, ``torch.onnx`` drops input
+mutations), no decomposable composite left (``torch.onnx`` fails on a 3-D SDPA), and no ``sym_max``/``sym_min``
+(ExecuTorch's verifier and IREE's importer reject them). :func:`finish_deployable` brings the exported step there
+and refuses to return a program that is not.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.fx
+
+__all__ = ["finish_deployable", "mutating_nodes", "sym_minmax_nodes", "explain_asserts", "DeployInterpreter"]
+
+_SYM_MINMAX = (torch.sym_max, torch.sym_min)
+aten = torch.ops.aten
+
+
+def _known(cond) -> bool:
+    from torch.fx.experimental.symbolic_shapes import statically_known_true
+
+    return bool(statically_known_true(cond))
+
+
+class DeployInterpreter(torch.fx.Interpreter):
+    """Runs kvpass's rewritten step while ``torch.export`` traces it for ``cache="outputs"``, with two
+    substitutions that keep every value and avoid the layout checks the stock ops make on a strided window of a
+    cache (``buf[:, pos:pos + T]``). Those checks (is the window dense?) guard on the token count ``T`` and
+    would make ``torch.export`` refuse ``T = 1`` in a program that also takes a prefill. Both apply only where
+    the side conditions are proven by the shape environment (``statically_known_true``, which includes the
+    asserts already placed on the position); elsewhere the op runs as it is.
+
+    - ``copy(a, b) -> contiguous(b)``: the functional ``copy`` returns ``b``'s values in ``a``'s shape and dtype.
+      Side conditions: ``a`` and ``b`` have the same dtype, device and sizes (no broadcast, no cast).
+    - ``slice_scatter(x, src, d, start, end) -> cat([x.narrow(d, 0, start), src, x.narrow(d, end, n - end)], d)``
+      (``n = x.shape[d]``, step 1): both give ``x`` with positions ``[start, end)`` of dim ``d`` replaced by
+      ``src``. Side conditions: ``0 <= start <= end <= n`` (no clamping of the slice) and ``src`` has the
+      window's sizes (``end - start`` along ``d``, ``x``'s sizes elsewhere).
+    """
+
+    def call_function(self, target, args, kwargs):
+        if target is aten.copy.default and not kwargs and len(args) == 2:
+            a, b = args
+            if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.dtype == b.dtype and \
+                    a.device == b.device and a.dim() == b.dim() and \
+                    all(_known(x == y) for x, y in zip(a.shape, b.shape)):
+                return b.clone(memory_format=torch.contiguous_format)
+        if target is aten.slice_scatter.default and not kwargs:
+            out = _slice_scatter_by_cat(*args)
+            if out is not None:
+                return out
+        return super().call_function(target, args, kwargs)
+
+
+def _slice_scatter_by_cat(x, src, dim=0, start=None, end=None, step=1):
+    if step != 1 or not isinstance(x, torch.Tensor) or not isinstance(src, torch.Tensor) or x.dim() != src.dim():
+        return None
+    dim %= x.dim()
+    n = x.shape[dim]
+    start = 0 if start is None else start
+    end = n if end is None else end
+    if not (_known(start >= 0) and _known(start <= end) and _known(end <= n)):
+        return None
+    if not all(_known(s == (end - start if d == dim else x.shape[d])) for d, s in enumerate(src.shape)):
+        return None
+    return torch.cat([x.narrow(dim, 0, start), src, x.narrow(dim, end, n - end)], dim)
+
+
+def sym_minmax_nodes(gm: torch.fx.GraphModule) -> list[torch.fx.Node]:
+    """The ``sym_max``/``sym_min`` calls of ``gm``."""
+    return [n for n in gm.graph.nodes if n.op == "call_function" and n.target in _SYM_MINMAX]
+
+
+def mutating_nodes(gm: torch.fx.GraphModule) -> list[torch.fx.Node]:
+    """The nodes of ``gm`` that write into one of their arguments (an ATen op whose schema marks an argument
+    as written, ``copy_``, ``index_put_`` ...)."""
+    out = []
+    for n in gm.graph.nodes:
+        if n.op == "call_function" and isinstance(n.target, torch._ops.OpOverload) and \
+                any(a.alias_info is not None and a.alias_info.is_write for a in n.target._schema.arguments):
+            out.append(n)
+    return out
+
+
+def _symbol_names(ep: torch.export.ExportedProgram) -> dict[str, str]:
+    """``{"s27": "input_ids.shape[1]", "u0": "position"}``: each symbol of the program by the user input it
+    comes from (a dynamic dim of an input, or the value ``.item()`` reads out of an input)."""
+    import sympy
+
+    users = {s.arg.name for s in ep.graph_signature.input_specs if s.kind.name == "USER_INPUT"}
+    names: dict[str, str] = {}
+    for n in ep.graph.nodes:
+        val = n.meta.get("val")
+        if n.op == "placeholder" and n.name in users and isinstance(val, torch.Tensor):
+            for d, size in enumerate(val.shape):
+                if isinstance(size, torch.SymInt) and isinstance(size.node.expr, sympy.Symbol):
+                    names.setdefault(str(size.node.expr), f"{n.name}.shape[{d}]")
+        elif n.target in (aten._local_scalar_dense.default, aten.item.default) and isinstance(val, torch.SymInt) and \
+                isinstance(val.node.expr, sympy.Symbol):
+            src = n.args[0]
+            while isinstance(src, torch.fx.Node) and src.op == "call_function" and src.args:
+                src = src.args[0]  # through the views (reshape, select) down to the input
+            if isinstance(src, torch.fx.Node) and src.name in users:
+                names.setdefault(str(val.node.expr), src.name)
+    return names
+
+
+def explain_asserts(ep: torch.export.ExportedProgram) -> None:
+    """Rewrite the messages of the program's runtime asserts in the user's terms, in place: ``Runtime assertion
+    failed for expression u0 + s27 <= 64 on node 'le_1'`` becomes ``kvpass: position out of range: the step
+    requires position + input_ids.shape[1] <= 64 (le_1)``. The asserts themselves are unchanged."""
+    import re
+
+    names = _symbol_names(ep)
+    if not names:
+        return
+    pattern = re.compile(r"\b(" + "|".join(map(re.escape, sorted(names, key=len, reverse=True))) + r")\b")
+    changed = False
+    for n in ep.graph.nodes:
+        if n.target is not torch.ops.aten._assert_scalar.default or len(n.args) < 2 or not isinstance(n.args[1], str):
+            continue
+        m = re.fullmatch(r"Runtime assertion failed for expression (.*) on node '(.*)'", n.args[1])
+        if not m:
+            continue
+        expr = pattern.sub(lambda x: names[x.group(1)], m.group(1))
+        if expr == m.group(1):
+            continue
+        what = [v for k, v in names.items() if re.search(rf"\b{re.escape(k)}\b", m.group(1)) and "." not in v]
+        subject = f"{' and '.join(what)} out of range" if what else "input out of range"
+        n.args = (n.args[0], f"kvpass: {subject}: the step requires {expr} ({m.group(2)})") + tuple(n.args[2:])
+        changed = True
+    if changed:
+        ep.graph_module.recompile()
+
+
+def finish_deployable(ep: torch.export.ExportedProgram) -> torch.export.ExportedProgram:
+    """Decompose ``ep`` to functional core ATen (``run_decompositions()``), word its asserts in the user's terms
+    (:func:`explain_asserts`) and check the result: no op writes into an argument, no ``sym_max``/``sym_min``,
+    no input is mutated. (kvpass.export feeds every position of the model the same value, so a follower's
+    ``max(owner.pos, self.pos)`` is ``Max(x, x) = x`` for the shape environment and no ``sym_max`` is traced;
+    one that is left compares values the program cannot order, and the export is refused.) Raises :class:`kvpass.faithful_export.ExportCaptureError` (naming the node and its source line)
+    otherwise."""
+    from .errors import user_source_line
+    from .faithful_export import ExportCaptureError
+
+    ep = ep.run_decompositions()
+    explain_asserts(ep)
+    bad = [(n, "writes into its argument") for n in mutating_nodes(ep.graph_module)]
+    bad += [(n, "compares sizes the program cannot order; ExecuTorch and IREE reject sym_max/sym_min") for n in
+            sym_minmax_nodes(ep.graph_module)]
+    mutated = [s for s in ep.graph_signature.output_specs if s.kind.name in ("BUFFER_MUTATION", "USER_INPUT_MUTATION")]
+    if bad or mutated:
+        what = [f"{n.format_node()} ({why}; {user_source_line(n)})" for n, why in bad[:3]]
+        what += [f"output {s.arg.name} mutates {s.target}" for s in mutated[:3]]
+        raise ExportCaptureError("kvpass.export(cache='outputs'): the program is not functional: " + "; ".join(what))
+    return ep
