@@ -65,3 +65,42 @@ def test_reshapes_of_a_value_that_is_not_a_cache_are_left_alone():
         torch.testing.assert_close(g, w, rtol=0, atol=0)
     assert matches(reports).count("view_fold") == 1, matches(reports)  # the cache's read only
 
+
+def test_follower_at_its_own_position_is_selected_by_position():
+    """Owner writes ``[p, p+t)``, a follower ``[f, f+t)`` (last writer wins), the follower reads
+    ``[0, max(p, f) + t)``: ``p`` and ``f`` are two symbols in the decode graph, so the read is selected by
+    position when the graph runs; eager's values on every step, including steps where ``f != p``."""
+    def step(cache, k, kf):
+        t = k.shape[1]
+        b = cache.k.reshape(2, 16, 4)
+        b[:, cache.pos : cache.pos + t] = k.detach().cpu().numpy()
+        b[:, cache.fpos : cache.fpos + t] = kf.detach().cpu().numpy()
+        cache.pos += t
+        cache.fpos += t
+        return torch.from_numpy(b[:, : max(cache.pos, cache.fpos)]) * 1.0
+
+    import kvpass
+
+    class M(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.cache = FlatCache(seed=48)
+
+        def forward(self, k, kf):
+            return step(self.cache, k, kf)
+
+    eager, compiled_model = M(), M()
+    reports = []
+    compiled = kvpass.compile(compiled_model, backend=kvpass.backend(inner="eager", on_report=reports.append))
+    g = torch.Generator().manual_seed(49)
+    for i, t in enumerate([3, 1, 1, 1, 1]):
+        if i == 2:  # the follower falls behind: f != p from here on
+            for m in (eager, compiled_model):
+                m.cache.fpos -= 1
+        k, kf = torch.randn(2, t, 4, generator=g), torch.randn(2, t, 4, generator=g)
+        with torch.no_grad():
+            want = eager(k, kf)
+            got = compiled(k, kf)
+        torch.testing.assert_close(got, want, rtol=0, atol=0, msg=lambda m: f"step {i}: {m}")
+    assert not [s for r in reports for s in r.skips]
+    assert any("where" in m.detail for r in reports for m in r.matches), [m for r in reports for m in r.matches]
