@@ -27,7 +27,8 @@ The equation, for a chain of reshapes ``x -> v_1 -> ... -> v_n`` (``aten.view``,
 Side conditions: every link is a reshape of values (not ``view(dtype)``, which reinterprets bytes); the shapes
 are equal dim by dim for every value of the symbols (``known_eq``); the chain starts at the program's state (a
 cache buffer: a graph input with a ``copy_`` epilogue, or a functional write into one), so graphs without a cache
-are left as they are. The deepest such ``v_k`` is taken (the one closest to the write).
+are left as they are. The deepest such ``v_k`` is taken (the one closest to the write). A chain from a write
+that never comes back to a shape it had, and is read, is left as it is and reported as a skip.
 
 Why it is exact: on the functional IR a reshape is a relabelling of indices that keeps the elements in row-major
 order, so every value of the chain holds the same sequence of elements; two of them with the same shape are
@@ -39,7 +40,7 @@ from __future__ import annotations
 import torch
 import torch.fx
 
-from kvpass.aliasing import meta_value, scatter_base, state_inputs
+from kvpass.aliasing import SCATTER_OPS, meta_value, scatter_base, state_inputs
 from kvpass.engine import Report
 from kvpass.rules import known_eq
 
@@ -47,6 +48,7 @@ NAME = "view_fold"
 aten = torch.ops.aten
 
 _RESHAPES = (aten.view.default, aten._unsafe_view.default, aten.reshape.default)
+_READS = (aten.slice.Tensor, aten.select.int)
 
 
 def _same_shape(a, b) -> bool:
@@ -87,6 +89,10 @@ class ViewFold:
                 if _same_shape(x, node):
                     found = x  # keep going: the deepest one is closest to the write
             if found is None:
+                if x.target in SCATTER_OPS and any(u.target in _READS for u in node.users):
+                    report.add_skip(NAME, node, "the cache buffer is read through a reshape to a shape it was not "
+                                    "written in (e.g. written as [H, M, D], read as [M, H, D]): the read stays a "
+                                    "read of the buffer")
                 continue
             node.replace_all_uses_with(found)
             graph.erase_node(node)

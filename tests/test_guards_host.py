@@ -31,6 +31,7 @@ def test_flat_buffer_viewed_in_another_shape_is_not_folded():
     got, reports = rewrite_all(step, FlatCache(seed=42), k)
     torch.testing.assert_close(got, want, rtol=0, atol=0)
     assert "view_fold" not in matches(reports)
+    assert any("reshape to a shape it was not written in" in s for s in skips(reports)), skips(reports)
 
 
 def test_flat_buffer_read_back_through_its_write_view_is_folded():
