@@ -247,20 +247,23 @@ def select_by_position(em: Emitter, base_read, value, d: int, a, b, s, e, size):
 
     Emitted::
 
-        i = slice(arange(size), 0, a, b)
+        i = slice(iota(size), 0, a, b)
         inside = (i >= s) & (i < e)
-        where(inside (unsqueezed to dim d), index_select(V, d, (i - s) * inside), B[a:b])
+        where(inside (unsqueezed to dim d), V[..., (i - s) * inside (at dim d), ...], B[a:b])
 
-    Exact: ``where`` and ``index_select`` only move values; outside the write the index is 0, a valid index of
+    Exact: ``where`` and the gather (``aten.index``) only move values; outside the write the index is 0, a valid index of
     ``V`` (non-empty), whose value ``where`` does not select."""
     vv = meta_value(value)
     if not isinstance(vv, torch.Tensor) or not known_lt(s, e):
         return None
     dev = vv.device
-    pos = em.call(aten.slice.Tensor, em.call(aten.arange.default, size, dtype=torch.int64, device=dev), 0, a, b)
+    # prims.iota, not aten.arange: a post-grad graph has no decomposition left to run, and Inductor lowers iota
+    iota = em.call(torch.ops.prims.iota.default, size, start=0, step=1, dtype=torch.int64, device=dev,
+                   requires_grad=False)
+    pos = em.call(aten.slice.Tensor, iota, 0, a, b)
     inside = em.call(aten.logical_and.default, em.call(aten.ge.Scalar, pos, s), em.call(aten.lt.Scalar, pos, e))
     index = em.call(aten.mul.Tensor, em.call(aten.sub.Scalar, pos, s), inside)
-    picked = em.call(aten.index_select.default, value, d, index)
+    picked = em.call(aten.index.Tensor, value, [None] * d + [index])  # index_select: a decomposition Inductor ran
     mask = inside
     for _ in range(d):
         mask = em.call(aten.unsqueeze.default, mask, 0)

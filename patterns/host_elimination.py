@@ -60,13 +60,13 @@ _EXACT = {
     "view", "_unsafe_view", "reshape", "permute", "transpose", "t", "unsqueeze", "squeeze", "expand", "slice",
     "select", "alias", "clone", "contiguous", "flip", "roll", "unbind", "split", "split_with_sizes", "narrow",
     "cat", "stack", "constant_pad_nd", "slice_scatter", "select_scatter", "copy", "lift_fresh_copy",
-    "_to_copy", "index_select",
+    "_to_copy", "index_select", "index",
     # correctly rounded elementwise arithmetic, comparisons, selection
     "add", "sub", "mul", "div", "neg", "abs", "round", "clamp", "clamp_min", "clamp_max", "minimum", "maximum",
     "where", "eq", "ne", "lt", "le", "gt", "ge", "floor", "ceil", "trunc", "sign", "bitwise_and",
     "bitwise_or", "bitwise_not", "logical_and", "logical_or", "logical_not", "reciprocal",
     # factories
-    "zeros", "ones", "full", "scalar_tensor", "arange", "zeros_like", "ones_like", "full_like", "empty",
+    "zeros", "ones", "full", "scalar_tensor", "arange", "iota", "zeros_like", "ones_like", "full_like", "empty",
 }
 # selecting reductions, exact on every device only over values that hold no -0.0 (an abs): see the docstring
 _EXACT_OF_ABS = {"amax", "amin"}
