@@ -78,12 +78,17 @@ def grown_buffers(graph: torch.fx.Graph) -> set:
     return {root for root in roots if grown(root)}
 
 
+#: Views a chain of writes may go through and still be the same buffer's state (a reshape of a flat buffer).
+_STATE_VIEWS = (aten.slice.Tensor, aten.select.int, aten.view.default, aten._unsafe_view.default,
+                aten.reshape.default)
+
+
 def scatter_base(node: Any) -> torch.fx.Node | None:
     """Follow ``node`` down its chain of functional writes (``slice_scatter(base, ...)`` etc.) and views of
-    them to the value it started from; ``None`` if ``node`` is not such a chain."""
+    them (slices, selects, reshapes) to the value it started from; ``None`` if ``node`` is not such a chain."""
     seen = 0
     while isinstance(node, torch.fx.Node) and node.op == "call_function" and seen < 10_000:
-        if node.target in SCATTER_OPS or node.target in (aten.slice.Tensor, aten.select.int):
+        if node.target in SCATTER_OPS or node.target in _STATE_VIEWS:
             node = node.args[0]
             seen += 1
             continue

@@ -229,6 +229,11 @@ def _level(pattern) -> str:
     return getattr(pattern, "level", "aten")
 
 
+#: At most this many rounds of the ATen rules (each round runs them all, in order; the next round runs only when
+#: the last one rewrote something, e.g. ``scatter_slice`` leaving a reshape of a reshape for ``view_fold``).
+_ROUNDS = 4
+
+
 def apply_rule(gm, pattern, report) -> None:
     """Run one rule on ``gm``, count its matches in ``report``, clean up after a rewrite."""
     n = int(pattern.apply(gm, report) or 0)
@@ -271,8 +276,13 @@ def rewrite(gm: torch.fx.GraphModule, patterns: Sequence | None = None, example_
     else:
         report.before = _snapshot(gm)
     if functional:
-        for pattern in aten_rules:
-            apply_rule(gm, pattern, report)
+        for _ in range(_ROUNDS):  # to a fixed point: one rule's rewrite may expose a case of an earlier rule
+            matched = len(report.matches)
+            for pattern in aten_rules:
+                apply_rule(gm, pattern, report)
+            if len(report.matches) == matched:
+                break
+        report.skips = list({(s.pattern, s.node, s.reason): s for s in report.skips}.values())  # once per round
     gm.recompile()
     observe.emit(report, report.before, gm)
     if verify:

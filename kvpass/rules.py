@@ -18,7 +18,7 @@ from torch.fx.experimental.symbolic_shapes import statically_known_true
 from .aliasing import meta_value
 
 __all__ = ["known_le", "known_lt", "known_eq", "known_ne", "sym_value", "norm_dim", "norm_index", "norm_slice",
-           "Emitter"]
+           "Emitter", "select_by_position"]
 
 aten = torch.ops.aten
 _INT_MAX = 2 ** 62
@@ -259,3 +259,38 @@ class Emitter:
                 self.graph.erase_node(node)
                 self.created.discard(node)
         self.added = []
+
+
+
+def select_by_position(em: Emitter, base_read, value, d: int, a, b, s, e, size):
+    """The value of ``slice(slice_scatter(B, V, d, s, e), d, a, b)`` when the order of ``[a, b)`` and ``[s, e)``
+    is not known when the graph is traced (two positions that are two symbols): for each index ``i`` in
+    ``[a, b)``, ``V[i - s]`` where ``s <= i < e``, else ``B[i]``, chosen element by element when the graph runs.
+    ``base_read`` is the value of ``B[a:b]``, ``size`` is ``B.size(d)``. ``None`` when ``V`` cannot be proven
+    non-empty along ``d`` (``s < e``).
+
+    Emitted::
+
+        i = slice(iota(size), 0, a, b)
+        inside = (i >= s) & (i < e)
+        where(inside (unsqueezed to dim d), V[..., (i - s) * inside (at dim d), ...], B[a:b])
+
+    Exact: ``where`` and the gather (``aten.index``) only move values; outside the write the index is 0, a valid index of
+    ``V`` (non-empty), whose value ``where`` does not select."""
+    vv = meta_value(value)
+    if not isinstance(vv, torch.Tensor) or not known_lt(s, e):
+        return None
+    dev = vv.device
+    # prims.iota, not aten.arange: a post-grad graph has no decomposition left to run, and Inductor lowers iota
+    iota = em.call(torch.ops.prims.iota.default, size, start=0, step=1, dtype=torch.int64, device=dev,
+                   requires_grad=False)
+    pos = em.call(aten.slice.Tensor, iota, 0, a, b)
+    inside = em.call(aten.logical_and.default, em.call(aten.ge.Scalar, pos, s), em.call(aten.lt.Scalar, pos, e))
+    index = em.call(aten.mul.Tensor, em.call(aten.sub.Scalar, pos, s), inside)
+    picked = em.call(aten.index.Tensor, value, [None] * d + [index])  # index_select: a decomposition Inductor ran
+    mask = inside
+    for _ in range(d):
+        mask = em.call(aten.unsqueeze.default, mask, 0)
+    for _ in range(vv.dim() - d - 1):
+        mask = em.call(aten.unsqueeze.default, mask, -1)
+    return em.call(aten.where.self, mask, picked, base_read)

@@ -7,6 +7,7 @@ has nothing to eliminate)::
     back = torch.from_numpy(k.detach().cpu().numpy()).to(k.device)              # a pure host hop
     padded = np.pad(k.detach().cpu().numpy(), pad); back = torch.as_tensor(padded, device=dev)
     q = np.clip(np.round(k.cpu().numpy() / s), -128, 127).astype(np.int8)       # host-side quantization
+    s = np.abs(a).max(axis=-1, keepdims=True) / 127.0                            # ... with an absmax scale
     hist = torch.from_numpy(np.concatenate([old, k.cpu().numpy()], 1)).to(dev)   # history grown on the host
 
 Graph before (functional ATen IR)::
@@ -34,6 +35,9 @@ Side conditions: ``f`` is pure (no mutation, not random) and *exact on every dev
 correctly everywhere (``+ - * /``, ``round``, ``clamp``, comparisons, ``where``, ``abs``, ``neg``). Reductions
 and transcendental functions (their rounding depends on the device's kernels) stop the move, as do
 device-dependent ops and anything impure; transfers that also change layout or memory format are left alone.
+One reduction is exact: ``amax``/``amin`` of an ``abs`` (a per-token absmax scale, host int8 quantization)
+selects one of its inputs, none of them ``-0.0``, and propagates NaN on every device; of any other input the
+sign of a zero it returns may depend on the device's reduction order, so it stops the move.
 
 Why it is exact: each op computes the same values from the same inputs on any device (the listed ops are
 correctly rounded or pure data movement), and ``to(to(x, cpu), D)`` holds ``x``'s values on ``x``'s device.
@@ -56,14 +60,28 @@ _EXACT = {
     "view", "_unsafe_view", "reshape", "permute", "transpose", "t", "unsqueeze", "squeeze", "expand", "slice",
     "select", "alias", "clone", "contiguous", "flip", "roll", "unbind", "split", "split_with_sizes", "narrow",
     "cat", "stack", "constant_pad_nd", "slice_scatter", "select_scatter", "copy", "lift_fresh_copy",
-    "_to_copy", "index_select",
+    "_to_copy", "index_select", "index",
     # correctly rounded elementwise arithmetic, comparisons, selection
     "add", "sub", "mul", "div", "neg", "abs", "round", "clamp", "clamp_min", "clamp_max", "minimum", "maximum",
     "where", "eq", "ne", "lt", "le", "gt", "ge", "floor", "ceil", "trunc", "sign", "bitwise_and",
     "bitwise_or", "bitwise_not", "logical_and", "logical_or", "logical_not", "reciprocal",
     # factories
-    "zeros", "ones", "full", "scalar_tensor", "arange", "zeros_like", "ones_like", "full_like", "empty",
+    "zeros", "ones", "full", "scalar_tensor", "arange", "iota", "zeros_like", "ones_like", "full_like", "empty",
 }
+# selecting reductions, exact on every device only over values that hold no -0.0 (an abs): see the docstring
+_EXACT_OF_ABS = {"amax", "amin"}
+
+
+def _exact(node) -> bool:
+    """``node`` computes the same values on every device (the module docstring's side conditions)."""
+    packet = getattr(node.target, "overloadpacket", None)
+    if node.op != "call_function" or packet is None or not is_pure(node):
+        return False
+    if packet.__name__ in _EXACT:
+        return True
+    src = node.args[0] if node.args else None
+    of_abs = getattr(getattr(src, "target", None), "overloadpacket", None) is aten.abs
+    return packet.__name__ in _EXACT_OF_ABS and of_abs
 
 
 def _transfer(node) -> tuple[torch.device, torch.dtype | None] | None:
@@ -140,8 +158,7 @@ class HostElimination:
                 self.removed += 1
                 return (src if t[1] is None or t[1] == sv.dtype else _cast(em, src, t[1])), 1
         target = node.target
-        packet = getattr(target, "overloadpacket", None)
-        if node.op == "call_function" and packet is not None and packet.__name__ in _EXACT and is_pure(node):
+        if _exact(node):
             mark = len(em.added)
             args = [self._arg(em, a, device) for a in node.args]
             trips = self._trips(list(node.args))

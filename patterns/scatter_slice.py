@@ -30,6 +30,7 @@ The equations (``B`` the buffer before the write, ``V`` the value written, reads
     slice(slice_scatter(B, V, d, s, e), d, a, b) = slice(V, d, a - s, b - s)          if s <= a, b <= e
                                                  = slice(B, d, a, b)                  if b <= s or e <= a
                                                  = cat([B[a:s], V, B[e:b]], d)        if a <= s, e <= b
+                                                 = where(s <= i < e, V[i - s], B[i]) for i in [a, b)   else
     select(slice_scatter(B, V, d, s, e), d, i)   = select(V, d, i - s) if s <= i < e, else select(B, d, i)
     slice(select_scatter(B, V, d, j), d, a, b)   = cat([B[a:j], unsqueeze(V, d), B[j+1:b]], d)  if a <= j < b
     select(select_scatter(B, V, d, j), d, i)     = V if i == j;  select(B, d, i) if i != j
@@ -47,8 +48,11 @@ The equations (``B`` the buffer before the write, ``V`` the value written, reads
 
 Side conditions: every bound is an int or a SymInt of the graph, and each case is taken only when its
 inequalities are proven for every value of the symbols (``statically_known_true``), so one graph serves every
-position; steps other than 1 are not decomposed. A write through a region that cannot be proven inside or
-outside the read is left as it is, and ``report.skips`` says so. The scatter itself is never removed: the
+position; steps other than 1 are not decomposed. When none of the three slice cases can be proven (a follower's
+position and its owner's are two symbols, or a read that overlaps the write partially), the read is selected by
+position when the graph runs (the ``where`` line, ``kvpass.rules.select_by_position``; needs ``s < e`` proven).
+Any other write through a region that cannot be proven inside or outside the read is left as it is, and
+``report.skips`` says so. The scatter itself is never removed: the
 ``copy_`` epilogue still writes the new state, which a later step reads.
 
 Why it is exact: on the functional IR every value is SSA, so ``slice_scatter(B, V, ...)`` *is* the buffer after
@@ -66,7 +70,8 @@ import torch.fx
 
 from kvpass.aliasing import grown_buffers, meta_value, scatter_base, state_inputs
 from kvpass.engine import Report
-from kvpass.rules import Emitter, known_le, known_lt, known_eq, known_ne, norm_dim, norm_index, norm_slice
+from kvpass.rules import (Emitter, known_le, known_lt, known_eq, known_ne, norm_dim, norm_index, norm_slice,
+                          select_by_position)
 
 NAME = "scatter_slice"
 aten = torch.ops.aten
@@ -180,6 +185,9 @@ class ScatterSlice:
             if t is aten.cat.default:
                 return self._slice_of_cat(em, src, d, a, b)
         except _Undecided:
+            value = self._by_position(em, src, d, a, b) if t is aten.slice_scatter.default else None
+            if value is not None:
+                return value
             if top:
                 raise
         if top:
@@ -292,6 +300,22 @@ class ScatterSlice:
             return em.cat(pieces, d)
         raise _Undecided("the read's bounds cannot be proven inside, outside or around the write "
                          "(positions whose order is not known when the graph is traced)")
+
+    def _by_position(self, em, src, d, a, b):
+        """A read of a write whose order against the read is not known when traced: selected by position when
+        the graph runs (:func:`kvpass.rules.select_by_position`); ``None`` when that does not apply either."""
+        mark = len(em.added)
+        try:
+            base, value, d2, s, e = self._slice_scatter_args(src)
+            if d2 == d:
+                out = select_by_position(em, self.slice_of(em, base, d, a, b), _plain_copy_source(value), d, a, b,
+                                         s, e, _shape(src)[d])
+                if out is not None:
+                    return out
+        except (_Undecided, LookupError):
+            pass
+        em.drop_after(mark)
+        return None
 
     def _slice_of_select_scatter(self, em, src, d, a, b):
         base, value, d2, j = self._select_scatter_args(src)

@@ -86,6 +86,53 @@ HIST_EDITS = ("none", "clone_edit", "view_edit")
 DTYPES = (torch.float32, torch.float64, torch.float16)
 
 
+# ---- issue 12, part A: host-op idioms (tests/idioms_host.py), drawn with the families above ------------------
+# Extra ways to the host and back (``np.asarray(t)``, ``np.array(t)``; ``torch.tensor(a, device=)``,
+# ``torch.asarray(a, device=)``) and numpy layout ops between the device and the buffer (``np_layout``:
+# ``numpy_ops``: the transpose to a seq-major buffer done by numpy, ``.transpose(1, 0, 2)`` on write and
+# ``np.swapaxes`` on read, or ``[None]`` + ``.squeeze(0)`` around a heads-major one; ``flat``: the buffer kept as a
+# flat 1-D array, viewed afresh with ``.reshape(shape)`` at every access).
+
+TO_HOST_12 = ("np_asarray", "np_array")
+TO_DEVICE_12 = ("tensor_device", "asarray")
+NP_LAYOUTS_12 = ("none", "numpy_ops", "flat")
+TO_HOST = TO_HOST + TO_HOST_12
+TO_DEVICE = TO_DEVICE + TO_DEVICE_12
+
+
+def to_host_12(x: torch.Tensor, how: str) -> np.ndarray:
+    """``np.asarray(t)`` / ``np.array(t)`` of the tensor on the host."""
+    return np.asarray(x.detach().cpu()) if how == "np_asarray" else np.array(x.detach().cpu())
+
+
+def to_device_12(a: np.ndarray, how: str, device) -> torch.Tensor:
+    """``torch.tensor(a, device=)`` / ``torch.asarray(a, device=)``."""
+    return torch.tensor(a, device=device) if how == "tensor_device" else torch.asarray(a, device=device)
+
+
+def nd_buffer_12(cache, buf):
+    """The buffer as the cache indexes it: a flat 1-D buffer viewed afresh as ``cache.shape_12``."""
+    return buf.reshape(cache.shape_12) if buf.ndim == 1 else buf
+
+
+def store_12(cache, view, x, start, host):
+    """A slice write of ``x [heads, t, d]`` with the layout op done by numpy (``np_layout="numpy_ops"``)."""
+    t = x.shape[1]
+    if cache.idiom.layout == "hsd":
+        view[:, start : start + t] = host(x)[None].squeeze(0)
+    else:
+        view[start : start + t] = host(x).transpose(1, 0, 2)
+
+
+def read_12(cache, view, end, d, how, device):
+    """The history read with the layout op done by numpy (``np_layout="numpy_ops"``)."""
+    if cache.idiom.layout == "hsd":
+        return to_device(view[None, :, :end, :d].squeeze(0), how, device)
+    return to_device(np.swapaxes(view[:end, :, :d], 0, 1), how, device)
+
+# ---- end of issue 12, part A ---------------------------------------------------------------------------------
+
+
 @dataclasses.dataclass(frozen=True)
 class OwnerIdiom:
     """How one owner cache stores K/V on the host."""
@@ -104,13 +151,14 @@ class OwnerIdiom:
     late_write: bool = False  # the same positions written again after the read (other values)
     hist_edit: str = "none"  # clone_edit | view_edit
     reread: bool = False  # the owner's history read again after the followers ran
+    np_layout: str = "none"  # issue 12A: numpy layout ops between device and buffer (NP_LAYOUTS_12)
 
     def extras(self) -> str:
         """The issue-11 flags that are set, for a case id."""
         out = [f"edit={self.edit_host}" if self.edit_host != "none" else "", "ws" if self.workspace else "",
                "out=" if self.write_via == "out" else "", f"hist={self.hist_op}" if self.hist_op != "none" else "",
                "late" if self.late_write else "", self.hist_edit if self.hist_edit != "none" else "",
-               "reread" if self.reread else ""]
+               "reread" if self.reread else "", f"np={self.np_layout}" if self.np_layout != "none" else ""]
         return "".join("/" + x for x in out if x)
 
 
@@ -189,7 +237,8 @@ class Case:
 
 owner_idioms = st.builds(OwnerIdiom, store=st.sampled_from(STORES), layout=st.sampled_from(LAYOUTS),
                          to_host=st.sampled_from(TO_HOST), to_device=st.sampled_from(TO_DEVICE),
-                         int_index_decode=st.booleans(), k_hop=st.booleans())
+                         int_index_decode=st.booleans(), k_hop=st.booleans(),
+                         np_layout=st.sampled_from(NP_LAYOUTS_12))
 
 
 @st.composite
@@ -231,6 +280,8 @@ def cases(draw, max_layers=5, max_decode=3, dtypes=DTYPES, round_trips=True):
 
 
 def to_host(x: torch.Tensor, how: str) -> np.ndarray:
+    if how in TO_HOST_12:
+        return to_host_12(x, how)
     if how == "detach_cpu_numpy":
         return x.detach().cpu().numpy()
     if how == "cpu_numpy":
@@ -239,6 +290,8 @@ def to_host(x: torch.Tensor, how: str) -> np.ndarray:
 
 
 def to_device(a: np.ndarray, how: str, device) -> torch.Tensor:
+    if how in TO_DEVICE_12:
+        return to_device_12(a, how, device)
     if how == "from_numpy_to":
         return torch.from_numpy(a).to(device)
     if how == "as_tensor":
@@ -282,6 +335,8 @@ class OwnerCache:
             shape = (kv_heads, max_len, head_dim) if idiom.layout == "hsd" else (max_len, kv_heads, head_dim)
             if idiom.store == "batched":
                 shape = (1,) + shape
+            if idiom.np_layout == "flat":  # issue 12A: a flat 1-D array, reshaped at every access
+                self.shape_12, shape = shape, (math.prod(shape),)
         self.k = rng.standard_normal(shape).astype(np_dtype)
         self.v = rng.standard_normal(shape).astype(np_dtype)
         if idiom.workspace:  # a device workspace, poisoned too
@@ -303,7 +358,8 @@ class OwnerCache:
         i, t = self.idiom, x.shape[1]
         if i.store == "concat":
             return np.concatenate([buf, host(self._layout(x))], axis=1 if i.layout == "hsd" else 0)
-        view = buf[0] if i.store == "batched" else buf
+        view = nd_buffer_12(self, buf)
+        view = view[0] if i.store == "batched" else view
         if i.write_via == "out":  # np.multiply(a, 0.5, out=buf[...]): the cache holds 0.5 * x
             # (always a slice: Dynamo graph-breaks on out= an int-indexed view, ``select`` of an ndarray)
             if i.layout == "hsd":
@@ -316,6 +372,8 @@ class OwnerCache:
                 view[:, start] = host(x[:, 0])
             else:
                 view[start] = host(x[:, 0])
+        elif i.np_layout == "numpy_ops":
+            store_12(self, view, x, start, host)
         elif i.layout == "hsd":
             view[:, start : start + t] = host(x)
         else:
@@ -324,7 +382,10 @@ class OwnerCache:
 
     def read(self, buf, end, d, how, device):
         """The history ``[0, end)`` of ``buf``, first ``d`` features, as ``[heads, end, d]`` on ``device``."""
-        view = buf[0] if self.idiom.store == "batched" else buf
+        view = nd_buffer_12(self, buf)
+        view = view[0] if self.idiom.store == "batched" else view
+        if self.idiom.np_layout == "numpy_ops":
+            return read_12(self, view, end, d, how, device)
         if self.idiom.layout == "hsd":
             return to_device(view[:, :end, :d], how, device)
         return to_device(view[:end, :, :d], how, device).transpose(0, 1)
@@ -421,7 +482,8 @@ class FollowerCache:
         self.head_dim = idiom.head_dim or owner.head_dim
         self.writes = idiom.kind != "readonly"
         if idiom.kind == "view":
-            self.k, self.v = owner.k[..., : self.head_dim], owner.v[..., : self.head_dim]
+            k, v = nd_buffer_12(owner, owner.k), nd_buffer_12(owner, owner.v)  # issue 12A: a flat owner's view
+            self.k, self.v = k[..., : self.head_dim], v[..., : self.head_dim]
 
     def begin_step(self):
         pass

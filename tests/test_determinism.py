@@ -70,7 +70,7 @@ def test_uuid_changes_when_any_covered_file_changes(tmp_path):
     names = tuple(x.name for x in p.patterns)
     assert {os.path.basename(f) for f in files} >= {
         "engine.py", "ir.py", "aliasing.py", "rules.py", "observe.py", "tracing.py", "_store.py"} | {
-        f"{m}.py" for m in ("store_loop", "scatter_slice", "pad_slice", "host_elimination")}
+        f"{m}.py" for m in ("store_loop", "view_fold", "scatter_slice", "pad_slice", "host_elimination")}
     copies = []
     for f in files:
         d = tmp_path / str(len(copies))

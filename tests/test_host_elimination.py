@@ -107,3 +107,38 @@ def test_dtype_change_on_the_way_is_kept():
     assert report.counts["host_elimination"] == 1 and transfers(gm) == []
     casts = [n.kwargs.get("dtype") for n in gm.graph.nodes if n.target is aten._to_copy.default]
     assert casts == [torch.float16, torch.float32]  # the rounding to float16 stays
+
+
+def _absmax_quantization(b, host, signed=False):
+    """``np.clip(np.round(a / s), -128, 127).astype(np.int8)`` with ``s = np.abs(a).max(-1, keepdims=True) / 127``
+    (``signed``: ``a.max(-1)`` instead, whose zero's sign may depend on the device's reduction order)."""
+    red = b.op(aten.amax.default, host if signed else b.op(aten.abs.default, host), [-1], True)
+    scale = b.op(aten.div.Tensor, red, 127.0)
+    q = b.op(aten.clamp.default, b.op(aten.round.default, b.op(aten.div.Tensor, host, scale)), -128, 127)
+    return b.op(aten._to_copy.default, q, dtype=torch.int8), scale
+
+
+def test_host_int8_quantization_with_an_absmax_scale_moves_to_the_device():
+    """Issue 12 item 9: the scale, the rounding and the cast all move; no transfer is left."""
+    b = Builder()
+    k = b.input("k", 2, 3, 4)
+    q8, scale = _absmax_quantization(b, b.op(aten._to_copy.default, k, device=CPU))
+    back = b.op(aten._to_copy.default, q8, device=CUDA)
+    deq = b.op(aten.mul.Tensor, b.op(aten._to_copy.default, back, dtype=torch.float32),
+               b.op(aten._to_copy.default, scale, device=CUDA))
+    gm, report = rewrite(b.module(deq))
+    assert report.counts["host_elimination"] == 2 and transfers(gm) == []
+    assert all(n.meta["val"].device == CUDA for n in gm.graph.nodes if n.op == "call_function")
+    ops = [n.target for n in gm.graph.nodes if n.op == "call_function"]
+    assert ops.index(aten.round.default) < ops.index(aten.clamp.default)  # the user's order of rounding
+
+
+def test_amax_of_a_signed_value_stays_on_the_host():
+    """``a.max(-1)`` of signed values is left where the user computed it (only an absmax moves)."""
+    b = Builder()
+    k = b.input("k", 2, 3, 4)
+    q8, scale = _absmax_quantization(b, b.op(aten._to_copy.default, k, device=CPU), signed=True)
+    gm, report = rewrite(b.module(b.op(aten._to_copy.default, scale, device=CUDA)))
+    assert report.counts["host_elimination"] == 0
+    (amax,) = [n for n in gm.graph.nodes if n.target is aten.amax.default]
+    assert amax.meta["val"].device == CPU
