@@ -47,6 +47,7 @@ def fd_tolerance(case):
     return dict(rtol=1e-3, atol=1e-3) if case.dtype == torch.float16 else dict(rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_hf_gemma4_is_left_identical(gemma4):
     from kvpass.examples.hf_gemma4 import greedy
 

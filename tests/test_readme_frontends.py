@@ -137,6 +137,7 @@ def test_tolist_row():
     assert measured == ["graph break at `.tolist()`", "one recompile", "one graph input per element"], (counts, inputs)
 
 
+@pytest.mark.slow
 def test_strict_export_row():
     """The default reference model fails in np.pad; without the padded follower, the buffers are lifted as
     mutated constants and the program attends over the trace-time buffers."""
