@@ -38,6 +38,13 @@ class DeployInterpreter(torch.fx.Interpreter):
       (``n = x.shape[d]``, step 1): both give ``x`` with positions ``[start, end)`` of dim ``d`` replaced by
       ``src``. Side conditions: ``0 <= start <= end <= n`` (no clamping of the slice) and ``src`` has the
       window's sizes (``end - start`` along ``d``, ``x``'s sizes elsewhere).
+    - ``prims.iota(n, start=s, step=k, dtype, device) -> arange(s, s + n * k, k, dtype, device)``: the same
+      integers (``iota`` takes integer dtypes only, so there is no rounding). kvpass's by-position read
+      (``kvpass.rules.select_by_position``) emits ``iota`` because Inductor's post-grad graph takes no ``arange``;
+      ONNX and the other runtimes have no ``iota``. Side condition: an integer dtype.
+    - ``op.Scalar(t, i) -> op.Tensor(t, scalar_tensor(i))`` for a symbolic int ``i`` (a position): the same
+      values (a 0-dim int64 operand promotes like the int scalar); torch.onnx cannot convert a ``.Scalar``
+      overload whose scalar is a symbol. Side condition: ``op`` has a ``.Tensor`` overload.
     """
 
     def call_function(self, target, args, kwargs):
@@ -47,6 +54,16 @@ class DeployInterpreter(torch.fx.Interpreter):
                     a.device == b.device and a.dim() == b.dim() and \
                     all(_known(x == y) for x, y in zip(a.shape, b.shape)):
                 return b.clone(memory_format=torch.contiguous_format)
+        if target is torch.ops.prims.iota.default and not kwargs.get("dtype", torch.int64).is_floating_point:
+            (n,) = args
+            start, step = kwargs.get("start", 0), kwargs.get("step", 1)
+            return torch.arange(start, start + n * step, step, dtype=kwargs.get("dtype", torch.int64),
+                                device=kwargs.get("device"))
+        if getattr(target, "_overloadname", None) == "Scalar" and len(args) == 2 and not kwargs and \
+                isinstance(args[0], torch.Tensor) and isinstance(args[1], torch.SymInt) and \
+                hasattr(target.overloadpacket, "Tensor"):
+            t, i = args
+            return target.overloadpacket.Tensor(t, torch.scalar_tensor(i, dtype=torch.int64, device=t.device))
         if target is aten.slice_scatter.default and not kwargs:
             out = _slice_scatter_by_cat(*args)
             if out is not None:

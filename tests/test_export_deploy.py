@@ -204,6 +204,49 @@ def test_slice_scatter_and_copy_substitutions_keep_values(rng):
         assert not torch.equal(got, buf)  # the window was written
 
 
+def test_iota_becomes_arange_with_the_same_integers():
+    """kvpass's by-position read emits ``prims.iota`` (Inductor's post-grad graph takes no ``arange``); runtimes
+    have no ``iota``, so the deploy trace gives the same integers through ``arange``."""
+    from kvpass.deploy import DeployInterpreter
+
+    prims = torch.ops.prims
+    graph = torch.fx.Graph()
+    n = graph.placeholder("n")
+    graph.output(graph.call_function(prims.iota.default, (n,), dict(start=3, step=2, dtype=torch.int64,
+                                                                    device=torch.device("cpu"), requires_grad=False)))
+    gm = torch.fx.GraphModule({}, graph)
+    for length in (1, 7):
+        want = prims.iota(length, start=3, step=2, dtype=torch.int64, device="cpu", requires_grad=False)
+        got = torch.fx.experimental.proxy_tensor.make_fx(lambda m: DeployInterpreter(gm).run(m.shape[0]))(
+            torch.empty(length))
+        assert prims.iota.default not in {node.target for node in got.graph.nodes}
+        torch.testing.assert_close(got(torch.empty(length)), want, rtol=0, atol=0)
+
+
+def test_scalar_ops_on_a_symbolic_position_take_the_tensor_overload(rng):
+    """``sub.Scalar(t, pos)`` with a symbolic ``pos`` (torch.onnx cannot convert it) becomes ``sub.Tensor`` with
+    a 0-dim int64 operand: the same values and dtype, for int and float tensors."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    from kvpass.deploy import DeployInterpreter
+
+    aten = torch.ops.aten
+    graph = torch.fx.Graph()
+    t, p = graph.placeholder("t"), graph.placeholder("p")
+    graph.output((graph.call_function(aten.sub.Scalar, (t, p)), graph.call_function(aten.ge.Scalar, (t, p))))
+    gm = torch.fx.GraphModule({}, graph)
+    for x in (torch.arange(10), torch.randn(10, generator=rng)):
+        traced = make_fx(lambda x, s: DeployInterpreter(gm).run(x, s.shape[0]), tracing_mode="symbolic")(
+            x, torch.empty(4))
+        overloads = {n.target for n in traced.graph.nodes if n.op == "call_function"}
+        assert aten.sub.Scalar not in overloads and aten.ge.Scalar not in overloads, overloads
+        for pos in (0, 3, 7):
+            got, want = traced(x, torch.empty(pos)), (aten.sub.Scalar(x, pos), aten.ge.Scalar(x, pos))
+            for g, w in zip(got, want):
+                assert g.dtype == w.dtype
+                torch.testing.assert_close(g, w, rtol=0, atol=0)
+
+
 def test_substitutions_apply_only_where_their_side_conditions_hold(rng):
     from kvpass.deploy import DeployInterpreter, _slice_scatter_by_cat
 
