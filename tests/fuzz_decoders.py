@@ -892,8 +892,10 @@ def region_cases(draw, max_decode=3, dtypes=DTYPES):
     """One region owner (plain owner idioms drawn on top, no issue-11 edits) and up to two read-only followers."""
     region = draw(st.sampled_from(REGIONS))
     o = draw(owner_idioms)
-    o = dataclasses.replace(o, store="prealloc", workspace=draw(st.booleans()),
-                            layout=o.layout if region == "loop" else "hsd")  # regions are of [heads, seq, d]
+    # regions are written and read as [heads, seq, d] numpy arrays: no flat buffer or numpy layout op (part A's
+    # np_layout), and the seq-major layout only for the per-token loop
+    o = dataclasses.replace(o, store="prealloc", workspace=draw(st.booleans()), np_layout="none",
+                            layout=o.layout if region == "loop" else "hsd")
     dim = draw(st.sampled_from([4, 6, 8]))
     followers = tuple(FollowerIdiom(kind="readonly", to_device=draw(st.sampled_from(TO_DEVICE)))
                       for _ in range(draw(st.integers(0, 2))))
