@@ -21,7 +21,7 @@ from typing import Any, Sequence
 import torch
 import torch.fx
 
-__all__ = ["meta_value", "is_pure", "state_inputs", "grown_buffers", "scatter_base", "overlapping_inputs", "external_inputs",
+__all__ = ["meta_value", "is_pure", "writes_an_argument", "state_inputs", "grown_buffers", "scatter_base", "overlapping_inputs", "external_inputs",
            "copy_together", "aliased_inputs_message", "is_side_effect", "SCATTER_OPS"]
 
 aten = torch.ops.aten
@@ -47,10 +47,15 @@ def is_pure(node: torch.fx.Node) -> bool:
     target = node.target
     if not isinstance(target, torch._ops.OpOverload):
         return not node.is_impure()  # SymInt arithmetic
-    schema = target._schema
-    if schema.is_mutable or torch.Tag.nondeterministic_seeded in target.tags:
+    if writes_an_argument(node) or torch.Tag.nondeterministic_seeded in target.tags:
         return False
     return not node.is_impure()
+
+
+def writes_an_argument(node: torch.fx.Node) -> bool:
+    """An ATen node whose schema marks one of its arguments as written (``copy_``, ``index_put_``, ``out=``)."""
+    return node.op == "call_function" and isinstance(node.target, torch._ops.OpOverload) and \
+        node.target._schema.is_mutable
 
 
 def state_inputs(graph: torch.fx.Graph) -> dict[torch.fx.Node, torch.fx.Node]:

@@ -12,6 +12,8 @@ from __future__ import annotations
 import torch
 import torch.fx
 
+from .aliasing import writes_an_argument
+
 __all__ = ["finish_deployable", "mutating_nodes", "sym_minmax_nodes", "explain_asserts", "DeployInterpreter"]
 
 _SYM_MINMAX = (torch.sym_max, torch.sym_min)
@@ -93,12 +95,7 @@ def sym_minmax_nodes(gm: torch.fx.GraphModule) -> list[torch.fx.Node]:
 def mutating_nodes(gm: torch.fx.GraphModule) -> list[torch.fx.Node]:
     """The nodes of ``gm`` that write into one of their arguments (an ATen op whose schema marks an argument
     as written, ``copy_``, ``index_put_`` ...)."""
-    out = []
-    for n in gm.graph.nodes:
-        if n.op == "call_function" and isinstance(n.target, torch._ops.OpOverload) and \
-                any(a.alias_info is not None and a.alias_info.is_write for a in n.target._schema.arguments):
-            out.append(n)
-    return out
+    return [n for n in gm.graph.nodes if writes_an_argument(n)]
 
 
 def _symbol_names(ep: torch.export.ExportedProgram) -> dict[str, str]:

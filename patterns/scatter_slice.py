@@ -249,16 +249,21 @@ class ScatterSlice:
         if not (isinstance(value, torch.fx.Node) and value.target in (aten.slice_scatter.default,
                                                                       aten.select_scatter.default)):
             return value
-        d = norm_dim(value.args[2] if len(value.args) > 2 else value.kwargs.get("dim", 0), len(_shape(value)))
         mark = len(em.added)
         try:
-            out = self.slice_of(em, value, d, 0, _shape(value)[d], top=True)
+            out = self._read_whole(em, value)
         except (_Undecided, LookupError):
             out = None
         if out is None:
             em.drop_after(mark)
             return value
         return out
+
+    def _read_whole(self, em: Emitter, write):
+        """``slice(write, d, 0, size)`` decomposed, ``d`` the dim a ``slice_scatter``/``select_scatter`` writes on;
+        raises :class:`_Undecided` where no equation applies."""
+        d = norm_dim(write.args[2] if len(write.args) > 2 else write.kwargs.get("dim", 0), len(_shape(write)))
+        return self.slice_of(em, write, d, 0, _shape(write)[d], top=True)
 
     # -- the cases ------------------------------------------------------------------------------------------
 
@@ -386,8 +391,7 @@ class ScatterSlice:
                 return value if value is not src else None
             if src.target not in (aten.select_scatter.default, aten.slice_scatter.default):
                 return None
-            d = norm_dim(src.args[2] if len(src.args) > 2 else src.kwargs.get("dim", 0), len(_shape(src)))
-            return self.slice_of(em, src, d, 0, _shape(src)[d], top=True)
+            return self._read_whole(em, src)
         shifts = node.args[1] if len(node.args) > 1 else node.kwargs.get("shifts", ())
         dims = node.args[2] if len(node.args) > 2 else node.kwargs.get("dims", ())
         if src.target not in (aten.select_scatter.default, aten.slice_scatter.default) or len(shifts) != 1 \
