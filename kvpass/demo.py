@@ -57,7 +57,7 @@ def run_demo(steps: int = 16, seed: int = 0, device: str = "cpu", model_factory=
     from . import compile as kv_compile
     from .examples.shared_kv_model import kv_owners, reference_model
     from .faithful_export import export as kv_export
-    from .tracing import install_traceable_numpy, traceable_numpy_installed, uninstall_traceable_numpy
+    from .tracing import install_traceable, traceable_installed, uninstall_traceable
 
     factory = model_factory or (lambda s: reference_model(seed=s))
     dev = torch.device(device)
@@ -87,8 +87,8 @@ def run_demo(steps: int = 16, seed: int = 0, device: str = "cpu", model_factory=
     stock: dict = {"make_fx_findings": len(findings), "findings": [str(f) for f in findings[:3]]}
 
     _progress("stock Dynamo graphs (what backend='inductor' receives)", quiet)
-    was_installed = traceable_numpy_installed()
-    uninstall_traceable_numpy()  # stock Dynamo, whatever this process did before
+    was_installed = traceable_installed()
+    uninstall_traceable()  # stock Dynamo, whatever this process did before
     try:
         torch._dynamo.reset()
         torch._dynamo.utils.counters.clear()
@@ -103,7 +103,7 @@ def run_demo(steps: int = 16, seed: int = 0, device: str = "cpu", model_factory=
         stock["host_ops_in_graphs"] = sum(len(host_round_trip_nodes(g)) for g in recorder.graphs)
     finally:
         if was_installed:
-            install_traceable_numpy()
+            install_traceable()
     out["stock"] = stock
 
     # -- kvpass -------------------------------------------------------------------------------------------

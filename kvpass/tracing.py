@@ -15,6 +15,9 @@ trace (``torch.compile(..., backend="kvpass")`` imports the backend before traci
   reads it as a Python int (``__index__``): a guard ``pos == 4`` and one graph per decode position.
   :func:`traceable_ndarray_setitem` writes the same elements through ``slice(i, i + 1)`` instead (guarded
   ``0 <= i < size``, where the two agree), so the position stays symbolic.
+- the same write into a tensor (``buf[:, pos] = v`` with ``buf`` a host tensor cache, or a device one):
+  ``Tensor.__setitem__`` reads the SymInt as a Python int too; :func:`traceable_tensor_setitem` takes the same
+  way around it.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-__all__ = ["traceable_np_pad", "traceable_ndarray_setitem", "install_traceable_numpy", "uninstall_traceable_numpy", "traceable_numpy_installed",
+__all__ = ["traceable_np_pad", "traceable_ndarray_setitem", "traceable_tensor_setitem", "install_traceable", "uninstall_traceable", "traceable_installed",
            "tracing_context", "stock_tracing", "install_process_wide", "DYNAMO_CONFIG"]
 
 # Dynamo config kvpass.compile puts in force while tracing.
@@ -95,38 +98,33 @@ def _int_index(i) -> bool:
     return isinstance(i, (int, torch.SymInt)) and not isinstance(i, bool)
 
 
-def traceable_ndarray_setitem(self, index, value):
-    """``torch._numpy.ndarray.__setitem__`` that keeps a symbolic integer index symbolic.
+def _symint_index_as_slices(shape, index, value):
+    """``(key, value)`` that write through ``tensor[key] = value`` the elements ``tensor[index] = value`` writes,
+    with every SymInt of ``index`` turned into ``slice(i, i + 1)``; ``None`` where that is not proven (then the
+    caller uses the original write).
 
     ``a[..., i, ...] = v`` with ``i`` a SymInt and ``0 <= i < a.shape[dim]`` writes the same elements as
     ``a[..., i:i + 1, ...] = v'``, where ``v'`` is ``v`` with a size-1 dim where ``i`` removed one (when ``v``
     reaches that dim; broadcasting is otherwise unchanged). The bounds are checked with Python ``bool``s of
-    SymInts, which Dynamo turns into guards (ranges, not values): a call outside them recompiles and gets
-    the original. Indexes with anything but ints, SymInts, slices and ``...`` (arrays, ``None``, booleans) use the
-    original.
+    SymInts, which Dynamo turns into guards (ranges, not values): a call outside them recompiles and gets the
+    original. Indexes with anything but ints, SymInts, slices and one ``...`` (tensors, arrays, ``None``,
+    booleans) get ``None``.
     """
-    original = _ORIGINAL.get("setitem") or type(self).__setitem__
     key = index if isinstance(index, tuple) else (index,)
     if not any(isinstance(i, torch.SymInt) for i in key) or not all(
             _int_index(i) or isinstance(i, slice) or i is Ellipsis for i in key) or \
             sum(i is Ellipsis for i in key) > 1:
-        return original(self, index, value)
-    tensor = self.tensor
-    ndim, consumed = tensor.ndim, sum(i is not Ellipsis for i in key)
+        return None
+    ndim, consumed = len(shape), sum(i is not Ellipsis for i in key)
     if consumed > ndim:
-        return original(self, index, value)
+        return None
     full = []
     for i in key:
         full += [slice(None)] * (ndim - consumed) if i is Ellipsis else [i]
     full += [slice(None)] * (ndim - len(full))
     for d, i in enumerate(full):  # guards on ranges: where slice(i, i + 1) and the index i select the same
-        if isinstance(i, torch.SymInt) and not (0 <= i and i < tensor.shape[d]):
-            return original(self, index, value)
-    from torch._numpy import _dtypes_impl, _util
-    from torch._numpy._ndarray import normalize_array_like
-
-    if not _dtypes_impl.is_scalar(value):
-        value = _util.cast_if_needed(normalize_array_like(value), tensor.dtype)
+        if isinstance(i, torch.SymInt) and not (0 <= i and i < shape[d]):
+            return None
     kept = [not (isinstance(i, int) and not isinstance(i, torch.SymInt)) for i in full]  # dims of the target
     for d in reversed(range(ndim)):
         if isinstance(full[d], torch.SymInt):
@@ -134,15 +132,46 @@ def traceable_ndarray_setitem(self, index, value):
             if isinstance(value, torch.Tensor) and value.ndim > after:
                 value = value.unsqueeze(value.ndim - after)
             full[d] = slice(full[d], full[d] + 1)
-    tensor[tuple(full)] = value
+    return tuple(full), value
+
+
+def traceable_ndarray_setitem(self, index, value):
+    """``torch._numpy.ndarray.__setitem__`` that keeps a symbolic integer index symbolic (the write goes through
+    ``slice(i, i + 1)``: :func:`_symint_index_as_slices` states when the two write the same elements)."""
+    original = _ORIGINAL.get("setitem") or type(self).__setitem__
+    if _symint_index_as_slices(self.tensor.shape, index, None) is None:
+        return original(self, index, value)
+    from torch._numpy import _dtypes_impl, _util
+    from torch._numpy._ndarray import normalize_array_like
+
+    if not _dtypes_impl.is_scalar(value):
+        value = _util.cast_if_needed(normalize_array_like(value), self.tensor.dtype)
+    key, value = _symint_index_as_slices(self.tensor.shape, index, value)
+    self.tensor[key] = value
     return None
 
 
-def install_traceable_numpy() -> None:
-    """Make Dynamo trace ``np.pad`` through :func:`traceable_np_pad` and numpy writes through
-    :func:`traceable_ndarray_setitem` (idempotent, process-wide).
+def traceable_tensor_setitem(self, index, value):
+    """``torch.Tensor.__setitem__`` that keeps a symbolic integer index symbolic: ``buf[:, pos] = v`` into a
+    tensor (a host tensor cache, or any cache tensor) reads ``pos`` as a Python int in stock torch (``__index__``
+    in the C++ indexing: a guard ``pos == 4`` and one graph per decode position). Written through
+    ``slice(i, i + 1)`` instead where :func:`_symint_index_as_slices` proves they write the same elements; every
+    other write (all eager ones: no SymInt outside tracing) goes to the original unchanged."""
+    converted = _symint_index_as_slices(self.shape, index, value) if isinstance(index, (tuple, torch.SymInt)) else None
+    if converted is None:
+        return _TENSOR_SETITEM(self, index, value)
+    return _TENSOR_SETITEM(self, *converted)
 
-    Safe to leave installed: it computes what ``np.pad`` computes and defers to the original otherwise.
+
+_TENSOR_SETITEM = torch._C.TensorBase.__setitem__
+
+
+def install_traceable() -> None:
+    """Make Dynamo trace ``np.pad`` through :func:`traceable_np_pad`, numpy writes through
+    :func:`traceable_ndarray_setitem` and tensor writes through :func:`traceable_tensor_setitem` (idempotent,
+    process-wide).
+
+    Safe to leave installed: each computes what the original computes and defers to it otherwise.
     """
     import torch._numpy as tnp
 
@@ -153,21 +182,29 @@ def install_traceable_numpy() -> None:
     if tnp.ndarray.__setitem__ is not traceable_ndarray_setitem:
         _ORIGINAL.setdefault("setitem", tnp.ndarray.__setitem__)
         tnp.ndarray.__setitem__ = traceable_ndarray_setitem
+    if torch.Tensor.__dict__.get("__setitem__") is not traceable_tensor_setitem:
+        _ORIGINAL.setdefault("tensor_setitem", torch.Tensor.__dict__.get("__setitem__"))
+        torch.Tensor.__setitem__ = traceable_tensor_setitem
 
 
-def traceable_numpy_installed() -> bool:
-    """Whether Dynamo currently traces ``np.pad`` through :func:`traceable_np_pad`."""
+def traceable_installed() -> bool:
+    """Whether the traceable substitutes of :func:`install_traceable` are in force."""
     return _tnp_map().get(np.pad) is traceable_np_pad
 
 
-def uninstall_traceable_numpy() -> None:
-    """Undo :func:`install_traceable_numpy`."""
+def uninstall_traceable() -> None:
+    """Undo :func:`install_traceable`."""
     import torch._numpy as tnp
 
     if "pad" in _ORIGINAL:
         _tnp_map()[np.pad] = _ORIGINAL["pad"]
     if "setitem" in _ORIGINAL:
         tnp.ndarray.__setitem__ = _ORIGINAL["setitem"]
+    if torch.Tensor.__dict__.get("__setitem__") is traceable_tensor_setitem:
+        if _ORIGINAL.get("tensor_setitem") is None:  # torch.Tensor inherits TensorBase's
+            del torch.Tensor.__setitem__
+        else:
+            torch.Tensor.__setitem__ = _ORIGINAL["tensor_setitem"]
 
 
 def install_process_wide() -> None:
@@ -175,32 +212,32 @@ def install_process_wide() -> None:
     ``backend="kvpass"`` does; see ``kvpass.registered_backend``)."""
     for key, value in DYNAMO_CONFIG.items():
         setattr(torch._dynamo.config, key, value)
-    install_traceable_numpy()
+    install_traceable()
 
 
 @contextlib.contextmanager
 def tracing_context(dynamo_config: dict | None = None):
     """Scoped: :data:`DYNAMO_CONFIG` (or ``dynamo_config``) and the traceable numpy substitutes."""
-    installed_before = traceable_numpy_installed()
-    install_traceable_numpy()
+    installed_before = traceable_installed()
+    install_traceable()
     try:
         with torch._dynamo.config.patch(dynamo_config if dynamo_config is not None else DYNAMO_CONFIG):
             yield
     finally:
         if not installed_before:
-            uninstall_traceable_numpy()
+            uninstall_traceable()
 
 
 @contextlib.contextmanager
 def stock_tracing():
     """Scoped: stock Dynamo (its own ``np.pad`` handling, the default of each :data:`DYNAMO_CONFIG` key), whatever
     naming ``backend="kvpass"`` put in force process-wide before; restored after. For baselines."""
-    installed_before = traceable_numpy_installed()
-    uninstall_traceable_numpy()
+    installed_before = traceable_installed()
+    uninstall_traceable()
     defaults = {key: torch._dynamo.config._config[key].default for key in DYNAMO_CONFIG}
     try:
         with torch._dynamo.config.patch(defaults):
             yield
     finally:
         if installed_before:
-            install_traceable_numpy()
+            install_traceable()

@@ -10,16 +10,16 @@ import torch
 def _fresh_dynamo():
     """Each test starts with empty Dynamo caches so compile counts are its own, and leaves Dynamo as it found it:
     naming ``backend="kvpass"`` changes Dynamo config and its numpy map process-wide (kvpass.registered_backend)."""
-    from kvpass.tracing import DYNAMO_CONFIG, install_traceable_numpy, traceable_numpy_installed, uninstall_traceable_numpy
+    from kvpass.tracing import DYNAMO_CONFIG, install_traceable, traceable_installed, uninstall_traceable
 
     config = {key: getattr(torch._dynamo.config, key) for key in DYNAMO_CONFIG}
-    numpy_installed = traceable_numpy_installed()
+    installed = traceable_installed()
     torch._dynamo.reset()
     yield
     torch._dynamo.reset()
     for key, value in config.items():
         setattr(torch._dynamo.config, key, value)
-    (install_traceable_numpy if numpy_installed else uninstall_traceable_numpy)()
+    (install_traceable if installed else uninstall_traceable)()
 
 
 @pytest.fixture
@@ -36,15 +36,15 @@ def rng():
 def stock_numpy_tracing():
     """Stock Dynamo for this test: its own np.pad handling and default specialization (naming
     ``backend="kvpass"`` earlier in the process changed both process-wide); restored after."""
-    from kvpass.tracing import DYNAMO_CONFIG, install_traceable_numpy, traceable_numpy_installed, uninstall_traceable_numpy
+    from kvpass.tracing import DYNAMO_CONFIG, install_traceable, traceable_installed, uninstall_traceable
 
-    was = traceable_numpy_installed()
-    uninstall_traceable_numpy()
+    was = traceable_installed()
+    uninstall_traceable()
     defaults = {key: torch._dynamo.config._config[key].default for key in DYNAMO_CONFIG}
     with torch._dynamo.config.patch(defaults):
         yield
     if was:
-        install_traceable_numpy()
+        install_traceable()
 
 
 @pytest.fixture(scope="session")

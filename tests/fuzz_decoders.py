@@ -132,6 +132,41 @@ def read_12(cache, view, end, d, how, device):
 
 # ---- end of issue 12, part A ---------------------------------------------------------------------------------
 
+# ---- issue 12, part C: host values other than a numpy array of the model's dtype (tests/idioms_host.py 9-11) --
+# ``host_value``: ``int8``: K/V quantized on the host (an absmax / 127 scale per token and head, ``np.round``,
+# ``np.clip``, ``.astype(np.int8)``), the scales kept in a second buffer, dequantized on the device on read
+# (``q.float() * scale``); ``tensor``: the cache holds host *tensors*, no numpy (``k.detach().cpu().to("cpu")``
+# or ``k.cpu().clone()`` written into a preallocated CPU tensor, ``.to(device)`` on read). ``bfloat16`` cases:
+# numpy has no bfloat16, so K/V go ``.float()`` before the host and come back ``.to(torch.bfloat16)``.
+
+HOST_VALUES_12 = ("numpy", "int8", "tensor")
+DTYPES_12 = (torch.bfloat16,)
+
+
+def host_np(x: torch.Tensor) -> np.ndarray:
+    """``x.detach().cpu().numpy()``, through float32 for bfloat16 (which numpy lacks)."""
+    return (x.float() if x.dtype == torch.bfloat16 else x).detach().cpu().numpy()
+
+
+def quantize_12(a: np.ndarray):
+    """int8 values and float scales (one per row of the last dim) of ``a``, on the host."""
+    scale = np.maximum(np.abs(a).max(axis=-1, keepdims=True) / 127.0, 1e-4)
+    return np.clip(np.round(a / scale), -128, 127).astype(np.int8), scale
+
+
+def normalize_12(o):
+    """Drop the combinations part C's host values do not have (an int8 or tensor cache has no ``out=`` write, no
+    numpy layout op, no flat buffer; a tensor cache is preallocated and has no ndarray ``.copy()`` to edit)."""
+    if o.host_value == "numpy":
+        return o
+    o = dataclasses.replace(o, np_layout="none", write_via="assign")
+    if o.host_value == "tensor":
+        o = dataclasses.replace(o, store="prealloc" if o.store == "concat" else o.store,
+                                edit_host="none" if o.edit_host == "copy_edit" else o.edit_host)
+    return o
+
+# ---- end of issue 12, part C ---------------------------------------------------------------------------------
+
 
 @dataclasses.dataclass(frozen=True)
 class OwnerIdiom:
@@ -152,13 +187,15 @@ class OwnerIdiom:
     hist_edit: str = "none"  # clone_edit | view_edit
     reread: bool = False  # the owner's history read again after the followers ran
     np_layout: str = "none"  # issue 12A: numpy layout ops between device and buffer (NP_LAYOUTS_12)
+    host_value: str = "numpy"  # issue 12C: what the cache holds on the host (HOST_VALUES_12)
 
     def extras(self) -> str:
         """The issue-11 flags that are set, for a case id."""
         out = [f"edit={self.edit_host}" if self.edit_host != "none" else "", "ws" if self.workspace else "",
                "out=" if self.write_via == "out" else "", f"hist={self.hist_op}" if self.hist_op != "none" else "",
                "late" if self.late_write else "", self.hist_edit if self.hist_edit != "none" else "",
-               "reread" if self.reread else "", f"np={self.np_layout}" if self.np_layout != "none" else ""]
+               "reread" if self.reread else "", f"np={self.np_layout}" if self.np_layout != "none" else "",
+               self.host_value if self.host_value != "numpy" else ""]
         return "".join("/" + x for x in out if x)
 
 
@@ -188,6 +225,7 @@ class Case:
     prompt_len: int
     decode_steps: int
     seed: int
+    slack: int = 0  # buffer slots past the last one used: with 0 the last decode step reads the whole buffer
 
     @property
     def num_layers(self) -> int:
@@ -214,7 +252,7 @@ class Case:
 
     @property
     def max_len(self) -> int:
-        return self.prompt_len + self.decode_steps
+        return self.prompt_len + self.decode_steps + self.slack
 
     def short(self) -> str:
         """A compact, readable id."""
@@ -230,7 +268,7 @@ class Case:
                               + (f"/d{f.head_dim}" if f.kind == "view" else "")
                               + f"/{f.to_device}")
         return (f"kv{self.kv_heads}x{self.q_per_kv} d{self.head_dims} {str(self.dtype)[6:]} p{self.prompt_len}"
-                f"+{self.decode_steps}{' npmask' if self.numpy_mask else ''} [" + " | ".join(layers) + "]")
+                f"+{self.decode_steps}{'+' * self.slack}{' npmask' if self.numpy_mask else ''} [" + " | ".join(layers) + "]")
 
 
 # ---- strategies ---------------------------------------------------------------------------------------------
@@ -238,11 +276,12 @@ class Case:
 owner_idioms = st.builds(OwnerIdiom, store=st.sampled_from(STORES), layout=st.sampled_from(LAYOUTS),
                          to_host=st.sampled_from(TO_HOST), to_device=st.sampled_from(TO_DEVICE),
                          int_index_decode=st.booleans(), k_hop=st.booleans(),
-                         np_layout=st.sampled_from(NP_LAYOUTS_12))
+                         np_layout=st.sampled_from(NP_LAYOUTS_12),
+                         host_value=st.sampled_from(("numpy",) + HOST_VALUES_12)).map(normalize_12)
 
 
 @st.composite
-def cases(draw, max_layers=5, max_decode=3, dtypes=DTYPES, round_trips=True):
+def cases(draw, max_layers=5, max_decode=3, dtypes=DTYPES + DTYPES_12, round_trips=True):
     """A random shared-KV decoder: layer types, sharing, dims, dtype, idioms per cache, run lengths.
     ``round_trips=False``: device caches (``torch.cat``) and read-only followers only, no numpy anywhere."""
     n = draw(st.integers(2, max_layers))
@@ -262,6 +301,7 @@ def cases(draw, max_layers=5, max_decode=3, dtypes=DTYPES, round_trips=True):
         owner = max(j for j in range(first) if types[j] == types[i])
         store = owners[owner].store
         kinds = FOLLOWERS if store not in ("concat", "device") else ("readonly",)  # no slots to overwrite
+        kinds = kinds if owners[owner].host_value != "tensor" else ("readonly",)  # numpy writes, no tensor
         kind = draw(st.sampled_from(kinds))
         owner_dim = head_dims[types[i] == FULL]
         dim = None
@@ -273,13 +313,15 @@ def cases(draw, max_layers=5, max_decode=3, dtypes=DTYPES, round_trips=True):
                 q_per_kv=draw(st.integers(1, 2)), head_dims=head_dims, owners=owners, followers=tuple(followers),
                 numpy_mask=draw(st.booleans()) and round_trips, dtype=draw(st.sampled_from(dtypes)),
                 prompt_len=draw(st.integers(1, 6)), decode_steps=draw(st.integers(1, max_decode)),
-                seed=draw(st.integers(0, 2**16)))
+                seed=draw(st.integers(0, 2**16)), slack=draw(st.integers(0, 1)))
 
 
 # ---- idioms -------------------------------------------------------------------------------------------------
 
 
 def to_host(x: torch.Tensor, how: str) -> np.ndarray:
+    if x.dtype == torch.bfloat16:  # issue 12C: numpy has no bfloat16
+        x = x.float()
     if how in TO_HOST_12:
         return to_host_12(x, how)
     if how == "detach_cpu_numpy":
@@ -290,6 +332,8 @@ def to_host(x: torch.Tensor, how: str) -> np.ndarray:
 
 
 def to_device(a: np.ndarray, how: str, device) -> torch.Tensor:
+    if isinstance(a, torch.Tensor):  # issue 12C: a cache of host tensors
+        return a.to(device)
     if how in TO_DEVICE_12:
         return to_device_12(a, how, device)
     if how == "from_numpy_to":
@@ -322,7 +366,7 @@ class OwnerCache:
     def __init__(self, idiom: OwnerIdiom, kv_heads: int, max_len: int, head_dim: int, dtype: torch.dtype, seed: int):
         self.idiom, self.head_dim, self.pos, self.step_start = idiom, head_dim, 0, None
         self.dtype = dtype
-        self.np_dtype = np_dtype = torch.empty(0, dtype=dtype).numpy().dtype
+        self.np_dtype = np_dtype = torch.empty(0, dtype=dtype if dtype != torch.bfloat16 else torch.float32).numpy().dtype
         self.extra: list = []
         rng = np.random.default_rng(seed)
         if idiom.store == "device":  # no round trip at all: device tensors grown with torch.cat
@@ -339,6 +383,11 @@ class OwnerCache:
                 self.shape_12, shape = shape, (math.prod(shape),)
         self.k = rng.standard_normal(shape).astype(np_dtype)
         self.v = rng.standard_normal(shape).astype(np_dtype)
+        if idiom.host_value == "int8":  # issue 12C: int8 values and their scales, poisoned
+            self.k, self.v = ((rng.integers(-128, 128, shape).astype(np.int8),
+                               rng.standard_normal(shape[:-1] + (1,)).astype(np_dtype)) for _ in "kv")
+        elif idiom.host_value == "tensor":  # issue 12C: host tensors of the model's dtype
+            self.k, self.v = torch.from_numpy(self.k).to(dtype), torch.from_numpy(self.v).to(dtype)
         if idiom.workspace:  # a device workspace, poisoned too
             self.ws = torch.from_numpy(rng.standard_normal((kv_heads, max_len, head_dim)).astype(np_dtype))
 
@@ -356,6 +405,10 @@ class OwnerCache:
         """Write ``x [heads, t, d]`` at ``[start, start + t)`` of ``buf``, ``host(tensor)`` making the numpy
         array; return the (possibly new) buffer."""
         i, t = self.idiom, x.shape[1]
+        if isinstance(buf, tuple):  # issue 12C: int8 values and scales, each written as a buffer of its own
+            q, s = buf
+            return (self._store(q, x, start, lambda y: quantize_12(host(y))[0]),
+                    self._store(s, x, start, lambda y: quantize_12(host(y))[1]))
         if i.store == "concat":
             return np.concatenate([buf, host(self._layout(x))], axis=1 if i.layout == "hsd" else 0)
         view = nd_buffer_12(self, buf)
@@ -381,7 +434,16 @@ class OwnerCache:
         return buf
 
     def read(self, buf, end, d, how, device):
-        """The history ``[0, end)`` of ``buf``, first ``d`` features, as ``[heads, end, d]`` on ``device``."""
+        """The history ``[0, end)`` of ``buf``, first ``d`` features, as ``[heads, end, d]`` on ``device``, in the
+        model's dtype (int8 dequantized, a float32 buffer of a bfloat16 model converted: issue 12C)."""
+        if isinstance(buf, tuple):
+            q, s = buf
+            h = self._read(q, end, d, how, device).float() * self._read(s, end, 1, how, device)
+            return h.to(self.dtype)
+        h = self._read(buf, end, d, how, device)
+        return h.to(self.dtype) if h.dtype != self.dtype else h
+
+    def _read(self, buf, end, d, how, device):
         view = nd_buffer_12(self, buf)
         view = view[0] if self.idiom.store == "batched" else view
         if self.idiom.np_layout == "numpy_ops":
@@ -393,7 +455,13 @@ class OwnerCache:
     def host(self):
         """``tensor -> numpy array`` for this cache's writes, with the host copy edited first when drawn so."""
         how, edit = self.idiom.to_host, self.idiom.edit_host
-        if edit == "copy_edit":  # a copy, edited: the cache gets the edit, K does not
+        if self.idiom.host_value == "tensor":  # issue 12C: a host tensor, two spellings of the hop
+            def host(x):
+                a = x.detach().cpu().to("cpu") if how in ("detach_cpu_numpy", "cpu_numpy") else x.cpu().clone()
+                if edit == "alias_edit":
+                    a[..., :1] = a[..., :1] * -1.0
+                return a
+        elif edit == "copy_edit":  # a copy, edited: the cache gets the edit, K does not
             def host(x):
                 a = to_host(x, how).copy()
                 a[..., 0] = 0.5
@@ -416,7 +484,7 @@ class OwnerCache:
             return self.k, self.v
         i = self.idiom
         if i.k_hop:
-            k = torch.from_numpy(k.detach().cpu().numpy()).to(k.device)
+            k = torch.from_numpy(host_np(k)).to(k.device, k.dtype)
         host = self.host()
         if i.workspace:  # one workspace for K then V: the K written is the workspace's value at the write
             ws = self.ws[:, :t]
@@ -438,7 +506,7 @@ class OwnerCache:
                   self.read(self.v, self.pos, self.head_dim, how, v.device))
         kh, vh = hist_begin(kh, i.hist_op), hist_begin(vh, i.hist_op)
         if i.late_write and i.store != "concat":  # the same positions again: the last writer wins
-            plain = lambda x: x.detach().cpu().numpy()  # noqa: E731
+            plain = (lambda x: x.detach().cpu().clone()) if i.host_value == "tensor" else host_np  # noqa: E731
             self._store(self.k, k * -1.0 + 0.25, start, plain)
             self._store(self.v, v * 0.5 - 1.0, start, plain)
         kh, vh = hist_end(kh, i.hist_op, self.dtype), hist_end(vh, i.hist_op, self.dtype)
@@ -495,9 +563,9 @@ class FollowerCache:
         o, t = self.owner, k.shape[1]
         if self.idiom.kind == "padded":
             width, pad, dtype = o.head_dim - self.head_dim, self.idiom.pad, o.np_dtype
-            host = lambda x: host_pad(x.detach().cpu().numpy(), width, pad, dtype)  # noqa: E731
+            host = lambda x: host_pad(host_np(x), width, pad, dtype)  # noqa: E731
         else:
-            host = lambda x: x.detach().cpu().numpy()  # noqa: E731
+            host = host_np
         if self.idiom.kind == "view":  # through the follower's own views of the owner's buffers
             o._store(self.k, k, self.pos, host)
             o._store(self.v, v, self.pos, host)
@@ -647,15 +715,15 @@ def issue11_owner_idioms(draw):
     """An owner idiom with issue 11's families drawn on top (each family off about half the time or more)."""
     o = draw(owner_idioms)
     prealloc = o.store != "concat"
-    return dataclasses.replace(
+    return normalize_12(dataclasses.replace(
         o, edit_host=draw(st.sampled_from(EDIT_HOST)), workspace=draw(st.booleans()),
         write_via=draw(st.sampled_from(WRITE_VIA)) if prealloc else "assign",
         hist_op=draw(st.sampled_from(HIST_OPS)), late_write=prealloc and draw(st.booleans()),
-        hist_edit=draw(st.sampled_from(HIST_EDITS)), reread=draw(st.booleans()))
+        hist_edit=draw(st.sampled_from(HIST_EDITS)), reread=draw(st.booleans())))
 
 
 @st.composite
-def cache_cases(draw, max_decode=3, dtypes=DTYPES, issue11=True):
+def cache_cases(draw, max_decode=3, dtypes=DTYPES + DTYPES_12, issue11=True):
     """One owner cache and up to two followers of it, driven directly with K/V (no projections, no attention).
     ``issue11``: also draw issue 11's idiom families (module docstring), mixed with the others, in about three
     cases of four (the fourth keeps the plain idioms alone)."""
@@ -663,6 +731,8 @@ def cache_cases(draw, max_decode=3, dtypes=DTYPES, issue11=True):
     owner = draw(issue11_owner_idioms() if issue11 else owner_idioms)
     dim = draw(st.sampled_from([4, 6, 8, 16]))
     kinds = (CACHE_FOLLOWERS if issue11 else FOLLOWERS) if owner.store != "concat" else ("readonly",)
+    kinds = {"numpy": kinds, "int8": FOLLOWERS, "tensor": ("readonly",)}[owner.host_value]  # issue 12C
+    kinds = kinds if owner.store != "concat" else ("readonly",)
     followers = []
     for _ in range(draw(st.integers(0, 2))):
         kind = draw(st.sampled_from(kinds))
@@ -677,7 +747,8 @@ def cache_cases(draw, max_decode=3, dtypes=DTYPES, issue11=True):
     return Case(layer_types=layer_types, kv_shared_layers=len(followers), kv_heads=draw(st.integers(1, 3)),
                 q_per_kv=1, head_dims=(dim, dim), owners=(owner,), followers=tuple(followers), numpy_mask=False,
                 dtype=draw(st.sampled_from(dtypes)), prompt_len=draw(st.integers(1, 6)),
-                decode_steps=draw(st.integers(1, max_decode)), seed=draw(st.integers(0, 2**16)))
+                decode_steps=draw(st.integers(1, max_decode)), seed=draw(st.integers(0, 2**16)),
+                slack=draw(st.integers(0, 1)))
 
 
 class CacheStep(nn.Module):
@@ -836,10 +907,10 @@ class RegionOwnerCache(OwnerCache):
             buf[:, start : start + t] = a
         return buf
 
-    def read(self, buf, end, d, how, device):
+    def _read(self, buf, end, d, how, device):
         r = self.region
         if r in ("before", "loop", "grow") or self.idiom.layout != "hsd":
-            return super().read(buf, end, d, how, device)
+            return super()._read(buf, end, d, how, device)
         if r.startswith("slab"):
             j = _SLAB.index(buf)
             view = self.slab[1][j] if r == "slab_chained" else self.slab[1, j]
@@ -894,7 +965,7 @@ def region_cases(draw, max_decode=3, dtypes=DTYPES):
     o = draw(owner_idioms)
     # regions are written and read as [heads, seq, d] numpy arrays: no flat buffer or numpy layout op (part A's
     # np_layout), and the seq-major layout only for the per-token loop
-    o = dataclasses.replace(o, store="prealloc", workspace=draw(st.booleans()), np_layout="none",
+    o = dataclasses.replace(o, store="prealloc", workspace=draw(st.booleans()), np_layout="none", host_value="numpy",
                             layout=o.layout if region == "loop" else "hsd")
     dim = draw(st.sampled_from([4, 6, 8]))
     followers = tuple(FollowerIdiom(kind="readonly", to_device=draw(st.sampled_from(TO_DEVICE)))

@@ -7,7 +7,8 @@ prefill of several tokens, then one-token decode steps) and returns the attentio
 
 The idioms (issue 12's numbering):
 
-4. :class:`PerTokenLoop`: the new tokens written one at a time in a Python loop, ``buf[:, p + j] = kn[:, j]``.
+4. :class:`PerTokenLoop`: the new tokens written one at a time in a Python loop, ``buf[:, p + j] = kn[:, j]``;
+   :class:`PerTokenHostTensor`: the same loop into host *tensors* (item 11's cache), ``buf[:, p + j] = k[:, j].cpu()``.
 5. :class:`SlabChained` / :class:`SlabTuple`: K and V of every layer in one slab, ``kv[layer][0][:, p:p+t]`` or
    ``kv[layer, 1, :, p:p+t]``.
 6. :class:`HistoryBeforeWrite`: the old history read *before* the step's write, concatenated with the new K on
@@ -106,6 +107,25 @@ class PerTokenLoop(BufferModel):
         kh = torch.from_numpy(self.k_buf[:, : p + t]).to(x.device)
         vh = torch.from_numpy(self.v_buf[:, : p + t]).to(x.device)
         return at.out(q, kh, vh)
+
+
+class PerTokenHostTensor(BufferModel):
+    """4 with 11. The per-token loop into preallocated host *tensors* (no numpy): ``Tensor.__setitem__`` with a
+    symbolic index is the write this time."""
+
+    def init_cache(self, rng):
+        self.k_buf = torch.from_numpy(poison(rng, H, MAX, D))
+        self.v_buf = torch.from_numpy(poison(rng, H, MAX, D))
+
+    def forward(self, x):
+        at = self.layers[0]
+        q, k, v = at.qkv(x)
+        t, p = k.shape[1], self.pos
+        for j in range(t):
+            self.k_buf[:, p + j] = k[:, j].detach().cpu()
+            self.v_buf[:, p + j] = v[:, j].cpu().clone()
+        self.pos = p + t
+        return at.out(q, self.k_buf[:, : p + t].to(x.device), self.v_buf[:, : p + t].to(x.device))
 
 
 # ---- 5: K and V of every layer in one slab ------------------------------------------------------------------
@@ -328,6 +348,7 @@ class GrowingBufferCapacityInt(GrowingBuffer):
 
 IDIOMS = {
     "04_per_token_loop": PerTokenLoop,
+    "04b_per_token_host_tensor": PerTokenHostTensor,
     "05a_slab_chained": SlabChained,
     "05b_slab_tuple": SlabTuple,
     "06a_history_before_write": HistoryBeforeWrite,

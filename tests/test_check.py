@@ -217,15 +217,15 @@ def test_strict_export_artifact_is_broken_downstream(strict_export, tmp_path):
 @contextlib.contextmanager
 def _dynamo_own_np_pad():
     """Dynamo's own ``np.pad`` handling, whatever an earlier ``backend="kvpass"`` installed (restored after)."""
-    from kvpass.tracing import install_traceable_numpy, traceable_numpy_installed, uninstall_traceable_numpy
+    from kvpass.tracing import install_traceable, traceable_installed, uninstall_traceable
 
-    was = traceable_numpy_installed()
-    uninstall_traceable_numpy()
+    was = traceable_installed()
+    uninstall_traceable()
     try:
         yield
     finally:
         if was:
-            install_traceable_numpy()
+            install_traceable()
 
 
 def test_stock_captures_that_fail_on_host_round_trips():

@@ -42,7 +42,7 @@ def tolerance(dtype, inductor=False):
     if not inductor:
         return dict(rtol=1e-6, atol=1e-6) if dtype != torch.float16 else dict(rtol=1e-3, atol=1e-3)
     return {torch.float64: dict(rtol=1e-6, atol=1e-6), torch.float32: dict(rtol=1e-4, atol=1e-4),
-            torch.float16: dict(rtol=2e-2, atol=2e-2)}[dtype]
+            torch.float16: dict(rtol=2e-2, atol=2e-2), torch.bfloat16: dict(rtol=1e-1, atol=1e-1)}[dtype]
 
 
 def assert_steps_close(got, want, case, **tol):
@@ -81,8 +81,22 @@ def check_rewrite(case, model, steps, roots=None, extra=None):
     with tracing_context():
         got = fd.run_steps(torch.compile(model(case), backend=verifying_backend), steps)
     assert_steps_close(got, want, case, **tolerance(case.dtype))
-    assert 2 <= len(graphs) <= 1 + case.decode_steps, f"{case.short()}: {len(graphs)} graphs"
+    fewest, most = graph_counts(case)
+    assert fewest <= len(graphs) <= most, f"{case.short()}: {len(graphs)} graphs, expected {fewest} to {most}"
     return len(graphs)
+
+
+def graph_counts(case):
+    """How many graphs a case may compile: the prefill's and one for all decode positions, plus what torch
+    specializes itself: decoding from position 1 (a one-token prompt; an int torch may specialize), and a last
+    step that reads the whole buffer (its slice is contiguous, which Dynamo guards on when it traces the read's
+    clone: ``(16 + 16*pos) != 144``), unless the case leaves a slot of slack. A ring or a growing buffer: up to
+    one more per decode step (a wrap or a growth may recompile; tests/test_idioms_buffer.py pins the counts of
+    those idioms over 8 steps)."""
+    most = 2 + (case.prompt_len == 1 and case.decode_steps > 1) + (case.slack == 0 and case.decode_steps > 1)
+    if getattr(case, "region", "").startswith(("ring", "grow")):
+        return 2, max(most, 1 + case.decode_steps)
+    return 2, most
 
 
 def check_inductor(case, model, steps):

@@ -45,6 +45,7 @@ GRAPHS = {
 #: the user's write lines each idiom's report must name (a substring of the source line)
 WRITES = {
     "04_per_token_loop": ["self.k_buf[:, p + j] = kn[:, j]", "self.v_buf[:, p + j] = vn[:, j]"],
+    "04b_per_token_host_tensor": ["self.k_buf[:, p + j] = k[:, j]", "self.v_buf[:, p + j] = v[:, j]"],
     "05a_slab_chained": ["self.kv[i][0][:, p : p + t] =", "self.kv[i][1][:, p : p + t] ="],
     "05b_slab_tuple": ["self.kv[i, 0, :, p : p + t] =", "self.kv[i, 1, :, p : p + t] ="],
     "06a_history_before_write": ["self.k_buf[:, p : p + t] =", "self.v_buf[:, p : p + t] ="],
@@ -236,6 +237,34 @@ def test_symbolic_negative_index_write_keeps_numpy_meaning():
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         got = ib.run_steps(kvpass.compile(NegativeIndexWrite(), backend=kvpass.backend(inner="eager")), xs)
+    for i, (g, w) in enumerate(zip(got, want)):
+        torch.testing.assert_close(g, w, **TOL, msg=lambda s: f"step {i}: {s}")
+
+
+class NegativeIndexTensorWrite(NegativeIndexWrite):
+    """:class:`NegativeIndexWrite` into host tensors: ``Tensor.__setitem__`` counts a negative index from the end
+    too."""
+
+    def init_cache(self, rng):
+        self.k_buf = torch.from_numpy(ib.poison(rng, ib.H, ib.MAX, ib.D))
+        self.v_buf = torch.from_numpy(ib.poison(rng, ib.H, ib.MAX, ib.D))
+
+    def forward(self, x):
+        at = self.layers[0]
+        q, k, v = at.qkv(x)
+        p = self.pos
+        for j in range(k.shape[1]):
+            self.k_buf[:, p + j - 5] = k[:, j].detach().cpu()
+            self.v_buf[:, p + j - 5] = v[:, j].detach().cpu()
+        self.pos = p + k.shape[1]
+        return at.out(q, self.k_buf.to(x.device), self.v_buf.to(x.device))
+
+
+def test_symbolic_negative_index_write_into_a_tensor_keeps_its_meaning():
+    """The traceable ``Tensor.__setitem__``: the same side condition (``0 <= i < size``) as the numpy one."""
+    xs = ib.inputs("negative tensor", decode=4)
+    want = ib.run_steps(NegativeIndexTensorWrite(), xs)
+    got = ib.run_steps(kvpass.compile(NegativeIndexTensorWrite(), backend=kvpass.backend(inner="eager")), xs)
     for i, (g, w) in enumerate(zip(got, want)):
         torch.testing.assert_close(g, w, **TOL, msg=lambda s: f"step {i}: {s}")
 
