@@ -75,6 +75,9 @@ MUTATIONS = [
     ("rewrite: the returned module runs as traced on overlapping inputs", "kvpass/engine.py",
      "            if not pairs:", "            if True:",
      [G + "test_rewritten_graph_runs_as_traced_on_inputs_that_share_memory"]),
+    ("rules: a read selected by position needs a non-empty write", "kvpass/rules.py",
+     "    if not isinstance(vv, torch.Tensor) or not known_lt(s, e):", "    if not isinstance(vv, torch.Tensor):",
+     [G + "test_a_write_that_may_be_empty_is_not_selected_by_position"]),
     # issue 12, part B (buffer-region idioms): tests in tests/test_idioms_buffer.py
     ("tracing: numpy writes at a symbolic int index stay symbolic", "kvpass/tracing.py",
      "        tnp.ndarray.__setitem__ = traceable_ndarray_setitem", "        pass",

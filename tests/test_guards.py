@@ -267,6 +267,36 @@ def test_read_overlapping_the_write_partially_is_selected_by_position():
     assert not skips(reports) and any("where" in m.detail for r in reports for m in r.matches), skips(reports)
 
 
+def test_a_write_that_may_be_empty_is_not_selected_by_position():
+    """``select_by_position`` gathers ``V[(i - s) * inside]``: index 0 of ``V`` outside the write, valid only
+    where ``V`` is not empty. A write of ``n >= 0`` tokens (an unbacked length, not proven ``>= 1``) read at
+    another unordered position is left and reported; with ``n >= 1`` proven the same read is selected. Both run
+    with ``n = 0`` and ``n = 2`` and equal eager."""
+    def step(buf, v, s_t, n_t, a_t, least):
+        s, n, a = s_t.item(), n_t.item(), a_t.item()
+        torch._check(s >= 0)
+        torch._check(n >= least)
+        torch._check(s + n <= buf.shape[1])
+        torch._check(n <= v.shape[1])
+        torch._check(a >= 0)
+        torch._check(a + 3 <= buf.shape[1])
+        buf[:, s : s + n] = v[:, :n]
+        return buf[:, a : a + 3] * 1.0
+
+    for least, ns in ((0, (0, 2)), (1, (1, 2))):
+        for n in ns:
+            args = (rand(2, 10, 4, seed=60), rand(2, 4, 4, seed=61), torch.tensor(3), torch.tensor(n),
+                    torch.tensor(2), least)
+            fresh = lambda: [x.clone() if isinstance(x, torch.Tensor) else x for x in args]  # noqa: E731
+            want = step(*fresh())
+            with torch._dynamo.config.patch(capture_scalar_outputs=True):
+                got, reports = rewrite_all(step, *fresh())
+            torch.testing.assert_close(got, want, rtol=0, atol=0, msg=lambda m: f"n >= {least}, n = {n}: {m}")
+            selected = any("where" in m.detail for r in reports for m in r.matches)
+            assert selected == (least == 1), (least, n, skips(reports))
+            assert least == 1 or any("order is not known" in s for s in skips(reports)), skips(reports)
+
+
 def test_one_position_write_then_a_read_of_another_position():
     """``buf[:, p] = k``, then ``buf[:, p - 1]``: a select of another index is the old buffer (``i != j``)."""
     def step(cache, k):
