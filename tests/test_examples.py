@@ -41,9 +41,10 @@ def test_hf_gemma4_fast():
 def test_examples_import_without_side_effects():
     """Importing an example runs nothing (all the work is in main())."""
     code = ("import sys; sys.path.insert(0, 'examples');\n"
-            "import paged_store_batching, hf_gemma4, deploy_onnx\n"
+            "import paged_store_batching, hf_gemma4, deploy_onnx, deploy_executorch\n"
             "assert callable(paged_store_batching.main) and callable(hf_gemma4.main)\n"
-            "assert callable(deploy_onnx.main) and callable(deploy_onnx.generate)\n")
+            "assert callable(deploy_onnx.main) and callable(deploy_onnx.generate)\n"
+            "assert callable(deploy_executorch.main) and callable(deploy_executorch.generate)\n")
     proc = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, timeout=120, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout == ""
@@ -73,3 +74,29 @@ def test_deploy_onnx_fails_loudly(tmp_path, monkeypatch, capsys):
     assert module.cli(["--out", str(tmp_path / "d.onnx"), "--steps", "1"]) == 1
     out = capsys.readouterr().out
     assert "FAIL: ONNX Runtime and eager differ by" in out and "PASS" not in out
+
+
+@pytest.mark.slow
+def test_deploy_executorch(tmp_path):
+    pytest.importorskip("executorch.exir")
+    pytest.importorskip("executorch.runtime")
+    out = run_example("deploy_executorch", "--out", str(tmp_path / "decoder.pte"), "--steps", "6")
+    assert "kvpass.export(cache='outputs') -> to_edge(prefill, decode).to_executorch()" in out
+    (errors,) = re.findall(r"max \|executorch - eager\| per step = \[(.*)\]", out)
+    errors = [float(e) for e in errors.split(",")]
+    assert len(errors) == 7 and max(errors) < 1e-5, out
+    assert out.rstrip().endswith("PASS")
+
+
+def test_deploy_executorch_skips_cleanly_without_executorch(monkeypatch, capsys):
+    """Where ExecuTorch is not installed the example says so and exits 0 (nothing exported)."""
+    spec = importlib.util.spec_from_file_location("deploy_executorch_example",
+                                                  REPO_ROOT / "examples" / "deploy_executorch.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(module.importlib.util, "find_spec",
+                        lambda name, *a: None if name == "executorch" else real_find_spec(name, *a))
+    assert module.cli(["--steps", "1"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("SKIP: ExecuTorch is not installed") and "PASS" not in out
