@@ -145,7 +145,12 @@ def export(model: torch.nn.Module, args: tuple, kwargs: dict | None = None, *, d
           max=max_len)}}``) the same program runs the prefill and every decode step;
         - the traced guards on positions (``position + T <= max_len``) become asserts of the program whose
           message names ``position`` (``ep.module()`` checks them before the step computes; runtimes without
-          asserts, such as ONNX, do not).
+          asserts, such as ONNX, do not);
+        - no tensor of the program is as long as the position (0 for an empty cache), so ExecuTorch's
+          ``to_executorch()`` can order every stride. For a ``.pte`` with ``prefill`` and ``decode`` methods, give
+          each method its own ``torch.export.load`` copy of the program (``examples/deploy_executorch.py``):
+          ExecuTorch 1.5.1's ``to_edge`` fails with ``PendingUnbackedSymbolNotFound`` on one in-memory program
+          given twice.
 
         ``positions`` names the position attributes as for ``cache="inputs"`` (``positions="pos"``); left
         ``None``, it is every int attribute of the model that the step reads and advances (found by a first
