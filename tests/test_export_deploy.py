@@ -175,6 +175,35 @@ def test_positions_found_by_default_and_unequal_positions_refused():
         kvpass.export(tiny, (_ids(gen, 3),), cache="outputs")
 
 
+@pytest.mark.slow
+def test_position_shape_scalar():
+    """``position_shape=()``: the program takes and returns a 0-dim position (the issue's ``[]``), chained from an
+    empty cache like the ``[1]`` program (which ``ep.module()`` refuses a 0-dim position: torch's input check
+    raises IndexError)."""
+    tiny = reference_model(SharedKVConfig(num_layers=2, kv_shared_layers=0), seed=156)
+    gen = torch.Generator().manual_seed(156)
+    tiny.reset()
+    ep = kvpass.export(tiny, (_ids(gen, 3),), cache="outputs", position_shape=(),
+                       dynamic_shapes={"input_ids": {1: Dim("T", min=1, max=tiny.config.max_len - 1)}})
+    assert ep.example_inputs[0][1].shape == ()
+    run = ep.module()
+    cache, position = empty_cache(ep), torch.tensor(0)
+    tiny.reset()
+    with torch.no_grad():
+        for n in (5, 1, 1):
+            ids = _ids(gen, n)
+            logits, position, cache = run(ids, position, cache)
+            torch.testing.assert_close(logits, tiny(ids), rtol=TOL, atol=TOL)
+    assert position.shape == () and position.item() == 7
+
+
+def test_position_shape_other_than_1_or_scalar_is_refused():
+    model = reference_model(SharedKVConfig(num_layers=2, kv_shared_layers=0), seed=156)
+    for shape, cache in (((2,), "outputs"), ((1, 1), "outputs"), ((), "buffers")):
+        with pytest.raises(ExportInputError, match=r"position_shape=.*expected \(1,\) or \(\) with cache='outputs'"):
+            kvpass.export(model, (_ids(torch.Generator().manual_seed(0), 3),), cache=cache, position_shape=shape)
+
+
 # --------------------------------------------------------------------------------------------------------
 # The substitutions DeployInterpreter makes while export traces (fast: no Dynamo)
 # --------------------------------------------------------------------------------------------------------
