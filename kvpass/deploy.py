@@ -62,6 +62,10 @@ class DeployInterpreter(torch.fx.Interpreter):
       overload whose scalar is a symbol. Side condition: ``op`` has a ``.Tensor`` overload.
     """
 
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._prefixes: dict[int, tuple] = {}  # id(x[..., 0:end]) -> (that tensor, x, dim, end)
+
     def call_function(self, target, args, kwargs):
         if target is aten.copy.default and not kwargs and len(args) == 2:
             a, b = args
@@ -96,15 +100,13 @@ class DeployInterpreter(torch.fx.Interpreter):
         """Note ``out = x[..., 0:end]`` along ``dim`` (for :meth:`_prefix_cat`); the entry keeps ``out`` alive, so
         its ``id`` is not reused."""
         if (start is None or (isinstance(start, int) and start == 0)) and step == 1 and end is not None:
-            if not hasattr(self, "_prefixes"):
-                self._prefixes = {}
             self._prefixes[id(out)] = (out, x, dim % x.dim(), end)
 
     def _prefix_cat(self, tensors, dim=0):
         if not isinstance(tensors, (list, tuple)) or len(tensors) != 2:
             return None
         head, src = tensors
-        found = getattr(self, "_prefixes", {}).get(id(head))
+        found = self._prefixes.get(id(head))
         if found is None or found[0] is not head or not isinstance(src, torch.Tensor) or src.dim() != head.dim():
             return None
         _, x, d, s = found
