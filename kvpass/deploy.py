@@ -36,10 +36,23 @@ class DeployInterpreter(torch.fx.Interpreter):
 
     - ``copy(a, b) -> contiguous(b)``: the functional ``copy`` returns ``b``'s values in ``a``'s shape and dtype.
       Side conditions: ``a`` and ``b`` have the same dtype, device and sizes (no broadcast, no cast).
-    - ``slice_scatter(x, src, d, start, end) -> cat([x.narrow(d, 0, start), src, x.narrow(d, end, n - end)], d)``
-      (``n = x.shape[d]``, step 1): both give ``x`` with positions ``[start, end)`` of dim ``d`` replaced by
-      ``src``. Side conditions: ``0 <= start <= end <= n`` (no clamping of the slice) and ``src`` has the
-      window's sizes (``end - start`` along ``d``, ``x``'s sizes elsewhere).
+    - ``slice_scatter(x, src, d, start, end) -> where(inside, index_select(src, d, rel'), x)`` (step 1), with
+      ``i = arange(n)`` along ``d`` (``n = x.shape[d]``), ``rel = i - start``, ``inside = 0 <= rel < end - start``
+      (broadcast along ``d``) and ``rel' = where(inside, rel, 0)``: both give ``x`` with positions
+      ``[start, end)`` of dim ``d`` replaced by ``src`` (``where`` and ``index_select`` copy values, so the result
+      is bit-identical). Side conditions: ``0 <= start <= end <= n`` (no clamping of the slice), ``end - start >= 1``
+      (``rel' = 0`` is a valid index of ``src``), ``src`` has the window's sizes (``end - start`` along ``d``,
+      ``x``'s sizes elsewhere) and ``x``'s dtype and device. Every intermediate has ``x``'s or ``src``'s sizes:
+      no tensor is ``start`` or ``n - end`` long. Those lengths may be 0 (an empty cache, a full one) and, as
+      sizes of a tensor, give it a contiguous stride ``Max(1, u0)`` that ExecuTorch's ``to_executorch()`` cannot
+      order (``exir.tensor.dim_order_from_stride`` guards on ``8*Max(1, u0) < 8`` for the position ``u0``).
+    - ``cat([x.narrow(d, 0, s), src], d) -> slice_scatter(x, src, d, s, s + T).narrow(d, 0, s + T)``
+      (``T = src.shape[d]``, the ``slice_scatter`` substituted as above): the history read of an eliminated
+      host round trip (``cat([buf[:, 0:pos], k], 1)``). Both are ``x``'s first ``s`` entries along ``d`` followed
+      by ``src``. Side conditions: the first piece is a ``slice(x, d, 0 or None, s)`` the trace made (step 1),
+      ``0 <= s``, ``s + T <= n``, ``T >= 1``, and ``src`` has ``x``'s sizes off ``d``, dtype and device. It keeps
+      the ``s``-long piece (``s`` = the position, 0 for an empty cache) out of the program for the same reason;
+      the unused slice is dropped as dead code.
     - ``prims.iota(n, start=s, step=k, dtype, device) -> arange(s, s + n * k, k, dtype, device)``: the same
       integers (``iota`` takes integer dtypes only, so there is no rounding). kvpass's by-position read
       (``kvpass.rules.select_by_position``) emits ``iota`` because Inductor's post-grad graph takes no ``arange``;
@@ -48,6 +61,10 @@ class DeployInterpreter(torch.fx.Interpreter):
       values (a 0-dim int64 operand promotes like the int scalar); torch.onnx cannot convert a ``.Scalar``
       overload whose scalar is a symbol. Side condition: ``op`` has a ``.Tensor`` overload.
     """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._prefixes: dict[int, tuple] = {}  # id(x[..., 0:end]) -> (that tensor, x, dim, end)
 
     def call_function(self, target, args, kwargs):
         if target is aten.copy.default and not kwargs and len(args) == 2:
@@ -67,24 +84,68 @@ class DeployInterpreter(torch.fx.Interpreter):
             t, i = args
             return target.overloadpacket.Tensor(t, torch.scalar_tensor(i, dtype=torch.int64, device=t.device))
         if target is aten.slice_scatter.default and not kwargs:
-            out = _slice_scatter_by_cat(*args)
+            out = _slice_scatter_by_select(*args)
             if out is not None:
                 return out
-        return super().call_function(target, args, kwargs)
+        if target is aten.cat.default and not kwargs:
+            out = self._prefix_cat(*args)
+            if out is not None:
+                return out
+        out = super().call_function(target, args, kwargs)
+        if target is aten.slice.Tensor and not kwargs and isinstance(out, torch.Tensor):
+            self._remember_prefix(out, *args)
+        return out
+
+    def _remember_prefix(self, out, x, dim=0, start=None, end=None, step=1):
+        """Note ``out = x[..., 0:end]`` along ``dim`` (for :meth:`_prefix_cat`); the entry keeps ``out`` alive, so
+        its ``id`` is not reused."""
+        if (start is None or (isinstance(start, int) and start == 0)) and step == 1 and end is not None:
+            self._prefixes[id(out)] = (out, x, dim % x.dim(), end)
+
+    def _prefix_cat(self, tensors, dim=0):
+        if not isinstance(tensors, (list, tuple)) or len(tensors) != 2:
+            return None
+        head, src = tensors
+        found = self._prefixes.get(id(head))
+        if found is None or found[0] is not head or not isinstance(src, torch.Tensor) or src.dim() != head.dim():
+            return None
+        _, x, d, s = found
+        if dim % head.dim() != d or src.dtype != x.dtype or src.device != x.device:
+            return None
+        n, t = x.shape[d], src.shape[d]
+        if not (_known(s >= 0) and _known(t >= 1) and _known(s + t <= n)):
+            return None
+        if not all(_known(a == b) for e, (a, b) in enumerate(zip(src.shape, x.shape)) if e != d):
+            return None
+        out = _slice_scatter_by_select(x, src, d, s, s + t)
+        return None if out is None else out.narrow(d, 0, s + t)
 
 
-def _slice_scatter_by_cat(x, src, dim=0, start=None, end=None, step=1):
+def _slice_scatter_by_select(x, src, dim=0, start=None, end=None, step=1):
+    """``slice_scatter(x, src, dim, start, end)`` through ``where``/``index_select`` (see
+    :class:`DeployInterpreter`), or None where a side condition is not proven."""
     if step != 1 or not isinstance(x, torch.Tensor) or not isinstance(src, torch.Tensor) or x.dim() != src.dim():
+        return None
+    if src.dtype != x.dtype or src.device != x.device:
         return None
     dim %= x.dim()
     n = x.shape[dim]
     start = 0 if start is None else start
     end = n if end is None else end
-    if not (_known(start >= 0) and _known(start <= end) and _known(end <= n)):
+    if not (_known(start >= 0) and _known(start <= end) and _known(end <= n) and _known(end - start >= 1)):
         return None
     if not all(_known(s == (end - start if d == dim else x.shape[d])) for d, s in enumerate(src.shape)):
         return None
-    return torch.cat([x.narrow(dim, 0, start), src, x.narrow(dim, end, n - end)], dim)
+
+    def scalar(v):  # a symbolic bound as a 0-dim tensor (torch.onnx cannot convert a .Scalar op on a symbol)
+        if isinstance(v, torch.SymInt) and v.node.maybe_as_int() is None:
+            return torch.scalar_tensor(v, dtype=torch.int64, device=x.device)
+        return int(v)
+
+    rel = torch.arange(n, device=x.device) - scalar(start)
+    inside = (rel >= 0) & (rel < scalar(end - start))
+    picked = src.index_select(dim, torch.where(inside, rel, torch.zeros_like(rel)))
+    return torch.where(inside.view([n if d == dim else 1 for d in range(x.dim())]), picked, x)
 
 
 def sym_minmax_nodes(gm: torch.fx.GraphModule) -> list[torch.fx.Node]:

@@ -69,7 +69,7 @@ class ExportCaptureError(ExportError, RuntimeError):
 
 def export(model: torch.nn.Module, args: tuple, kwargs: dict | None = None, *, dynamic_shapes=None,
            positions: str | Sequence[str] | None = None, cache: str = "buffers",
-           patterns: Sequence | None = None) -> torch.export.ExportedProgram:
+           patterns: Sequence | None = None, position_shape: tuple = (1,)) -> torch.export.ExportedProgram:
     """Export one step of ``model`` with ``torch.export`` so that its K/V come from the computation.
 
     The model's *current* state is the example state: export a freshly reset model to get a prefill from an
@@ -106,6 +106,9 @@ def export(model: torch.nn.Module, args: tuple, kwargs: dict | None = None, *, d
             input and an output of a functional program, with one position tensor for the model. The model's own
             parameters and registered buffers stay parameters and buffers in every mode.
         patterns: rewrite patterns to run (default: the whole catalogue), as for :func:`kvpass.rewrite`.
+        position_shape: with ``cache="outputs"``, the shape of the ``position`` tensor: ``(1,)`` (the default) or
+            ``()`` (a 0-dim scalar). The program is exported for that shape (``ep.module()`` of a ``(1,)`` program
+            refuses a 0-dim position: torch's input check raises ``IndexError``).
 
     Returns:
         A ``torch.export.ExportedProgram`` that :func:`kvpass.check` finds faithful. Its contract:
@@ -130,7 +133,7 @@ def export(model: torch.nn.Module, args: tuple, kwargs: dict | None = None, *, d
         With ``cache="outputs"`` the program is ``(*args, position, cache) -> (result, new_position,
         new_cache)``, the form ONNX Runtime, ExecuTorch and IREE take as it is (``torch.onnx.export(ep)``):
 
-        - ``position``: an int64 tensor of shape ``[1]``, the value every symbolic position of the model
+        - ``position``: an int64 tensor of shape ``[1]`` (``[]`` with ``position_shape=()``), the value every symbolic position of the model
           holds before the step (they must be equal at export time and advance alike; the program checks both
           while exporting and raises :class:`ExportInputError`/:class:`ExportCaptureError` otherwise);
           ``new_position`` is it advanced by the step (``position + T`` for a step of ``T`` tokens);
@@ -145,7 +148,12 @@ def export(model: torch.nn.Module, args: tuple, kwargs: dict | None = None, *, d
           max=max_len)}}``) the same program runs the prefill and every decode step;
         - the traced guards on positions (``position + T <= max_len``) become asserts of the program whose
           message names ``position`` (``ep.module()`` checks them before the step computes; runtimes without
-          asserts, such as ONNX, do not).
+          asserts, such as ONNX, do not);
+        - no tensor of the program is as long as the position (0 for an empty cache), so ExecuTorch's
+          ``to_executorch()`` can order every stride. For a ``.pte`` with ``prefill`` and ``decode`` methods, give
+          each method its own ``torch.export.load`` copy of the program (``examples/deploy_executorch.py``):
+          ExecuTorch 1.5.1's ``to_edge`` fails with ``PendingUnbackedSymbolNotFound`` on one in-memory program
+          given twice.
 
         ``positions`` names the position attributes as for ``cache="inputs"`` (``positions="pos"``); left
         ``None``, it is every int attribute of the model that the step reads and advances (found by a first
@@ -177,6 +185,9 @@ def export(model: torch.nn.Module, args: tuple, kwargs: dict | None = None, *, d
     kwargs = dict(kwargs or {})
     if cache not in CACHE_MODES:
         raise ExportInputError(f"kvpass.export(cache={cache!r}): expected one of {', '.join(map(repr, CACHE_MODES))}")
+    if tuple(position_shape) not in ((1,), ()) or (cache != "outputs" and tuple(position_shape) != (1,)):
+        raise ExportInputError(f"kvpass.export(position_shape={position_shape!r}): expected (1,) or () with "
+                               f"cache='outputs'")
     user_names, user_values = _bind(model, args, kwargs)
     dims = _normalize_dynamic_shapes(dynamic_shapes, user_names, user_values)
     position_patterns = _position_patterns(positions)
@@ -193,6 +204,8 @@ def export(model: torch.nn.Module, args: tuple, kwargs: dict | None = None, *, d
     _clean_module_paths(gm)
     plan = _plan(cap, model, user_names, cache)
     positions_plan = _positions_plan(cap, plan) if cache == "outputs" else None
+    if positions_plan is not None:
+        positions_plan.shape = tuple(position_shape)
     step = _Step(model, gm, plan, cap, user_names, cache, outputs, positions_plan, n_positional=len(args))
     ep = _torch_export(step, plan, user_names, user_values, dims, report)
     if cache == "outputs":
@@ -711,8 +724,8 @@ class _Positions:
     attribute paths the tensor stands for.
     """
 
-    def __init__(self, symbols, delta, paths, example):
-        self.symbols, self.delta, self.paths, self.example = symbols, delta, paths, example
+    def __init__(self, symbols, delta, paths, example, shape=(1,)):
+        self.symbols, self.delta, self.paths, self.example, self.shape = symbols, delta, paths, example, shape
 
 
 def _positions_plan(cap: _Capture, plan: list[_Feed]) -> _Positions:
@@ -925,7 +938,8 @@ def _torch_export(step: _Step, plan, user_names, user_values, dims, report) -> t
                 example[f.name] = f.example.detach().clone()
                 shapes[f.name] = None
     if step.cache_mode == "outputs":
-        example["position"] = torch.tensor([step._kvpass_positions.example], dtype=torch.int64)
+        example["position"] = torch.tensor(step._kvpass_positions.example, dtype=torch.int64).reshape(
+            step._kvpass_positions.shape)
         shapes["position"] = None
         example["cache"] = {f.path: f.example.detach().clone() for f in plan if f.kind == "state"}
         shapes["cache"] = {f.path: None for f in plan if f.kind == "state"}

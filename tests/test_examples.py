@@ -41,24 +41,39 @@ def test_hf_gemma4_fast():
 def test_examples_import_without_side_effects():
     """Importing an example runs nothing (all the work is in main())."""
     code = ("import sys; sys.path.insert(0, 'examples');\n"
-            "import paged_store_batching, hf_gemma4, deploy_onnx\n"
+            "import paged_store_batching, hf_gemma4, deploy_onnx, deploy_executorch\n"
             "assert callable(paged_store_batching.main) and callable(hf_gemma4.main)\n"
-            "assert callable(deploy_onnx.main) and callable(deploy_onnx.generate)\n")
+            "assert callable(deploy_onnx.main) and callable(deploy_onnx.generate)\n"
+            "assert callable(deploy_executorch.main) and callable(deploy_executorch.generate)\n")
     proc = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, timeout=120, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout == ""
 
 
 @pytest.mark.slow
-def test_deploy_onnx(tmp_path):
-    pytest.importorskip("onnxruntime")
-    pytest.importorskip("onnxscript")
-    out = run_example("deploy_onnx", "--out", str(tmp_path / "decoder.onnx"), "--steps", "6")
-    assert "kvpass.export(cache='outputs') -> torch.onnx.export" in out
-    (errors,) = re.findall(r"max \|onnxruntime - eager\| per step = \[(.*)\]", out)
+@pytest.mark.parametrize("name, modules, suffix, conversion, runtime", [
+    ("deploy_onnx", ("onnxruntime", "onnxscript"), "onnx", "torch.onnx.export", "onnxruntime"),
+    ("deploy_executorch", ("executorch.exir", "executorch.runtime"), "pte",
+     "to_edge(prefill, decode).to_executorch()", "executorch"),
+])
+def test_deploy_example(tmp_path, name, modules, suffix, conversion, runtime):
+    """Prefill + 6 greedy decode steps in the runtime from an empty cache, each within 1e-5 of eager."""
+    for module in modules:
+        pytest.importorskip(module)
+    out = run_example(name, "--out", str(tmp_path / f"decoder.{suffix}"), "--steps", "6")
+    assert f"kvpass.export(cache='outputs') -> {conversion}" in out
+    (errors,) = re.findall(rf"max \|{runtime} - eager\| per step = \[(.*)\]", out)
     errors = [float(e) for e in errors.split(",")]
     assert len(errors) == 7 and max(errors) < 1e-5, out
     assert out.rstrip().endswith("PASS")
+
+
+def load_example(name):
+    """The example file as a fresh module (``examples/`` is not on the path), to patch before calling it."""
+    spec = importlib.util.spec_from_file_location(f"{name}_example", REPO_ROOT / "examples" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 @pytest.mark.slow
@@ -66,10 +81,19 @@ def test_deploy_onnx_fails_loudly(tmp_path, monkeypatch, capsys):
     """The example says FAIL and exits 1 when ONNX Runtime and eager disagree (here: an impossible tolerance)."""
     pytest.importorskip("onnxruntime")
     pytest.importorskip("onnxscript")
-    spec = importlib.util.spec_from_file_location("deploy_onnx_example", REPO_ROOT / "examples" / "deploy_onnx.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_example("deploy_onnx")
     monkeypatch.setattr(module, "TOLERANCE", -1.0)
     assert module.cli(["--out", str(tmp_path / "d.onnx"), "--steps", "1"]) == 1
     out = capsys.readouterr().out
     assert "FAIL: ONNX Runtime and eager differ by" in out and "PASS" not in out
+
+
+def test_deploy_executorch_skips_cleanly_without_executorch(monkeypatch, capsys):
+    """Where ExecuTorch is not installed the example says so and exits 0 (nothing exported)."""
+    module = load_example("deploy_executorch")
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(module.importlib.util, "find_spec",
+                        lambda name, *a: None if name == "executorch" else real_find_spec(name, *a))
+    assert module.cli(["--steps", "1"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("SKIP: ExecuTorch is not installed") and "PASS" not in out
