@@ -122,8 +122,11 @@ def _symint_index_as_slices(shape, index, value):
     for i in key:
         full += [slice(None)] * (ndim - consumed) if i is Ellipsis else [i]
     full += [slice(None)] * (ndim - len(full))
+    from torch.fx.experimental.symbolic_shapes import guard_or_false
+
     for d, i in enumerate(full):  # guards on ranges: where slice(i, i + 1) and the index i select the same
-        if isinstance(i, torch.SymInt) and not (0 <= i and i < shape[d]):
+        # (guard_or_false: an unbacked index whose range is not known keeps the original write, no error)
+        if isinstance(i, torch.SymInt) and not (guard_or_false(0 <= i) and guard_or_false(i < shape[d])):
             return None
     kept = [not (isinstance(i, int) and not isinstance(i, torch.SymInt)) for i in full]  # dims of the target
     for d in reversed(range(ndim)):

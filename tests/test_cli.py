@@ -28,25 +28,6 @@ def test_no_command_prints_help_and_fails(capsys):
     assert "usage: kvpass" in capsys.readouterr().out
 
 
-@pytest.mark.slow
-def test_demo_runs(capsys):
-    assert main(["demo", "--steps", "2", "--no-timing"]) == 0
-    out = capsys.readouterr().out
-    assert "readonly follower of layer 1" in out
-    assert "kvpass.compile: 2 graphs (0 graph breaks), 0 host ops left" in out
-    assert "kvpass.check finds 0 problem(s)" in out
-
-
-@pytest.mark.slow
-def test_demo_json(capsys):
-    import json
-
-    assert main(["demo", "--steps", "2", "--no-timing", "--json"]) == 0
-    result = json.loads(capsys.readouterr().out)
-    assert result["stock"]["make_fx_findings"] > 0 and result["kvpass"]["export_findings"] == 0
-    assert result["kvpass"]["report_counts"]["scatter_slice"] == 16
-
-
 def _one_line_error(argv, capsys):
     """Run ``kvpass ARGV``; it must exit 2 with exactly one line on stderr, no usage block, nothing on stdout."""
     with pytest.raises(SystemExit) as info:

@@ -7,8 +7,24 @@ from kvpass.examples.shared_kv_model import reference_model
 
 
 @pytest.mark.slow
-def test_demo_follows_the_model():
-    host = run_demo(steps=2, timing=False, quiet=True)
+def test_demo_follows_the_model(capsys, monkeypatch):
+    """One run of ``kvpass demo --json`` on the bundled model (its JSON, and its text form: what ``kvpass demo``
+    prints for the same result), and the functional twin through ``run_demo``."""
+    import json
+
+    import kvpass.demo
+    from kvpass.cli import main
+
+    assert main(["demo", "--steps", "2", "--no-timing", "--json"]) == 0
+    host = json.loads(capsys.readouterr().out)
+    assert host["kvpass"]["export_findings"] == 0
+    monkeypatch.setattr(kvpass.demo, "run_demo", lambda **kw: dict(host))  # the text of the same result
+    assert main(["demo", "--steps", "2", "--no-timing"]) == 0
+    out = capsys.readouterr().out
+    assert "readonly follower of layer 1" in out
+    assert "kvpass.compile: 2 graphs (0 graph breaks), 0 host ops left" in out
+    assert "kvpass.check finds 0 problem(s)" in out
+    monkeypatch.undo()
     twin = run_demo(steps=2, timing=False, quiet=True, model_factory=lambda s: reference_model(functional=True, seed=s))
     # the bundled model: stock captures bake K/V, kvpass rewrites the round trips away
     assert host["stock"]["make_fx_findings"] > 0 and host["stock"]["host_ops_in_graphs"] > 0

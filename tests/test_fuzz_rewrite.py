@@ -9,9 +9,10 @@ change nothing (idempotence).
 
 The cache-step cases also draw issue 11's idiom families (in-place edits of host copies and of history through
 views, workspace reuse, aliased numpy views, ``out=`` writes, history used after a later write, clone-then-edit;
-see ``fuzz_decoders``) in about three cases of four, mixed with the plain ones: 30 decoders + 180 cache steps =
-210 cases per run through ``kvpass.rewrite(verify=True)`` and compiled-vs-eager (and 18 cache steps through
-Inductor).
+see ``fuzz_decoders``) in about three cases of four, mixed with the plain ones: 20 decoders + 120 cache steps =
+140 cases per run through ``kvpass.rewrite(verify=True)`` and compiled-vs-eager (and 2 decoders + 12 cache steps
+through Inductor), plus 40 buffer-region cases. (Sized to keep the whole suite well under 30 minutes on 2 cores; the
+closing notes record larger and other draws, e.g. ``KVPASS_FUZZ_SEED=2026``.)
 
 Fixed seed by default (hypothesis ``derandomize``): the same cases every run. A longer or different run::
 
@@ -32,8 +33,8 @@ from kvpass.tracing import tracing_context
 
 pytestmark = pytest.mark.filterwarnings("ignore:To copy construct from a tensor")  # the torch.tensor(a) idiom
 
-DECODER_CASES, CACHE_CASES = 30, 180  # through kvpass.rewrite(verify=True)
-INDUCTOR_DECODERS, INDUCTOR_CACHE_STEPS = 2, 18  # through backend="kvpass" (Inductor)
+DECODER_CASES, CACHE_CASES = 20, 120  # through kvpass.rewrite(verify=True)
+INDUCTOR_DECODERS, INDUCTOR_CACHE_STEPS = 2, 12  # through backend="kvpass" (Inductor)
 
 
 def tolerance(dtype, inductor=False):

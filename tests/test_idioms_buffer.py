@@ -269,6 +269,29 @@ def test_symbolic_negative_index_write_into_a_tensor_keeps_its_meaning():
         torch.testing.assert_close(g, w, **TOL, msg=lambda s: f"step {i}: {s}")
 
 
+@pytest.mark.parametrize("bounded", [True, False])
+def test_unbacked_index_write_into_a_tensor_equals_eager(bounded):
+    """An index from ``.item()`` (an unbacked SymInt) in ``buf[:, i] = v``: with its range checked it goes through
+    ``slice(i, i + 1)``; without, the range is not known and the original write runs (no data-dependent error)."""
+    def step(buf, v, i_t):
+        i = i_t.item()
+        if bounded:
+            torch._check(i >= 0)
+            torch._check(i < buf.shape[1])
+        buf[:, i] = v
+        return buf * 1.0
+
+    g = torch.Generator().manual_seed(70 + bounded)
+    buf, v = torch.randn(2, 5, generator=g), torch.randn(2, generator=g)
+    from kvpass.tracing import tracing_context
+
+    with torch._dynamo.config.patch(capture_scalar_outputs=True), tracing_context():
+        compiled = torch.compile(step, backend="eager", fullgraph=True)
+        for i in (3, 0, 4):
+            torch.testing.assert_close(compiled(buf.clone(), v, torch.tensor(i)), step(buf.clone(), v, torch.tensor(i)),
+                                       rtol=0, atol=0)
+
+
 def test_roll_of_a_write_that_wraps_is_not_decomposed():
     """``roll`` moves a written region ``[4, 6)`` of 6 slots by 1: it wraps around the end, so the region is not
     one slice of the rolled buffer: the roll is left as it is (verify=True compares before and after)."""
