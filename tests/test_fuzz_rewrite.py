@@ -94,8 +94,10 @@ def graph_counts(case):
     clone: ``(16 + 16*pos) != 144``), unless the case leaves a slot of slack. A ring or a growing buffer: up to
     one more per decode step (a wrap or a growth may recompile; tests/test_idioms_buffer.py pins the counts of
     those idioms over 8 steps)."""
+    region = getattr(case, "region", "")
+    case = getattr(case, "case", case)  # a RegionCase's Case
     most = 2 + (case.prompt_len == 1 and case.decode_steps > 1) + (case.slack == 0 and case.decode_steps > 1)
-    if getattr(case, "region", "").startswith(("ring", "grow")):
+    if region.startswith(("ring", "grow")):
         return 2, max(most, 1 + case.decode_steps)
     return 2, most
 
