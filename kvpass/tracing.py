@@ -10,14 +10,12 @@ trace (``torch.compile(..., backend="kvpass")`` imports the backend before traci
 - ``np.pad`` of a traced array: Dynamo maps it to ``torch._numpy.pad``, which turns ``pad_width`` into a tensor and
   reads it back (a data-dependent graph break on every call). :func:`traceable_np_pad` keeps a constant
   ``pad_width`` in Python and lowers to ``F.pad`` (``constant_pad_nd``); anything else goes to the original.
-- an integer index that is a symbolic int in a numpy write (``buf[:, pos] = v``, ``buf[:, p + j] = v[:, j]``,
-  ``buf[:, p % W] = v``): ``torch._numpy``'s ``ndarray.__setitem__`` hands it to ``Tensor.__setitem__``, which
-  reads it as a Python int (``__index__``): a guard ``pos == 4`` and one graph per decode position.
-  :func:`traceable_ndarray_setitem` writes the same elements through ``slice(i, i + 1)`` instead (guarded
-  ``0 <= i < size``, where the two agree), so the position stays symbolic.
-- the same write into a tensor (``buf[:, pos] = v`` with ``buf`` a host tensor cache, or a device one):
-  ``Tensor.__setitem__`` reads the SymInt as a Python int too; :func:`traceable_tensor_setitem` takes the same
-  way around it.
+- an integer index that is a symbolic int in a write into a tensor (``buf[:, pos] = v``, ``buf[:, p + j] =
+  v[:, j]``, ``buf[:, p % W] = v``; a host or device tensor cache, and every numpy write: ``torch._numpy``'s
+  ``ndarray.__setitem__`` hands it to ``Tensor.__setitem__``): ``Tensor.__setitem__`` reads it as a Python int
+  (``__index__``): a guard ``pos == 4`` and one graph per decode position. :func:`traceable_tensor_setitem` writes
+  the same elements through ``slice(i, i + 1)`` instead (guarded ``0 <= i < size``, where the two agree), so the
+  position stays symbolic.
 """
 
 from __future__ import annotations
@@ -28,7 +26,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-__all__ = ["traceable_np_pad", "traceable_ndarray_setitem", "traceable_tensor_setitem", "install_traceable", "uninstall_traceable", "traceable_installed",
+__all__ = ["traceable_np_pad", "traceable_tensor_setitem", "install_traceable", "uninstall_traceable", "traceable_installed",
            "tracing_context", "stock_tracing", "install_process_wide", "DYNAMO_CONFIG"]
 
 # Dynamo config kvpass.compile puts in force while tracing.
@@ -98,10 +96,10 @@ def _int_index(i) -> bool:
     return isinstance(i, (int, torch.SymInt)) and not isinstance(i, bool)
 
 
-def _symint_index_as_slices(shape, index, value):
-    """``(key, value)`` that write through ``tensor[key] = value`` the elements ``tensor[index] = value`` writes,
-    with every SymInt of ``index`` turned into ``slice(i, i + 1)``; ``None`` where that is not proven (then the
-    caller uses the original write).
+def _symint_index_as_slices(shape, index):
+    """``(key, afters)`` such that ``tensor[key] = _size_one_dims(value, afters)`` writes the elements
+    ``tensor[index] = value`` writes, with every SymInt of ``index`` turned into ``slice(i, i + 1)``; ``None``
+    where that is not proven (then the caller uses the original write).
 
     ``a[..., i, ...] = v`` with ``i`` a SymInt and ``0 <= i < a.shape[dim]`` writes the same elements as
     ``a[..., i:i + 1, ...] = v'``, where ``v'`` is ``v`` with a size-1 dim where ``i`` removed one (when ``v``
@@ -129,29 +127,20 @@ def _symint_index_as_slices(shape, index, value):
         if isinstance(i, torch.SymInt) and not (guard_or_false(0 <= i) and guard_or_false(i < shape[d])):
             return None
     kept = [not (isinstance(i, int) and not isinstance(i, torch.SymInt)) for i in full]  # dims of the target
+    afters = []  # per converted index, right to left: the target dims to its right (converted ones included)
     for d in reversed(range(ndim)):
         if isinstance(full[d], torch.SymInt):
-            after = sum(kept[d + 1 :])  # target dims to its right (a converted index to the right included)
-            if isinstance(value, torch.Tensor) and value.ndim > after:
-                value = value.unsqueeze(value.ndim - after)
+            afters.append(sum(kept[d + 1 :]))
             full[d] = slice(full[d], full[d] + 1)
-    return tuple(full), value
+    return tuple(full), afters
 
 
-def traceable_ndarray_setitem(self, index, value):
-    """``torch._numpy.ndarray.__setitem__`` that keeps a symbolic integer index symbolic (the write goes through
-    ``slice(i, i + 1)``: :func:`_symint_index_as_slices` states when the two write the same elements)."""
-    original = _ORIGINAL.get("setitem") or type(self).__setitem__
-    if _symint_index_as_slices(self.tensor.shape, index, None) is None:
-        return original(self, index, value)
-    from torch._numpy import _dtypes_impl, _util
-    from torch._numpy._ndarray import normalize_array_like
-
-    if not _dtypes_impl.is_scalar(value):
-        value = _util.cast_if_needed(normalize_array_like(value), self.tensor.dtype)
-    key, value = _symint_index_as_slices(self.tensor.shape, index, value)
-    self.tensor[key] = value
-    return None
+def _size_one_dims(value, afters):
+    """``value`` with a size-1 dim where each converted index removed one (where ``value`` reaches that dim)."""
+    for after in afters:
+        if isinstance(value, torch.Tensor) and value.ndim > after:
+            value = value.unsqueeze(value.ndim - after)
+    return value
 
 
 def traceable_tensor_setitem(self, index, value):
@@ -160,31 +149,26 @@ def traceable_tensor_setitem(self, index, value):
     in the C++ indexing: a guard ``pos == 4`` and one graph per decode position). Written through
     ``slice(i, i + 1)`` instead where :func:`_symint_index_as_slices` proves they write the same elements; every
     other write (all eager ones: no SymInt outside tracing) goes to the original unchanged."""
-    converted = _symint_index_as_slices(self.shape, index, value) if isinstance(index, (tuple, torch.SymInt)) else None
+    converted = _symint_index_as_slices(self.shape, index) if isinstance(index, (tuple, torch.SymInt)) else None
     if converted is None:
         return _TENSOR_SETITEM(self, index, value)
-    return _TENSOR_SETITEM(self, *converted)
+    key, afters = converted
+    return _TENSOR_SETITEM(self, key, _size_one_dims(value, afters))
 
 
 _TENSOR_SETITEM = torch._C.TensorBase.__setitem__
 
 
 def install_traceable() -> None:
-    """Make Dynamo trace ``np.pad`` through :func:`traceable_np_pad`, numpy writes through
-    :func:`traceable_ndarray_setitem` and tensor writes through :func:`traceable_tensor_setitem` (idempotent,
-    process-wide).
+    """Make Dynamo trace ``np.pad`` through :func:`traceable_np_pad` and tensor writes (numpy writes among them)
+    through :func:`traceable_tensor_setitem` (idempotent, process-wide).
 
     Safe to leave installed: each computes what the original computes and defers to it otherwise.
     """
-    import torch._numpy as tnp
-
     m = _tnp_map()
     if m.get(np.pad) is not traceable_np_pad:
         _ORIGINAL.setdefault("pad", m.get(np.pad))
         m[np.pad] = traceable_np_pad
-    if tnp.ndarray.__setitem__ is not traceable_ndarray_setitem:
-        _ORIGINAL.setdefault("setitem", tnp.ndarray.__setitem__)
-        tnp.ndarray.__setitem__ = traceable_ndarray_setitem
     if torch.Tensor.__dict__.get("__setitem__") is not traceable_tensor_setitem:
         _ORIGINAL.setdefault("tensor_setitem", torch.Tensor.__dict__.get("__setitem__"))
         torch.Tensor.__setitem__ = traceable_tensor_setitem
@@ -197,12 +181,8 @@ def traceable_installed() -> bool:
 
 def uninstall_traceable() -> None:
     """Undo :func:`install_traceable`."""
-    import torch._numpy as tnp
-
     if "pad" in _ORIGINAL:
         _tnp_map()[np.pad] = _ORIGINAL["pad"]
-    if "setitem" in _ORIGINAL:
-        tnp.ndarray.__setitem__ = _ORIGINAL["setitem"]
     if torch.Tensor.__dict__.get("__setitem__") is traceable_tensor_setitem:
         if _ORIGINAL.get("tensor_setitem") is None:  # torch.Tensor inherits TensorBase's
             del torch.Tensor.__setitem__
@@ -211,7 +191,7 @@ def uninstall_traceable() -> None:
 
 
 def install_process_wide() -> None:
-    """Put :data:`DYNAMO_CONFIG` and the traceable numpy substitutes in force for the whole process (what naming
+    """Put :data:`DYNAMO_CONFIG` and the traceable substitutes in force for the whole process (what naming
     ``backend="kvpass"`` does; see ``kvpass.registered_backend``)."""
     for key, value in DYNAMO_CONFIG.items():
         setattr(torch._dynamo.config, key, value)
@@ -220,7 +200,7 @@ def install_process_wide() -> None:
 
 @contextlib.contextmanager
 def tracing_context(dynamo_config: dict | None = None):
-    """Scoped: :data:`DYNAMO_CONFIG` (or ``dynamo_config``) and the traceable numpy substitutes."""
+    """Scoped: :data:`DYNAMO_CONFIG` (or ``dynamo_config``) and the traceable substitutes (:func:`install_traceable`)."""
     installed_before = traceable_installed()
     install_traceable()
     try:
