@@ -730,9 +730,9 @@ def cache_cases(draw, max_decode=3, dtypes=DTYPES + DTYPES_12, issue11=True):
     issue11 = issue11 and draw(st.integers(0, 3)) > 0
     owner = draw(issue11_owner_idioms() if issue11 else owner_idioms)
     dim = draw(st.sampled_from([4, 6, 8, 16]))
-    kinds = (CACHE_FOLLOWERS if issue11 else FOLLOWERS) if owner.store != "concat" else ("readonly",)
-    kinds = {"numpy": kinds, "int8": FOLLOWERS, "tensor": ("readonly",)}[owner.host_value]  # issue 12C
-    kinds = kinds if owner.store != "concat" else ("readonly",)
+    kinds = {"numpy": CACHE_FOLLOWERS if issue11 else FOLLOWERS, "int8": FOLLOWERS,  # issue 12C: what the
+             "tensor": ("readonly",)}[owner.host_value]  # host holds limits the followers that write into it
+    kinds = kinds if owner.store != "concat" else ("readonly",)  # no slots to overwrite
     followers = []
     for _ in range(draw(st.integers(0, 2))):
         kind = draw(st.sampled_from(kinds))
