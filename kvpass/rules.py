@@ -310,17 +310,18 @@ _MOVES = (aten.slice.Tensor, aten.select.int, aten.permute.default, aten.transpo
           aten.squeeze.default, aten.squeeze.dims, aten.expand.default, aten.alias.default, aten.clone.default)
 
 
-def _rounded_already(node) -> bool:
+def _rounded_already(node, structure=()) -> bool:
     """Whether ``node``'s elements come from memory or a bit-cast (not from arithmetic a compiler may keep wider:
-    a cast, a ``copy`` into another dtype, a functional write whose pieces are such values)."""
+    a cast, a ``copy`` into another dtype), or from one of the ``structure`` ops (values a rule decomposes
+    further, into pieces it rounds itself)."""
     while isinstance(node, torch.fx.Node) and node.op == "call_function" and node.target in _MOVES:
         node = node.args[0]
     if not isinstance(node, torch.fx.Node) or node.op != "call_function":
         return True  # a graph input or a constant: loaded from memory
-    return node.target is aten.view.dtype
+    return node.target is aten.view.dtype or node.target in structure
 
 
-def as_stored(em: Emitter, node):
+def as_stored(em: Emitter, node, structure=()):
     """``node`` as a buffer of its dtype holds it, for a rule that replaces a read of that buffer with ``node``.
 
     A read of memory sees values rounded to the buffer's dtype; a graph edge may not: Inductor computes fp16 and
@@ -333,12 +334,13 @@ def as_stored(em: Emitter, node):
 
     which every backend must compute in ``dtype`` (a bit-cast needs the bits), so the rounding survives any
     fusion. ``constant_pad_nd(x)`` is rounded as ``constant_pad_nd(as_stored(x))`` (the pad only adds constants,
-    and ``pad_slice`` still sees the pad). Values loaded from memory, and dtypes no compiler widens, are returned
-    as they are."""
+    and ``pad_slice`` still sees the pad). Values loaded from memory, views of the ``structure`` ops (what the
+    caller decomposes further: a functional write, a ``cat``), and dtypes no compiler widens are returned as
+    they are."""
     v = meta_value(node)
-    if not isinstance(v, torch.Tensor) or v.dtype not in _NARROW_FLOATS or _rounded_already(node):
+    if not isinstance(v, torch.Tensor) or v.dtype not in _NARROW_FLOATS or _rounded_already(node, structure):
         return node
     if node.target is aten.constant_pad_nd.default:
-        inner = as_stored(em, node.args[0])
+        inner = as_stored(em, node.args[0], structure)
         return node if inner is node.args[0] else em.call(aten.constant_pad_nd.default, inner, *node.args[1:])
     return em.call(aten.view.dtype, em.call(aten.view.dtype, node, _NARROW_FLOATS[v.dtype]), v.dtype)

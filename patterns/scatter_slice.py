@@ -36,6 +36,7 @@ The equations (``B`` the buffer before the write, ``V`` the value written, reads
     select(select_scatter(B, V, d, j), d, i)     = V if i == j;  select(B, d, i) if i != j
     slice(cat([x0, x1, ...], d), d, a, b)        = the pieces of the xk that [a, b) covers
     copy(dst, src)                               = src      if src has dst's shape, dtype and device
+                                                 = convert_element_type(src, dst.dtype)  if only the dtype differs
     read(slice_scatter(B, V, d2, s, e)) on another dim d = slice_scatter(read(B), read(V), d2', s, e)
                                                    read whole along d2' (the equations above, a = 0, b = size):
                                                    cat([read(B)[s'':s], read(V), read(B)[e:]], d2')  (same for select_scatter)
@@ -105,7 +106,20 @@ def _stored(em, node):
     """The value a read of the buffer written with ``node`` sees: its plain copy source, as the buffer holds it
     (rounded to the buffer's dtype whatever the compiler does with casts: :func:`kvpass.rules.as_stored`)."""
     src = _plain_copy_source(node)
-    return src if getattr(src, "target", None) in _STRUCTURE else as_stored(em, src)
+    return as_stored(em, _cast_of_copy(em, src), structure=_STRUCTURE)
+
+
+def _cast_of_copy(em, node):
+    """``copy(dst, src)`` that changes only the dtype is ``src`` converted (the same conversion ``copy_`` does):
+    the value no longer depends on the buffer region it was written over. ``prims.convert_element_type``, not
+    ``aten._to_copy``: an Inductor post-grad graph has no decomposition left to run (as for ``prims.iota``)."""
+    if getattr(node, "target", None) is not aten.copy.default:
+        return node
+    dst, src = meta_value(node.args[0]), meta_value(node.args[1])
+    if not (isinstance(dst, torch.Tensor) and isinstance(src, torch.Tensor)) or dst.device != src.device or \
+            len(dst.shape) != len(src.shape) or not all(known_eq(x, y) for x, y in zip(dst.shape, src.shape)):
+        return node
+    return em.call(torch.ops.prims.convert_element_type.default, node.args[1], dst.dtype)
 
 
 def _plain_copy_source(node):
@@ -415,7 +429,7 @@ class ScatterSlice:
         if node.target is aten.alias.default:
             if src.target is aten.copy.default:  # the whole buffer written, then read
                 value = _plain_copy_source(src)
-                return as_stored(em, value) if value is not src else None
+                return as_stored(em, value, structure=_STRUCTURE) if value is not src else None
             if src.target not in (aten.select_scatter.default, aten.slice_scatter.default):
                 return None
             return self._read_whole(em, src)

@@ -202,3 +202,22 @@ def test_check_follows_a_cat_of_k_before_the_host_round_trip():
     kinds = {(f.kind, f.target) for f in kvpass.check(gm)}
     assert ("dangling-kv", "aten.cat.default") in kinds, kinds
     assert any(kind == "constant-kv" for kind, _ in kinds), kinds
+
+
+@pytest.mark.slow
+def test_narrow_buffer_stored_and_read_in_one_step():
+    """A float32 decoder with float16 host buffers through Inductor (``backend="kvpass"``): K is stored into the
+    buffer and read by attention in the same step, RMSNorm and RoPE fused around it (a draw of the fuzzer's
+    buffer-dtype family)."""
+    import fuzz_decoders as fd
+
+    owner = fd.OwnerIdiom(buffer_dtype="float16")
+    case = fd.Case(layer_types=("sliding", "sliding"), kv_shared_layers=0, kv_heads=1, q_per_kv=1, head_dims=(4, 4),
+                   owners=(owner, owner), followers=(), numpy_mask=False, dtype=torch.float32, prompt_len=1,
+                   decode_steps=1, seed=0, slack=0)
+    steps = fd.token_steps(case)
+    want = fd.run_steps(fd.build(case), steps)
+    torch._dynamo.reset()
+    got = fd.run_steps(torch.compile(fd.build(case), backend="kvpass"), steps)
+    for step, (g, w) in enumerate(zip(got, want)):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5, msg=lambda m: f"step {step}: {m}")
