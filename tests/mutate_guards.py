@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import tempfile
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 G = "tests/test_guards.py::"
@@ -141,8 +142,12 @@ def run(entry) -> bool:
     try:
         with open(full, "w") as f:
             f.write(source.replace(old, new))
-        out = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", *tests],
-                             cwd=ROOT, capture_output=True, text=True)
+        # a cache of its own: what Inductor compiles from the mutated source must not be served to a later run
+        # (a stale compile of a mutant was seen served from the shared cache after the source was restored)
+        with tempfile.TemporaryDirectory(prefix="kvpass-mutant-") as cache:
+            env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=cache)
+            out = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", *tests],
+                                 cwd=ROOT, capture_output=True, text=True, env=env)
     finally:
         with open(full, "w") as f:
             f.write(source)
