@@ -68,7 +68,7 @@ from __future__ import annotations
 import torch
 import torch.fx
 
-from kvpass.aliasing import grown_buffers, meta_value, scatter_base, state_inputs
+from kvpass.aliasing import grown_buffers, meta_value, reordered_buffers, scatter_base, state_inputs
 from kvpass.engine import Report
 from kvpass.rules import (Emitter, known_le, known_lt, known_eq, known_ne, norm_dim, norm_index, norm_slice,
                           select_by_position)
@@ -114,6 +114,7 @@ class ScatterSlice:
     def apply(self, gm: torch.fx.GraphModule, report: Report) -> int:
         graph = gm.graph
         states = set(state_inputs(graph)) | grown_buffers(graph)  # the buffers the program keeps: its caches
+        states |= reordered_buffers(graph)  # ... and a beam reorder of one (``np.take(buf, beam_idx, axis=0)``)
         if not states:
             return 0
         count = 0
