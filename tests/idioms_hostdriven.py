@@ -124,6 +124,23 @@ class ItemPosition(Model):
         return at.out(q, torch.from_numpy(self.k_buf[:, : p + t]), torch.from_numpy(self.v_buf[:, : p + t]))
 
 
+class ItemPositionChecked(ItemPosition):
+    """3d. :class:`ItemPosition` with the bounds stated where the position is read back (``torch._check(p >= 0)``,
+    ``torch._check(p + t <= buf.shape[1])``, as ExecuTorch's cache does): the rewrite can prove its read."""
+
+    def forward(self, x):
+        at = self.layers[0]
+        q, k, v = at.qkv(x)
+        t = k.shape[1]
+        p = int(self.pos_t.item())
+        torch._check(p >= 0)
+        torch._check(p + t <= self.k_buf.shape[1])
+        self.k_buf[:, p : p + t] = k.detach().cpu().numpy()
+        self.v_buf[:, p : p + t] = v.detach().cpu().numpy()
+        self.pos_t += t
+        return at.out(q, torch.from_numpy(self.k_buf[:, : p + t]), torch.from_numpy(self.v_buf[:, : p + t]))
+
+
 class NarrowInputPos(Model):
     """3b. ExecuTorch's dynamic-shape cache update on host tensors: ``start = input_pos[0].item()``,
     ``cache.narrow(1, start, t).copy_(k)``, attention over the whole cache with a causal mask row per position."""
@@ -241,6 +258,7 @@ IDIOMS = {
     "2c_np_dtype_itemsize": NpDtypeItemsize,
     "3a_item_position": ItemPosition,
     "3b_narrow_input_pos": NarrowInputPos,
+    "3d_item_position_checked": ItemPositionChecked,
     "3c_tolist_positions": TolistPositions,
     "5a_beam_np_take": BeamTake,
     "5b_beam_index_select": BeamIndexSelect,
@@ -284,6 +302,11 @@ class Measured(ib.Measured):
 def measure(name, decode=DECODE, inner=None, compile=None) -> Measured:
     """Eager vs ``kvpass.compile(model, backend=kvpass.backend(inner=<recording eager>))`` (or ``compile(model,
     front)``, e.g. stock ``torch.compile``) over a prefill and ``decode`` steps of fresh random inputs."""
+    return measure_model(IDIOMS.get(name) or UNTRACEABLE[name], inputs(name, decode), inner, compile)
+
+
+def measure_model(cls, xs, inner=None, compile=None) -> Measured:
+    """:func:`measure` for any model class ``cls`` (built without arguments) and step inputs ``xs``."""
     import copy
 
     import kvpass
@@ -291,8 +314,6 @@ def measure(name, decode=DECODE, inner=None, compile=None) -> Measured:
     from torch._dynamo.utils import counters
 
     m = Measured()
-    xs = inputs(name, decode)
-    cls = IDIOMS.get(name) or UNTRACEABLE[name]
     m.want = run_steps(cls(), xs)
     m.model = cls()
     rec = RecordingBackend()
@@ -322,7 +343,7 @@ def measure(name, decode=DECODE, inner=None, compile=None) -> Measured:
         log.removeHandler(keep)
         torch._logging.set_logs()
     m.inner = rec.graphs
-    m.breaks = sum(counters["graph_break"].values())
+    m.breaks = max(sum(counters["graph_break"].values()), sum(counters["unimplemented"].values()))
     m.recompiles = recompiles
     return m
 

@@ -30,7 +30,8 @@ pytestmark = pytest.mark.filterwarnings("ignore:To copy construct from a tensor"
 TOL = dict(rtol=1e-5, atol=1e-5)
 
 #: idioms whose positions are unbacked SymInts (``.item()``, ``.tolist()``) that nothing in the code bounds: the
-#: rewrite cannot prove the read inside the buffer and leaves it (exact), with a skip at the user's write
+#: rewrite cannot prove the read inside the buffer and leaves it (exact), with a skip naming the user's write
+#: (``3d_item_position_checked`` states the bounds with ``torch._check`` and is rewritten)
 UNBOUNDED = {"3a_item_position": ["self.k_buf[:, p : p + t] =", "self.v_buf[:, p : p + t] ="],
              "3c_tolist_positions": []}
 
@@ -78,7 +79,8 @@ def test_host_driven_idiom_compiles_to_two_graphs(name):
     assert all(ih.has_attention(g) for g in m.inner), f"{name}: a graph without the attention"
     skips = [s for r in m.reports for s in r.skips]
     if name in UNBOUNDED:
-        assert all("cannot be proven" in s.reason and "idioms_hostdriven.py" in s.source for s in skips), skips
+        assert skips and all(".item() / .tolist()" in s.reason and "idioms_hostdriven.py" in s.source + s.reason
+                             for s in skips), skips
         for line in UNBOUNDED[name]:
             assert any(line in s.source for s in skips), (line, [s.source for s in skips])
         return
@@ -95,8 +97,17 @@ def test_host_driven_idiom_compiles_to_two_graphs(name):
     assert sum(len(r.matches) for r in m.reports) >= 2 * 2, "\n".join(r.format() for r in m.reports)
 
 
+#: Inductor (torch 2.13) generates code that reads an unbacked position it never defined (``NameError: name 'u0'
+#: is not defined``) for a write at an index tensor built from a ``.tolist()`` value; reproduced without kvpass
+#: (``torch.compile(fullgraph=True)`` with ``capture_scalar_outputs``: ``buf[:, torch.full((1,), p)] = k`` for
+#: ``p`` in ``pos.tolist()``)
+INDUCTOR_XFAIL = {"3c_tolist_positions"}
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("name", sorted(ih.IDIOMS))
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.xfail(
+    n in INDUCTOR_XFAIL, reason="Inductor: an unbacked position from .tolist() undefined in its generated code",
+    strict=True)) for n in sorted(ih.IDIOMS)])
 def test_host_driven_idiom_through_inductor_matches_eager(name):
     """``kvpass.compile(model)`` with its defaults (the rewrite inside Inductor): every step, 2 graphs."""
     xs = ih.inputs(name)
@@ -222,3 +233,42 @@ def test_position_from_item_written_anywhere_keeps_its_meaning(pos):
     torch._dynamo.reset()
     got = kvpass.compile(f, backend="eager", fullgraph=True)(torch.from_numpy(buf0.copy()), v, torch.tensor(pos))
     assert torch.equal(got, want)
+
+
+def test_a_gather_of_an_intermediate_is_not_a_cache():
+    """``(x * 2)[idx]`` written and returned is not a reordered cache (no graph input gathered): left alone, nothing
+    reported (no noise)."""
+    def f(x, idx, z):
+        buf = (x * 2)[idx]
+        buf[:, 1:3].copy_(z)
+        return buf, buf[:, :2] + 1
+
+    g = torch.Generator().manual_seed(8)
+    x, z = torch.randn(2, 4, 3, generator=g), torch.randn(2, 2, 3, generator=g)
+    gm, report = kvpass.rewrite(torch.fx.symbolic_trace(f), example_inputs=[x, torch.tensor([1, 0]), z], verify=True)
+    assert not report.matches and not report.skips, report.format()
+
+
+def test_a_gather_of_a_graph_input_kept_is_a_cache():
+    def f(buf, idx, z):
+        buf = buf.index_select(0, idx)
+        buf[:, 1:3].copy_(z)
+        return buf, buf[:, :3] + 1
+
+    g = torch.Generator().manual_seed(9)
+    x, z = torch.randn(2, 4, 3, generator=g), torch.randn(2, 2, 3, generator=g)
+    gm, report = kvpass.rewrite(torch.fx.symbolic_trace(f), example_inputs=[x, torch.tensor([1, 0]), z], verify=True)
+    assert report.matches and not report.skips, report.format()
+
+
+def test_index_tensor_write_into_a_cache_is_not_reported():
+    """A cache written at index tensors the program computes (``k_out[:, input_pos] = k``, gpt-fast) and read back is
+    not a position read back on the host: nothing reported (the skip is for ``.item()`` / ``.tolist()`` positions)."""
+    def f(buf, pos, z):
+        buf.index_put_((pos,), z)
+        return buf[:3] * 1
+
+    g = torch.Generator().manual_seed(10)
+    buf, z = torch.randn(6, 2, 3, generator=g), torch.randn(2, 2, 3, generator=g)
+    gm, report = kvpass.rewrite(torch.fx.symbolic_trace(f), example_inputs=[buf, torch.tensor([1, 2]), z], verify=True)
+    assert not report.skips, report.format()
