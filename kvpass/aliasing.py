@@ -21,7 +21,8 @@ from typing import Any, Sequence
 import torch
 import torch.fx
 
-__all__ = ["meta_value", "is_pure", "writes_an_argument", "state_inputs", "grown_buffers", "reordered_buffers", "scatter_base", "overlapping_inputs", "external_inputs",
+__all__ = ["meta_value", "is_pure", "writes_an_argument", "is_view", "returned_views", "state_inputs", "grown_buffers",
+           "reordered_buffers", "scatter_base", "overlapping_inputs", "external_inputs",
            "copy_together", "aliased_inputs_message", "is_side_effect", "SCATTER_OPS"]
 
 aten = torch.ops.aten
@@ -56,6 +57,41 @@ def writes_an_argument(node: torch.fx.Node) -> bool:
     """An ATen node whose schema marks one of its arguments as written (``copy_``, ``index_put_``, ``out=``)."""
     return node.op == "call_function" and isinstance(node.target, torch._ops.OpOverload) and \
         node.target._schema.is_mutable
+
+
+def is_view(node: Any) -> bool:
+    """A node whose output may share memory with an input: an ATen op whose schema gives its result an alias
+    set and writes nothing (``slice``, ``unbind``, ``view``, ``reshape``, ``alias``, ...), ``_unsafe_view``, or
+    an item of such an op's list result."""
+    import operator
+
+    if not isinstance(node, torch.fx.Node) or node.op != "call_function":
+        return False
+    target = node.target
+    if target is operator.getitem:
+        return is_view(node.args[0])
+    if target is aten._unsafe_view.default:
+        return True
+    return isinstance(target, torch._ops.OpOverload) and not target._schema.is_mutable and \
+        any(r.alias_info is not None for r in target._schema.returns)
+
+
+def returned_views(graph: torch.fx.Graph) -> set:
+    """The nodes whose value the program returns as a view: a graph output reached through views only, and
+    every node on such a chain. Where such a value views a graph input, the caller gets a view of that input
+    (AOTAutograd regenerates it from the input after the call), which shows every later write to the input:
+    its value is not the value the node had in the graph, so no rule may substitute for it."""
+    output = next((n for n in reversed(graph.nodes) if n.op == "output"), None)
+    if output is None:
+        return set()
+    out, todo = set(), [n for n in output.all_input_nodes if is_view(n)]
+    while todo:
+        node = todo.pop()
+        if node not in out:
+            out.add(node)
+            if is_view(node.args[0]):  # a view aliases its first argument (``self``; the list, for an item)
+                todo.append(node.args[0])
+    return out
 
 
 def state_inputs(graph: torch.fx.Graph) -> dict[torch.fx.Node, torch.fx.Node]:

@@ -18,7 +18,7 @@ from torch.fx.experimental.symbolic_shapes import statically_known_true
 from .aliasing import meta_value
 
 __all__ = ["known_le", "known_lt", "known_eq", "known_ne", "sym_value", "norm_dim", "norm_index", "norm_slice",
-           "Emitter", "select_by_position"]
+           "Emitter", "select_by_position", "as_stored"]
 
 aten = torch.ops.aten
 _INT_MAX = 2 ** 62
@@ -294,3 +294,51 @@ def select_by_position(em: Emitter, base_read, value, d: int, a, b, s, e, size):
     for _ in range(vv.dim() - d - 1):
         mask = em.call(aten.unsqueeze.default, mask, -1)
     return em.call(aten.where.self, mask, picked, base_read)
+
+
+#: The float dtypes a compiler may keep at a higher precision between a cast and its use (Inductor computes
+#: fp16/bf16 in float32 and drops a float32 -> fp16 -> float32 pair inside a kernel unless
+#: ``emulate_precision_casts``), each with the integer dtype of its width for a bit-cast.
+_NARROW_FLOATS = {torch.float16: torch.int16, torch.bfloat16: torch.int16}
+for _name in ("float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz", "float8_e5m2fnuz"):
+    if hasattr(torch, _name):
+        _NARROW_FLOATS[getattr(torch, _name)] = torch.uint8
+
+#: Ops whose output holds exactly the elements of their first input (no rounding of their own).
+_MOVES = (aten.slice.Tensor, aten.select.int, aten.permute.default, aten.transpose.int, aten.view.default,
+          aten._unsafe_view.default, aten.reshape.default, aten.unsqueeze.default, aten.squeeze.dim,
+          aten.squeeze.default, aten.squeeze.dims, aten.expand.default, aten.alias.default, aten.clone.default)
+
+
+def _rounded_already(node) -> bool:
+    """Whether ``node``'s elements come from memory or a bit-cast (not from arithmetic a compiler may keep wider:
+    a cast, a ``copy`` into another dtype, a functional write whose pieces are such values)."""
+    while isinstance(node, torch.fx.Node) and node.op == "call_function" and node.target in _MOVES:
+        node = node.args[0]
+    if not isinstance(node, torch.fx.Node) or node.op != "call_function":
+        return True  # a graph input or a constant: loaded from memory
+    return node.target is aten.view.dtype
+
+
+def as_stored(em: Emitter, node):
+    """``node`` as a buffer of its dtype holds it, for a rule that replaces a read of that buffer with ``node``.
+
+    A read of memory sees values rounded to the buffer's dtype; a graph edge may not: Inductor computes fp16 and
+    bf16 values in float32 and, inside one kernel, drops a float32 -> fp16 -> float32 pair (its default
+    ``emulate_precision_casts=False``), so a K written as ``k.to(float16)`` and read back as ``.float()`` would
+    reach attention unrounded. For a narrow float ``node`` computed by arithmetic or a cast, the value is made to
+    pass through its own bits::
+
+        view(view(node, intN), dtype)     # == node, element for element (two bit-casts of one width)
+
+    which every backend must compute in ``dtype`` (a bit-cast needs the bits), so the rounding survives any
+    fusion. ``constant_pad_nd(x)`` is rounded as ``constant_pad_nd(as_stored(x))`` (the pad only adds constants,
+    and ``pad_slice`` still sees the pad). Values loaded from memory, and dtypes no compiler widens, are returned
+    as they are."""
+    v = meta_value(node)
+    if not isinstance(v, torch.Tensor) or v.dtype not in _NARROW_FLOATS or _rounded_already(node):
+        return node
+    if node.target is aten.constant_pad_nd.default:
+        inner = as_stored(em, node.args[0])
+        return node if inner is node.args[0] else em.call(aten.constant_pad_nd.default, inner, *node.args[1:])
+    return em.call(aten.view.dtype, em.call(aten.view.dtype, node, _NARROW_FLOATS[v.dtype]), v.dtype)

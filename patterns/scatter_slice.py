@@ -52,7 +52,13 @@ position; steps other than 1 are not decomposed. When none of the three slice ca
 position and its owner's are two symbols, or a read that overlaps the write partially), the read is selected by
 position when the graph runs (the ``where`` line, ``kvpass.rules.select_by_position``; needs ``s < e`` proven).
 Any other write through a region that cannot be proven inside or outside the read is left as it is, and
-``report.skips`` says so. The scatter itself is never removed: the
+``report.skips`` says so. A read the program *returns* as a view of the buffer (``from_numpy(buf[:, :p])
+.unbind(0)`` returned; ``kvpass.aliasing.returned_views``) is not replaced where it is returned: the caller's
+view shows every later write to the buffer, which no value computed in the graph can. Each piece that stands for
+values the buffer holds is emitted as the buffer holds it: a narrow float (fp16, bf16, fp8) computed in the graph
+passes through its own bits, ``view(view(V, intN), dtype)`` (``= V``; ``kvpass.rules.as_stored``), so a compiler
+that keeps such values wider inside a kernel still rounds them as the write did. The scatter itself is never
+removed: the
 ``copy_`` epilogue still writes the new state, which a later step reads.
 
 Why it is exact: on the functional IR every value is SSA, so ``slice_scatter(B, V, ...)`` *is* the buffer after
@@ -68,11 +74,11 @@ from __future__ import annotations
 import torch
 import torch.fx
 
-from kvpass.aliasing import grown_buffers, meta_value, reordered_buffers, scatter_base, state_inputs
+from kvpass.aliasing import grown_buffers, meta_value, reordered_buffers, returned_views, scatter_base, state_inputs
 from kvpass.engine import Report
 from kvpass.errors import user_source_line
-from kvpass.rules import (Emitter, known_le, known_lt, known_eq, known_ne, norm_dim, norm_index, norm_slice,
-                          select_by_position)
+from kvpass.rules import (Emitter, as_stored, known_le, known_lt, known_eq, known_ne, norm_dim, norm_index,
+                          norm_slice, select_by_position)
 
 NAME = "scatter_slice"
 aten = torch.ops.aten
@@ -80,6 +86,7 @@ aten = torch.ops.aten
 _READS = (aten.slice.Tensor, aten.select.int)
 _VIEWS = (aten.permute.default, aten.transpose.int)
 _DECOMPOSABLE = (aten.slice_scatter.default, aten.select_scatter.default, aten.cat.default, aten.copy.default)
+_STRUCTURE = _DECOMPOSABLE[:3]  # what a read decomposes further (its pieces are rounded, not the whole)
 
 
 class _Undecided(Exception):
@@ -93,6 +100,13 @@ class _Undecided(Exception):
 def _shape(x):
     v = meta_value(x)
     return v.shape if isinstance(v, torch.Tensor) else None
+
+
+def _stored(em, node):
+    """The value a read of the buffer written with ``node`` sees: its plain copy source, as the buffer holds it
+    (rounded to the buffer's dtype whatever the compiler does with casts: :func:`kvpass.rules.as_stored`)."""
+    src = _plain_copy_source(node)
+    return src if getattr(src, "target", None) in _STRUCTURE else as_stored(em, src)
 
 
 def _plain_copy_source(node):
@@ -120,6 +134,7 @@ class ScatterSlice:
             return 0
         count = 0
         created: set = set()
+        returned = returned_views(graph)
         for node in list(graph.nodes):
             if getattr(node, "_erased", False) or node.op != "call_function" or not node.users:
                 continue
@@ -150,6 +165,18 @@ class ScatterSlice:
                 em.discard()
                 continue
             value = self._whole(em, value)
+            if node in returned:  # the caller gets a view of the buffer: it must show later writes too
+                kept = [u.name for u in node.users if u in returned]
+                replaced = node.replace_all_uses_with(value, delete_user_cb=lambda user: user not in returned)
+                em.discard()  # what no replaced use needs
+                if src not in created:
+                    report.add_skip(NAME, _write_of(src), "the read is returned as a view of the buffer, which "
+                                    "shows every later write to it: left a read for " + ", ".join(kept))
+                    if replaced:
+                        count += 1
+                        report.add_match(NAME, [node, src], anchor=_write_of(src),
+                                         detail=f"read: {_describe(value)} (not where it is returned)")
+                continue
             node.replace_all_uses_with(value)
             graph.erase_node(node)
             if src not in created:
@@ -185,7 +212,7 @@ class ScatterSlice:
     def slice_of(self, em: Emitter, src, d, a, b, top=False):
         """The value of ``src[d][a:b]`` (bounds already normalized), decomposed where provable."""
         if not top:
-            src = _plain_copy_source(src)
+            src = _stored(em, src)
             if known_eq(a, 0) and known_eq(b, _shape(src)[d]):
                 return self._whole(em, src)
         t = getattr(src, "target", None)
@@ -209,10 +236,10 @@ class ScatterSlice:
     def select_of(self, em: Emitter, src, d, i, top=False):
         """The value of ``src.select(d, i)``, decomposed where provable."""
         if not top:
-            src = _plain_copy_source(src)
+            src = _stored(em, src)
         t = getattr(src, "target", None)
         if t is aten.unsqueeze.default and norm_dim(src.args[1], len(_shape(src))) == d and known_eq(i, 0):
-            return self._whole(em, _plain_copy_source(src.args[0]))  # select(unsqueeze(x, d), d, 0) = x
+            return self._whole(em, _stored(em, src.args[0]))  # select(unsqueeze(x, d), d, 0) = x
         try:
             if t is aten.slice_scatter.default:
                 base, value, d2, s, e = self._slice_scatter_args(src)
@@ -228,7 +255,7 @@ class ScatterSlice:
                 base, value, d2, j = self._select_scatter_args(src)
                 if d2 == d:
                     if known_eq(i, j):
-                        return _plain_copy_source(value)
+                        return _stored(em, value)
                     if known_ne(i, j):
                         return self.select_of(em, base, d, i)
                     raise _Undecided("the read's index cannot be proven equal or unequal to the written one")
@@ -325,7 +352,7 @@ class ScatterSlice:
         try:
             base, value, d2, s, e = self._slice_scatter_args(src)
             if d2 == d:
-                out = select_by_position(em, self.slice_of(em, base, d, a, b), _plain_copy_source(value), d, a, b,
+                out = select_by_position(em, self.slice_of(em, base, d, a, b), _stored(em, value), d, a, b,
                                          s, e, _shape(src)[d])
                 if out is not None:
                     return out
@@ -347,7 +374,7 @@ class ScatterSlice:
             return self.slice_of(em, base, d, a, b)
         if known_le(a, j) and known_lt(j, b):
             pieces = [] if known_eq(a, j) else [self.slice_of(em, base, d, a, j)]
-            pieces.append(em.call(aten.unsqueeze.default, _plain_copy_source(value), d))
+            pieces.append(em.call(aten.unsqueeze.default, _stored(em, value), d))
             j1 = em.add(j, 1)
             if not known_eq(j1, b):
                 pieces.append(self.slice_of(em, base, d, j1, b))
@@ -388,7 +415,7 @@ class ScatterSlice:
         if t is aten.slice_scatter.default:
             base, value, d, s, e = self._slice_scatter_args(src)
             return em.call(aten.slice_scatter.default, em.call(aten.permute.default, base, perm),
-                           em.call(aten.permute.default, _plain_copy_source(value), perm), perm.index(d), s, e)
+                           em.call(aten.permute.default, _stored(em, value), perm), perm.index(d), s, e)
         return None
 
 
@@ -400,7 +427,7 @@ class ScatterSlice:
         if node.target is aten.alias.default:
             if src.target is aten.copy.default:  # the whole buffer written, then read
                 value = _plain_copy_source(src)
-                return value if value is not src else None
+                return as_stored(em, value) if value is not src else None
             if src.target not in (aten.select_scatter.default, aten.slice_scatter.default):
                 return None
             return self._read_whole(em, src)

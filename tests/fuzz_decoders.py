@@ -167,6 +167,33 @@ def normalize_12(o):
 
 # ---- end of issue 12, part C ---------------------------------------------------------------------------------
 
+# ---- buffer dtypes: a host buffer of another dtype than the model's --------------------------------------------
+# ``buffer_dtype``: the numpy buffer (or host tensor) is float16, float32 or float64 whatever the model's dtype
+# (``model``: the same), bfloat16 for host tensors (numpy has none): the write rounds or widens K/V
+# (``buf[...] = k.cpu().numpy()`` casts), the read converts back to the model's dtype. Through Inductor a rewrite
+# that fed attention the written value without the buffer's rounding would show here (fp16 and bf16 keep 11 and 8
+# bits). A grown (``concat``) history keeps the model's dtype (``np.concatenate`` would promote it).
+
+BUFFER_DTYPES = ("float16", "model", "bfloat16", "float64", "float32")  # narrow first: drawn most
+
+
+def normalize_buffer_dtype(o):
+    """bfloat16 only for host tensors; a grown history in the model's dtype."""
+    if o.store in ("concat", "device") or (o.buffer_dtype == "bfloat16" and o.host_value != "tensor"):
+        return dataclasses.replace(o, buffer_dtype="model")
+    return o
+
+
+def buffer_dtype(idiom, model_dtype: torch.dtype) -> torch.dtype:
+    """The torch dtype of the cache's host buffer (numpy buffers: bfloat16 models go through float32)."""
+    if idiom.buffer_dtype != "model":
+        return getattr(torch, idiom.buffer_dtype)
+    if model_dtype == torch.bfloat16 and idiom.host_value != "tensor":
+        return torch.float32
+    return model_dtype
+
+# ---- end of buffer dtypes --------------------------------------------------------------------------------------
+
 
 @dataclasses.dataclass(frozen=True)
 class OwnerIdiom:
@@ -188,6 +215,7 @@ class OwnerIdiom:
     reread: bool = False  # the owner's history read again after the followers ran
     np_layout: str = "none"  # issue 12A: numpy layout ops between device and buffer (NP_LAYOUTS_12)
     host_value: str = "numpy"  # issue 12C: what the cache holds on the host (HOST_VALUES_12)
+    buffer_dtype: str = "model"  # the host buffer's dtype (BUFFER_DTYPES)
 
     def extras(self) -> str:
         """The issue-11 flags that are set, for a case id."""
@@ -195,7 +223,8 @@ class OwnerIdiom:
                "out=" if self.write_via == "out" else "", f"hist={self.hist_op}" if self.hist_op != "none" else "",
                "late" if self.late_write else "", self.hist_edit if self.hist_edit != "none" else "",
                "reread" if self.reread else "", f"np={self.np_layout}" if self.np_layout != "none" else "",
-               self.host_value if self.host_value != "numpy" else ""]
+               self.host_value if self.host_value != "numpy" else "",
+               f"buf={self.buffer_dtype}" if self.buffer_dtype != "model" else ""]
         return "".join("/" + x for x in out if x)
 
 
@@ -277,7 +306,8 @@ owner_idioms = st.builds(OwnerIdiom, store=st.sampled_from(STORES), layout=st.sa
                          to_host=st.sampled_from(TO_HOST), to_device=st.sampled_from(TO_DEVICE),
                          int_index_decode=st.booleans(), k_hop=st.booleans(),
                          np_layout=st.sampled_from(NP_LAYOUTS_12),
-                         host_value=st.sampled_from(("numpy",) + HOST_VALUES_12)).map(normalize_12)
+                         host_value=st.sampled_from(("numpy",) + HOST_VALUES_12),
+                         buffer_dtype=st.sampled_from(BUFFER_DTYPES)).map(normalize_12).map(normalize_buffer_dtype)
 
 
 @st.composite
@@ -366,7 +396,9 @@ class OwnerCache:
     def __init__(self, idiom: OwnerIdiom, kv_heads: int, max_len: int, head_dim: int, dtype: torch.dtype, seed: int):
         self.idiom, self.head_dim, self.pos, self.step_start = idiom, head_dim, 0, None
         self.dtype = dtype
-        self.np_dtype = np_dtype = torch.empty(0, dtype=dtype if dtype != torch.bfloat16 else torch.float32).numpy().dtype
+        self.buffer_dtype = buffer_dtype(idiom, dtype)
+        self.np_dtype = np_dtype = torch.empty(0, dtype=self.buffer_dtype if self.buffer_dtype != torch.bfloat16
+                                               else torch.float32).numpy().dtype
         self.extra: list = []
         rng = np.random.default_rng(seed)
         if idiom.store == "device":  # no round trip at all: device tensors grown with torch.cat
@@ -387,7 +419,7 @@ class OwnerCache:
             self.k, self.v = ((rng.integers(-128, 128, shape).astype(np.int8),
                                rng.standard_normal(shape[:-1] + (1,)).astype(np_dtype)) for _ in "kv")
         elif idiom.host_value == "tensor":  # issue 12C: host tensors of the model's dtype
-            self.k, self.v = torch.from_numpy(self.k).to(dtype), torch.from_numpy(self.v).to(dtype)
+            self.k, self.v = (torch.from_numpy(x).to(self.buffer_dtype) for x in (self.k, self.v))
         if idiom.workspace:  # a device workspace, poisoned too
             self.ws = torch.from_numpy(rng.standard_normal((kv_heads, max_len, head_dim)).astype(np_dtype))
 

@@ -183,7 +183,8 @@ class _Run:
             else:
                 self.state[n] = [(o[0] or own[0], o[1]) for o in outs]
             return changed
-        if n.opname == "getitem" and n.args and isinstance(self.state.get(n.args[0]), list):
+        if n.opname == "getitem" and n.args and isinstance(n.args[0], Node) and \
+                isinstance(self.state.get(n.args[0]), list):
             parts = self.state[n.args[0]]
             i = n.args[1] if len(n.args) > 1 else None
             self.state[n] = parts[i] if isinstance(i, int) and -len(parts) <= i < len(parts) else _union(parts)

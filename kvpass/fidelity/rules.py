@@ -355,8 +355,8 @@ def dangling_kv(program: Program, df: Dataflow, const_findings: list[Finding]) -
             candidates[n] = chain
     out = []
     for n, chain in candidates.items():
-        if n.args and n.args[0] in candidates:
-            continue  # report the head of a chain once
+        if any(x in candidates for _, _, x in n.tensor_args()):
+            continue  # report the head of a chain once (an input may be a list: cat, stack)
         pair = next((f for f in const_findings if f.dtype == n.dtype and _same_but_one(f.shape, n.shape)), None)
         if pair is None:
             continue
