@@ -21,7 +21,8 @@ trace (``torch.compile(..., backend="kvpass")`` imports the backend before traci
   :func:`traceable_ndarray_getattr` answers with the numpy dtype of the traced tensor, a constant: a tensor's dtype
   is fixed while a graph runs (Dynamo guards on every input's dtype and the rest follow from them).
   ``a.astype(dtype, copy=False)`` (``torch._numpy`` raises ``NotImplementedError``, a graph break) goes through
-  :func:`traceable_astype`: ``a`` itself where the dtype is already ``dtype`` (numpy's meaning), else a copy.
+  :func:`traceable_astype`: ``a`` itself where the dtype is already ``dtype`` (numpy's meaning), else a copy;
+  and ``a.astype(a.dtype)`` a copy (stock ``torch._numpy`` returns ``a`` itself: an edit of the copy reached ``a``).
 - a position read back from a tensor (``int(pos_t.item())``, ``input_pos[0].item()`` + ``narrow``,
   ``input_pos.tolist()``): stock Dynamo breaks the graph at ``.item()`` and specializes the Python int it gets
   back (a graph per position until automatic dynamic shapes catch up, the cache split over several graphs).
@@ -232,15 +233,21 @@ def _numpy_dtype(dtype: torch.dtype):
 
 
 def traceable_astype(self, dtype, order="K", casting="unsafe", subok=True, copy=True):
-    """``torch._numpy.ndarray.astype`` with ``copy=False`` (numpy: the array itself where it already has ``dtype``,
-    else a converted copy); every other call goes to the original unchanged."""
+    """``torch._numpy.ndarray.astype`` with numpy's meaning: ``copy=False`` is the array itself where it already has
+    ``dtype`` (``torch._numpy`` raises ``NotImplementedError``), else a converted copy; ``copy=True`` (the default)
+    at the array's own dtype is a copy (``torch._numpy`` returns ``tensor.to(dtype)``, the array itself: a write
+    into the "copy" reached the original, unlike numpy). Other calls go to the original unchanged."""
     original = _ORIGINAL["astype"]
-    if copy is False and order == "K" and casting == "unsafe" and subok:
+    if order == "K" and casting == "unsafe" and subok:
         from torch._numpy import _dtypes
 
-        if _dtypes.dtype(dtype).torch_dtype == self.tensor.dtype:
-            return self
-        copy = True
+        same = _dtypes.dtype(dtype).torch_dtype == self.tensor.dtype
+        if copy is False:
+            if same:
+                return self
+            copy = True
+        elif same:  # torch._numpy's astype returns ``tensor.to(dtype)``: the array itself, not numpy's copy
+            return type(self)(self.tensor.clone())
     return original(self, dtype, order, casting, subok, copy)
 
 

@@ -216,6 +216,23 @@ def test_astype_copy_false_is_the_array_or_a_cast():
         assert g.dtype == w.dtype and torch.equal(g, w), (g, w)
 
 
+def test_astype_at_the_same_dtype_is_a_copy():
+    """``b = a.astype(a.dtype); b[0] = 7``: numpy copies, ``a`` is unchanged (stock ``torch._numpy`` returned ``a``
+    itself and the compiled function changed ``a``)."""
+    def f(x):
+        a = x.numpy()
+        b = a.astype(np.float32)
+        b[0] = 7.0
+        return torch.from_numpy(a) * 1, torch.from_numpy(b) * 1
+
+    x = torch.tensor([1.5, -2.5, 3.0])
+    want = f(x.clone())
+    torch._dynamo.reset()
+    got = kvpass.compile(f, backend="eager", fullgraph=True)(x.clone())
+    for g, w in zip(got, want):
+        assert torch.equal(g, w), (g, w)
+
+
 @pytest.mark.parametrize("pos", [3, -2, 0])
 def test_position_from_item_written_anywhere_keeps_its_meaning(pos):
     """A position from ``.item()`` whose range nothing bounds, written with ``buf[:, p] = v`` into a numpy buffer:
