@@ -21,7 +21,8 @@ from typing import Any, Sequence
 import torch
 import torch.fx
 
-__all__ = ["meta_value", "is_pure", "writes_an_argument", "is_view", "returned_views", "state_inputs", "grown_buffers", "scatter_base", "overlapping_inputs", "external_inputs",
+__all__ = ["meta_value", "is_pure", "writes_an_argument", "is_view", "returned_views", "state_inputs", "grown_buffers",
+           "reordered_buffers", "scatter_base", "overlapping_inputs", "external_inputs",
            "copy_together", "aliased_inputs_message", "is_side_effect", "SCATTER_OPS"]
 
 aten = torch.ops.aten
@@ -116,6 +117,23 @@ def grown_buffers(graph: torch.fx.Graph) -> set:
     output = next((n for n in reversed(graph.nodes) if n.op == "output"), None)
     roots = [scatter_base(value) or value for value in (output.all_input_nodes if output is not None else ())]
     return {root for root in roots if grown(root)}
+
+
+#: Gathers along one dim: a beam reorder, ``np.take(buf, beam_idx, axis=0)``, ``buf[beam_idx]``,
+#: ``buf.index_select(0, beam_idx)``.
+_GATHERS = (aten.index.Tensor, aten.index_select.default)
+
+
+def reordered_buffers(graph: torch.fx.Graph) -> set:
+    """Buffers reordered from a graph input in this step and kept: a gather of a graph input's rows
+    (``index_select`` / ``index`` with index tensors, a beam reorder ``buf = np.take(buf, beam_idx, axis=0)``) whose
+    value, or a chain of functional writes into it, is a graph output (the program stores it in place of ``buf``).
+    Like :func:`state_inputs` and :func:`grown_buffers`, the program's state after the step."""
+    output = next((n for n in reversed(graph.nodes) if n.op == "output"), None)
+    roots = [scatter_base(value) or value for value in (output.all_input_nodes if output is not None else ())]
+    return {root for root in roots if isinstance(root, torch.fx.Node) and root.op == "call_function"
+            and root.target in _GATHERS and isinstance(root.args[0], torch.fx.Node)
+            and root.args[0].op == "placeholder"}
 
 
 #: Views a chain of writes may go through and still be the same buffer's state (a reshape of a flat buffer).

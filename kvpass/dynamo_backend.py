@@ -176,36 +176,11 @@ def backend(inner="inductor", patterns: Sequence | None = None, on_report: Calla
         pre = engine.Report()
         for pattern in torch_level:
             engine.apply_rule(gm, pattern, pre)
-        if inner == "inductor":
-            from torch._inductor.compile_fx import compile_fx
-
-            from .inductor_pass import KVPassInductorPass
-
-            if aten_level:
-                reported: list = []
-
-                def inductor_report(r):
-                    reported.append(r)
-                    report_to_user(_merged(pre, r))
-
-                # Inductor's caches skip post-grad passes on a hit: keep the graph to report from then
-                kept = copy.deepcopy(gm) if on_report is not None else None
-                aten_pass = KVPassInductorPass(aten_level, inductor_report)
-                patches = _inductor_patches(aten_pass, mode, options, kwargs.get("dynamic"))
-                compiled = compile_fx(gm, example_inputs, config_patches=patches)
-                if kept is not None and not reported:
-                    _, r = engine.rewrite(kept, patterns=aten_level)  # same rules, same graph: the cached report
-                    if r.matches or r.skips:
-                        report_to_user(_merged(pre, r))
-            else:  # only torch-level rules (store_loop): nothing to add to Inductor's passes
-                report_to_user(pre)
-                compiled = compile_fx(gm, example_inputs,
-                                      config_patches=_inductor_patches(None, mode, options, kwargs.get("dynamic")))
-        else:
+        def through_aot(inner_name, gm):
             from torch._dynamo.backends.common import aot_autograd
             from functorch.compile import make_boxed_func
 
-            compile_inner = _inner_compiler(inner)
+            compile_inner = _inner_compiler(inner_name)
 
             def forward_compiler(fw: torch.fx.GraphModule, fw_inputs):
                 fw, report = engine.rewrite(fw, patterns=aten_level)
@@ -213,12 +188,81 @@ def backend(inner="inductor", patterns: Sequence | None = None, on_report: Calla
                 out = compile_inner(fw, fw_inputs)
                 return out if getattr(out, "_boxed_call", False) else make_boxed_func(out)
 
-            compiled = aot_autograd(fw_compiler=forward_compiler, keep_inference_input_mutations=True)(
+            return aot_autograd(fw_compiler=forward_compiler, keep_inference_input_mutations=True)(
                 gm, example_inputs)
+
+        if inner == "inductor":
+            backup = copy.deepcopy(gm) if _reads_back_positions(gm) else None
+            try:
+                from torch._inductor.compile_fx import compile_fx
+
+                from .inductor_pass import KVPassInductorPass
+
+                if aten_level:
+                    reported: list = []
+
+                    def inductor_report(r):
+                        reported.append(r)
+                        report_to_user(_merged(pre, r))
+
+                    # Inductor's caches skip post-grad passes on a hit: keep the graph to report from then
+                    kept = copy.deepcopy(gm) if on_report is not None else None
+                    aten_pass = KVPassInductorPass(aten_level, inductor_report)
+                    patches = _inductor_patches(aten_pass, mode, options, kwargs.get("dynamic"))
+                    compiled = compile_fx(gm, example_inputs, config_patches=patches)
+                    if kept is not None and not reported:
+                        _, r = engine.rewrite(kept, patterns=aten_level)  # same rules, same graph: the cached report
+                        if r.matches or r.skips:
+                            report_to_user(_merged(pre, r))
+                else:  # only torch-level rules (store_loop): nothing to add to Inductor's passes
+                    report_to_user(pre)
+                    compiled = compile_fx(gm, example_inputs,
+                                          config_patches=_inductor_patches(None, mode, options, kwargs.get("dynamic")))
+            except Exception as e:  # noqa: BLE001 - only Inductor's data-dependent guards are handled
+                if backup is None or not _data_dependent(e):
+                    raise
+                _warn_without_inductor(backup)
+                compiled = through_aot("eager", backup)
+        else:
+            compiled = through_aot(inner, gm)
         return _guard_aliased_inputs(compiled, traced.forward, traced, example_inputs)
 
     kvpass_compile.__name__ = "kvpass"
     return kvpass_compile
+
+
+def _reads_back_positions(gm: torch.fx.GraphModule) -> bool:
+    """Whether the graph reads values back from tensors (``.item()`` / ``.tolist()``: unbacked SymInts)."""
+    return any(n.op == "call_method" and n.target in ("item", "tolist") or n.op == "call_function" and
+               getattr(n.target, "__name__", "") in ("item", "_local_scalar_dense") for n in gm.graph.nodes)
+
+
+def _data_dependent(e: BaseException) -> bool:
+    """Whether ``e`` (or what caused it) is a guard on a data-dependent value (``GuardOnDataDependentSymNode``)."""
+    from torch.fx.experimental.symbolic_shapes import GuardOnDataDependentSymNode
+
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, GuardOnDataDependentSymNode) or "GuardOnDataDependentSymNode" in str(e)[:2000]:
+            return True
+        e = e.__cause__ or e.__context__
+    return False
+
+
+def _warn_without_inductor(gm: torch.fx.GraphModule) -> None:
+    """Warn once per user line that a graph whose sizes depend on a position read back from a tensor runs
+    without Inductor (its lowering guards on that value, which has no known range)."""
+    node = next((n for n in gm.graph.nodes if n.op == "call_method" and n.target in ("item", "tolist")), None)
+    line = user_source_line(node) if node is not None else "?"
+    if ("without inductor", line) in _warned:
+        return
+    _warned.add(("without inductor", line))
+    warnings.warn(
+        f"kvpass: sizes depend on a position read back from a tensor at {line}, whose range nothing states; "
+        "Inductor cannot compile that graph, so it runs through AOTAutograd without Inductor (same results). "
+        "State the range where the position is read back (torch._check(pos >= 0), torch._check(pos + t <= "
+        "buf.shape[d])) to compile it.", KVPassWarning, stacklevel=2)
 
 
 def _merged(pre: "engine.Report", report: "engine.Report") -> "engine.Report":

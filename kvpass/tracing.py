@@ -16,6 +16,25 @@ trace (``torch.compile(..., backend="kvpass")`` imports the backend before traci
   (``__index__``): a guard ``pos == 4`` and one graph per decode position. :func:`traceable_tensor_setitem` writes
   the same elements through ``slice(i, i + 1)`` instead (guarded ``0 <= i < size``, where the two agree), so the
   position stays symbolic.
+- ``ndarray.dtype`` of a traced numpy array (``a.astype(buf.dtype)``, ``np.zeros(shape, a.dtype)``, ``if a.dtype !=
+  buf.dtype``): stock Dynamo breaks the graph there (the cache's write and read then run outside any graph).
+  :func:`traceable_ndarray_getattr` answers with the numpy dtype of the traced tensor, a constant: a tensor's dtype
+  is fixed while a graph runs (Dynamo guards on every input's dtype and the rest follow from them).
+  ``a.astype(dtype, copy=False)`` (``torch._numpy`` raises ``NotImplementedError``, a graph break) goes through
+  :func:`traceable_astype`: ``a`` itself where the dtype is already ``dtype`` (numpy's meaning), else a copy;
+  and ``a.astype(a.dtype)`` a copy (stock ``torch._numpy`` returns ``a`` itself: an edit of the copy reached ``a``).
+- a position read back from a tensor (``int(pos_t.item())``, ``input_pos[0].item()`` + ``narrow``,
+  ``input_pos.tolist()``): stock Dynamo breaks the graph at ``.item()`` and specializes the Python int it gets
+  back (a graph per position until automatic dynamic shapes catch up, the cache split over several graphs).
+  ``capture_scalar_outputs`` (in :data:`DYNAMO_CONFIG`) makes it an unbacked SymInt instead, one graph for
+  every position; :func:`integer_item_only` keeps the stock graph break for ``.item()`` of floating-point and
+  boolean tensors (a loss, a flag: not positions), so the switch reaches integer positions only. Writes at such
+  a position go through :func:`traceable_tensor_setitem` (an index tensor where the range is not known).
+- K/V kept as ``bytes`` (``a.tobytes()``, rebuilt with ``np.frombuffer``): stock Dynamo graph-breaks at
+  ``tobytes`` and guards on the bytes' value (a recompile every step), and crashes (``AssertionError: Expected
+  np.nditer base``) where it wraps an array over bytes. :func:`untraceable_ndarray_call` and
+  :func:`untraceable_ndarray` warn once, in one line naming the user's line and the idiom, and have Dynamo run
+  that function eagerly.
 """
 
 from __future__ import annotations
@@ -26,11 +45,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-__all__ = ["traceable_np_pad", "traceable_tensor_setitem", "install_traceable", "uninstall_traceable", "traceable_installed",
-           "tracing_context", "stock_tracing", "install_process_wide", "DYNAMO_CONFIG"]
+__all__ = ["traceable_np_pad", "traceable_tensor_setitem", "traceable_ndarray_getattr", "traceable_astype",
+           "untraceable_ndarray", "untraceable_ndarray_call", "integer_item_only", "install_traceable",
+           "uninstall_traceable", "traceable_installed", "tracing_context", "stock_tracing", "install_process_wide", "DYNAMO_CONFIG"]
 
 # Dynamo config kvpass.compile puts in force while tracing.
-DYNAMO_CONFIG = {"allow_unspec_int_on_nn_module": True}
+DYNAMO_CONFIG = {"allow_unspec_int_on_nn_module": True, "capture_scalar_outputs": True}
 
 
 def _tnp_map() -> dict:
@@ -143,13 +163,41 @@ def _size_one_dims(value, afters):
     return value
 
 
+def _unbacked_index_as_tensor(shape, index, device):
+    """``(key, afters)`` such that ``tensor[key] = _size_one_dims(value, afters)`` writes the elements
+    ``tensor[index] = value`` writes, for an index whose one integer is an unbacked SymInt ``u`` (a position read
+    back with ``.item()`` / ``.tolist()``) among slices: ``u`` becomes the index tensor ``[u]`` (one advanced index
+    keeps its dim in place, with size 1; negative counts from the end and out of range raises, as for ``u``).
+    Stock indexing calls ``__index__`` on ``u``: a data-dependent error. ``None`` for any other index."""
+    from torch.fx.experimental.symbolic_shapes import free_unbacked_symbols
+
+    key = index if isinstance(index, tuple) else (index,)
+    ints = [i for i in key if _int_index(i)]
+    if len(ints) != 1 or not isinstance(ints[0], torch.SymInt) or not free_unbacked_symbols(ints[0]) or not all(
+            _int_index(i) or isinstance(i, slice) or i is Ellipsis for i in key) or sum(i is Ellipsis for i in key) > 1:
+        return None
+    ndim, consumed = len(shape), sum(i is not Ellipsis for i in key)
+    if consumed > ndim:
+        return None
+    full = []
+    for i in key:
+        full += [slice(None)] * (ndim - consumed) if i is Ellipsis else [i]
+    full += [slice(None)] * (ndim - len(full))
+    d = next(d for d, i in enumerate(full) if _int_index(i))
+    full[d] = torch.full((1,), full[d], dtype=torch.long, device=device)
+    return tuple(full), [ndim - d - 1]
+
+
 def traceable_tensor_setitem(self, index, value):
     """``torch.Tensor.__setitem__`` that keeps a symbolic integer index symbolic: ``buf[:, pos] = v`` into a
     tensor (a host tensor cache, or any cache tensor) reads ``pos`` as a Python int in stock torch (``__index__``
     in the C++ indexing: a guard ``pos == 4`` and one graph per decode position). Written through
-    ``slice(i, i + 1)`` instead where :func:`_symint_index_as_slices` proves they write the same elements; every
-    other write (all eager ones: no SymInt outside tracing) goes to the original unchanged."""
+    ``slice(i, i + 1)`` instead where :func:`_symint_index_as_slices` proves they write the same elements, and an
+    unbacked position whose range is not known (``.item()``) through an index tensor
+    (:func:`_unbacked_index_as_tensor`); every other write (all eager ones: no SymInt outside tracing) goes to the original unchanged."""
     converted = _symint_index_as_slices(self.shape, index) if isinstance(index, (tuple, torch.SymInt)) else None
+    if converted is None and isinstance(index, (tuple, torch.SymInt)):
+        converted = _unbacked_index_as_tensor(self.shape, index, self.device)
     if converted is None:
         return _TENSOR_SETITEM(self, index, value)
     key, afters = converted
@@ -159,9 +207,127 @@ def traceable_tensor_setitem(self, index, value):
 _TENSOR_SETITEM = torch._C.TensorBase.__setitem__
 
 
+def integer_item_only(self, tx, *args, **kwargs):
+    """Dynamo's ``TensorVariable.method_item`` with ``capture_scalar_outputs`` in force for integer tensors only:
+    ``.item()`` of a floating-point, complex or boolean tensor gets the stock behaviour without the switch (a graph
+    break), whatever the switch says."""
+    dtype = getattr(self, "dtype", None)
+    if dtype is not None and (dtype.is_floating_point or dtype.is_complex or dtype is torch.bool):
+        with torch._dynamo.config.patch(capture_scalar_outputs=False):
+            return _ORIGINAL["item"](self, tx, *args, **kwargs)
+    return _ORIGINAL["item"](self, tx, *args, **kwargs)
+
+
+def _ndarray_variable():
+    from torch._dynamo.variables.tensor import NumpyNdarrayVariable
+
+    return NumpyNdarrayVariable
+
+
+def _numpy_dtype(dtype: torch.dtype):
+    """The numpy dtype ``tensor.numpy()`` would have, or ``None`` where numpy has none (bfloat16, ...)."""
+    try:
+        return torch.empty((), dtype=dtype).numpy().dtype
+    except (TypeError, RuntimeError):
+        return None
+
+
+def traceable_astype(self, dtype, order="K", casting="unsafe", subok=True, copy=True):
+    """``torch._numpy.ndarray.astype`` with numpy's meaning: ``copy=False`` is the array itself where it already has
+    ``dtype`` (``torch._numpy`` raises ``NotImplementedError``), else a converted copy; ``copy=True`` (the default)
+    at the array's own dtype is a copy (``torch._numpy`` returns ``tensor.to(dtype)``, the array itself: a write
+    into the "copy" reached the original, unlike numpy). Other calls go to the original unchanged."""
+    original = _ORIGINAL["astype"]
+    if order == "K" and casting == "unsafe" and subok:
+        from torch._numpy import _dtypes
+
+        same = _dtypes.dtype(dtype).torch_dtype == self.tensor.dtype
+        if copy is False:
+            if same:
+                return self
+            copy = True
+        elif same:  # torch._numpy's astype returns ``tensor.to(dtype)``: the array itself, not numpy's copy
+            return type(self)(self.tensor.clone())
+    return original(self, dtype, order, casting, subok, copy)
+
+
+_warned_lines: set = set()
+
+
+def _cannot_be_made_writeable(value) -> bool:
+    """A read-only numpy array whose memory belongs to an immutable object (``np.frombuffer(b)`` of ``bytes``):
+    Dynamo's ``wrap_numpy_ndarray`` asserts on these (it only expects ``np.nditer`` bases). Probed on a view, so
+    ``value``'s own flags are left as they are."""
+    if not isinstance(value, np.ndarray) or value.flags.writeable:
+        return False
+    try:
+        value.view().flags.writeable = True
+    except ValueError:
+        return not isinstance(value.base, np.nditer)
+    return False
+
+
+def _run_eagerly(tx, idiom: str, why: str):
+    """Warn once per user line (``kvpass.KVPassWarning``, one line: the user's line and the idiom) and have Dynamo
+    run the function being traced eagerly (``skip_frame``: it has not run yet, and Dynamo does not trace it again;
+    the functions it calls are traced on their own)."""
+    import linecache
+    import warnings
+
+    from torch._dynamo.exc import unimplemented
+
+    from .errors import KVPassWarning
+
+    code, lineno = tx.f_code, getattr(tx, "lineno", None)
+    where = f"{code.co_filename}:{lineno}"
+    text = linecache.getline(code.co_filename, lineno).strip() if lineno else ""
+    if where not in _warned_lines:
+        _warned_lines.add(where)
+        warnings.warn(f"kvpass: {idiom} at {where}: {text}: {why}; this function runs eagerly (keep K/V as an "
+                      "array or a tensor to compile it).", KVPassWarning, stacklevel=2)
+    unimplemented(gb_type=f"kvpass: {idiom}", context=where, explanation=why, hints=[], skip_frame=True)
+
+
+def untraceable_ndarray(self, value):
+    """Dynamo's ``VariableBuilder.wrap_numpy_ndarray``, except for an array over a ``bytes`` object (stock Dynamo:
+    ``AssertionError: Expected np.nditer base``): :func:`_run_eagerly`. Every other array goes to the original."""
+    if _cannot_be_made_writeable(value):
+        _run_eagerly(self.tx, "K/V rebuilt from bytes (np.frombuffer of a bytes object)",
+                     "Dynamo cannot trace an array over bytes")
+    return _ORIGINAL["wrap_numpy_ndarray"](self, value)
+
+
+def untraceable_ndarray_call(self, tx, name, args, kwargs):
+    """Dynamo's ``NumpyNdarrayVariable.call_method``, except ``a.tobytes()`` / ``a.tostring()`` of a traced array
+    (stock: a graph break, then a guard on the bytes' value in the function that resumes: a recompile every
+    step): :func:`_run_eagerly`. Every other method goes to the original."""
+    if name in ("tobytes", "tostring"):
+        _run_eagerly(tx, f"K/V kept as bytes (ndarray.{name}())",
+                     "Dynamo guards on the value of bytes (a recompile for every new K/V)")
+    return _ORIGINAL["ndarray_call"](self, tx, name, args, kwargs)
+
+
+def traceable_ndarray_getattr(self, tx, name):
+    """Dynamo's ``NumpyNdarrayVariable.var_getattr`` with ``dtype`` answered: the numpy dtype of the traced tensor
+    behind the array, as the constant numpy dtype Dynamo already traces (``np.dtype(...)`` objects: comparisons,
+    ``.itemsize``, ``.name``, passing it to ``astype`` / ``np.zeros``). Every other attribute, and a dtype numpy
+    has no name for, goes to the original (a graph break for ``dtype``, as in stock torch)."""
+    if name == "dtype":
+        value = self.as_proxy().node.meta.get("example_value")
+        np_dtype = _numpy_dtype(value.dtype) if isinstance(value, torch.Tensor) else None
+        if np_dtype is not None:
+            from torch._dynamo.variables.misc import NumpyDTypeVariable
+
+            return NumpyDTypeVariable(np_dtype)
+    return _ORIGINAL["ndarray_getattr"](self, tx, name)
+
+
 def install_traceable() -> None:
-    """Make Dynamo trace ``np.pad`` through :func:`traceable_np_pad` and tensor writes (numpy writes among them)
-    through :func:`traceable_tensor_setitem` (idempotent, process-wide).
+    """Make Dynamo trace ``np.pad`` through :func:`traceable_np_pad`, tensor writes (numpy writes among them)
+    through :func:`traceable_tensor_setitem`, ``ndarray.dtype`` through :func:`traceable_ndarray_getattr` and
+    ``ndarray.astype(..., copy=False)`` through :func:`traceable_astype`, ``.item()`` captured for integer tensors
+    only (:func:`integer_item_only`); K/V kept as ``bytes`` is named and run
+    eagerly (:func:`untraceable_ndarray_call`, :func:`untraceable_ndarray`) (idempotent, process-wide).
 
     Safe to leave installed: each computes what the original computes and defers to it otherwise.
     """
@@ -172,6 +338,28 @@ def install_traceable() -> None:
     if torch.Tensor.__dict__.get("__setitem__") is not traceable_tensor_setitem:
         _ORIGINAL.setdefault("tensor_setitem", torch.Tensor.__dict__.get("__setitem__"))
         torch.Tensor.__setitem__ = traceable_tensor_setitem
+    from torch._dynamo.variables.tensor import TensorVariable
+
+    if TensorVariable.__dict__.get("method_item") is not integer_item_only:
+        _ORIGINAL.setdefault("item", TensorVariable.__dict__["method_item"])
+        TensorVariable.method_item = integer_item_only
+    nd = _ndarray_variable()
+    if nd.__dict__.get("var_getattr") is not traceable_ndarray_getattr:
+        _ORIGINAL.setdefault("ndarray_getattr", nd.__dict__["var_getattr"])
+        nd.var_getattr = traceable_ndarray_getattr
+    if nd.__dict__.get("call_method") is not untraceable_ndarray_call:
+        _ORIGINAL.setdefault("ndarray_call", nd.__dict__["call_method"])
+        nd.call_method = untraceable_ndarray_call
+    from torch._dynamo.variables.builder import VariableBuilder
+
+    if VariableBuilder.__dict__.get("wrap_numpy_ndarray") is not untraceable_ndarray:
+        _ORIGINAL.setdefault("wrap_numpy_ndarray", VariableBuilder.__dict__["wrap_numpy_ndarray"])
+        VariableBuilder.wrap_numpy_ndarray = untraceable_ndarray
+    import torch._numpy as tnp
+
+    if tnp.ndarray.__dict__.get("astype") is not traceable_astype:
+        _ORIGINAL.setdefault("astype", tnp.ndarray.__dict__["astype"])
+        tnp.ndarray.astype = traceable_astype
 
 
 def traceable_installed() -> bool:
@@ -188,6 +376,23 @@ def uninstall_traceable() -> None:
             del torch.Tensor.__setitem__
         else:
             torch.Tensor.__setitem__ = _ORIGINAL["tensor_setitem"]
+    from torch._dynamo.variables.tensor import TensorVariable
+
+    if TensorVariable.__dict__.get("method_item") is integer_item_only:
+        TensorVariable.method_item = _ORIGINAL["item"]
+    nd = _ndarray_variable()
+    if nd.__dict__.get("var_getattr") is traceable_ndarray_getattr:
+        nd.var_getattr = _ORIGINAL["ndarray_getattr"]
+    if nd.__dict__.get("call_method") is untraceable_ndarray_call:
+        nd.call_method = _ORIGINAL["ndarray_call"]
+    from torch._dynamo.variables.builder import VariableBuilder
+
+    if VariableBuilder.__dict__.get("wrap_numpy_ndarray") is untraceable_ndarray:
+        VariableBuilder.wrap_numpy_ndarray = _ORIGINAL["wrap_numpy_ndarray"]
+    import torch._numpy as tnp
+
+    if tnp.ndarray.__dict__.get("astype") is traceable_astype:
+        tnp.ndarray.astype = _ORIGINAL["astype"]
 
 
 def install_process_wide() -> None:

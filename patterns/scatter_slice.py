@@ -75,8 +75,9 @@ from __future__ import annotations
 import torch
 import torch.fx
 
-from kvpass.aliasing import grown_buffers, meta_value, returned_views, scatter_base, state_inputs
+from kvpass.aliasing import grown_buffers, meta_value, reordered_buffers, returned_views, scatter_base, state_inputs
 from kvpass.engine import Report
+from kvpass.errors import user_source_line
 from kvpass.rules import (Emitter, as_stored, known_le, known_lt, known_eq, known_ne, norm_dim, norm_index,
                           norm_slice, select_by_position)
 
@@ -142,6 +143,7 @@ class ScatterSlice:
     def apply(self, gm: torch.fx.GraphModule, report: Report) -> int:
         graph = gm.graph
         states = set(state_inputs(graph)) | grown_buffers(graph)  # the buffers the program keeps: its caches
+        states |= reordered_buffers(graph)  # ... and a beam reorder of one (``np.take(buf, beam_idx, axis=0)``)
         if not states:
             return 0
         count = 0
@@ -156,6 +158,11 @@ class ScatterSlice:
             if not (is_read or is_view or is_roll):
                 continue
             src = node.args[0]
+            if is_read and _at_read_back_position(src) and scatter_base(src) in states:  # not decomposed
+                report.add_skip(NAME, node, "a read of a write through an index tensor (at a position read back from "
+                                "a tensor with .item() / .tolist(), whose range is not known: "
+                                f"{user_source_line(src)}) is not decomposed; left as it is")
+                continue
             if not (isinstance(src, torch.fx.Node) and src.target in _DECOMPOSABLE):
                 continue
             if src not in created and scatter_base(src) not in states:
@@ -206,6 +213,11 @@ class ScatterSlice:
         if step != 1:
             raise _Undecided("a strided read (step != 1) is not decomposed")
         if a is None:
+            if _unbacked(node.args[2:4]):
+                raise _Undecided("the read's end cannot be proven within the buffer's size when the graph is "
+                                 "traced: the position was read back from a tensor (.item() / .tolist()) and nothing "
+                                 "bounds it; torch._check(0 <= pos) and torch._check(pos + t <= buf.shape[d]) "
+                                 "where it is read back would")
             raise _Undecided("the read's end cannot be proven within the buffer's size when the graph is traced "
                              "(the size and the positions are separate symbols, e.g. a capacity kept in its own "
                              "int: compare the positions with buf.shape instead)")
@@ -457,6 +469,22 @@ class ScatterSlice:
         if not (known_le(0, to) and known_le(end, n)):  # the written region must not wrap around the end
             raise _Undecided("the written region may wrap around the end of the ring after the roll")
         return self._around(em, em.call(aten.roll.default, base, [k], [d]), value, d, to, end, 0, n)
+
+
+def _unbacked(bounds) -> bool:
+    """Whether a slice bound is an unbacked SymInt (a value read back from a tensor while tracing)."""
+    from torch.fx.experimental.symbolic_shapes import free_unbacked_symbols
+
+    values = [meta_value(b) if isinstance(b, torch.fx.Node) else b for b in bounds]
+    return any(isinstance(v, torch.SymInt) and free_unbacked_symbols(v) for v in values)
+
+
+def _at_read_back_position(write) -> bool:
+    """A write ``index_put(buf, [..., full([1], u), ...], v)``: ``buf[:, u] = v`` at a position ``u`` read back from
+    a tensor (unbacked) whose range is not known, as ``kvpass.tracing`` writes it (an index tensor)."""
+    return isinstance(write, torch.fx.Node) and write.target is aten.index_put.default and any(
+        isinstance(i, torch.fx.Node) and i.target is aten.full.default and _unbacked(i.args[1:2])
+        for i in write.args[1])
 
 
 def _write_of(node):

@@ -1027,3 +1027,143 @@ def region_kv_steps(rc: RegionCase):
     return kv_steps(rc.case)
 
 # ==== end of issue 12, part B ====================================================================================
+
+
+# ==== issue 23 (items 2, 3, 5): numpy asked about itself, positions read back from tensors, beam reorders =========
+#
+# One cache of ``beams`` rows ``[beams, heads, M, d]`` (numpy, poisoned), driven with K/V directly (as CacheStep):
+#
+# * ``query``: how the step asks numpy about itself: ``none``; ``astype`` (``a.astype(buf.dtype)`` after an ``if
+#   a.dtype != buf.dtype`` check); ``zeros_pad`` (``np.zeros(..., dtype=a.dtype)`` concatenated on the head dim
+#   into a buffer one wider, sliced off on read; ``assert a.shape == ...``); ``itemsize`` (``buf.dtype.itemsize``
+#   accounting and ``astype(buf.dtype, copy=False)``);
+# * ``position``: where the write position comes from: ``attr`` (an int on the module), ``item``
+#   (``int(pos_t.item())``, nothing bounds it), ``item_checked`` (the same with ``torch._check`` bounds),
+#   ``tolist`` (per-token writes at ``input_pos.tolist()``, an index tensor passed in);
+# * ``reorder``: ``none``, ``np_take`` (``buf = np.take(buf, beam_idx.numpy(), axis=0)``), ``index_select``
+#   (``torch.from_numpy(buf).index_select(0, beam_idx).numpy()``), before the write.
+
+HD_QUERIES = ("none", "astype", "zeros_pad", "itemsize")
+HD_POSITIONS = ("attr", "item", "item_checked", "tolist")
+HD_REORDERS = ("none", "np_take", "index_select")
+
+
+@dataclasses.dataclass(frozen=True)
+class HostDrivenCase:
+    """One :class:`HostDrivenStep` and its run."""
+
+    query: str
+    position: str
+    reorder: str
+    beams: int
+    kv_heads: int
+    head_dim: int
+    dtype: torch.dtype
+    prompt_len: int
+    decode_steps: int
+    seed: int
+    slack: int = 1
+    structural = True
+
+    @property
+    def max_len(self):
+        return self.prompt_len + self.decode_steps + self.slack
+
+    def short(self) -> str:
+        return (f"hostdriven query={self.query} position={self.position} reorder={self.reorder} beams={self.beams} "
+                f"heads={self.kv_heads} d={self.head_dim} {self.dtype} prompt={self.prompt_len} "
+                f"decode={self.decode_steps} seed={self.seed}")
+
+
+@st.composite
+def hostdriven_cases(draw, max_decode=6, dtypes=(torch.float32, torch.float64)):
+    """A :class:`HostDrivenCase`: every axis drawn independently (prompt of 2 or more tokens: prefill and decode
+    steps then differ in shape, so the prefill's graph and one decode graph are the budget)."""
+    return HostDrivenCase(
+        query=draw(st.sampled_from(HD_QUERIES)), position=draw(st.sampled_from(HD_POSITIONS)),
+        reorder=draw(st.sampled_from(HD_REORDERS)), beams=draw(st.integers(1, 3)), kv_heads=draw(st.integers(1, 3)),
+        head_dim=draw(st.sampled_from([2, 4, 6])), dtype=draw(st.sampled_from(dtypes)),
+        prompt_len=draw(st.integers(2, 5)), decode_steps=draw(st.integers(6, max_decode)),
+        seed=draw(st.integers(0, 2**16)))
+
+
+class HostDrivenStep(nn.Module):
+    """The cache of a :class:`HostDrivenCase`; ``forward(k, v, beam_idx, input_pos)`` returns (clones of) the
+    histories it read back."""
+
+    def __init__(self, case: HostDrivenCase):
+        super().__init__()
+        self.case = case
+        rng = np.random.default_rng(case.seed + 11)
+        np_dtype = {torch.float32: np.float32, torch.float64: np.float64}[case.dtype]
+        width = case.head_dim + (case.query == "zeros_pad")
+        shape = (case.beams, case.kv_heads, case.max_len, width)
+        self.k_buf = rng.standard_normal(shape).astype(np_dtype)
+        self.v_buf = rng.standard_normal(shape).astype(np_dtype)
+        self.pos = 0
+        self.pos_t = torch.zeros((), dtype=torch.long)
+
+    def host(self, x, buf):
+        """``x [beams, heads, t, d]`` on the host, through the case's dtype query."""
+        a = x.detach().cpu().numpy()
+        q = self.case.query
+        if q == "astype":
+            if a.dtype != buf.dtype:
+                a = a.astype(buf.dtype)
+            return a.astype(buf.dtype)
+        if q == "zeros_pad":
+            assert a.shape == (self.case.beams, self.case.kv_heads, a.shape[2], self.case.head_dim), a.shape
+            return np.concatenate([a, np.zeros(a.shape[:3] + (1,), dtype=a.dtype)], axis=-1)
+        if q == "itemsize":
+            assert buf.dtype.itemsize * a.size == x.numel() * x.element_size()
+            return a.astype(buf.dtype, copy=False)
+        return a
+
+    def reorder(self, buf, beam_idx):
+        r = self.case.reorder
+        if r == "np_take":
+            return np.take(buf, beam_idx.numpy(), axis=0)
+        if r == "index_select":
+            return torch.from_numpy(buf).index_select(0, beam_idx).numpy()
+        return buf
+
+    def forward(self, k, v, beam_idx, input_pos):
+        c, t = self.case, k.shape[2]
+        if c.position == "attr":
+            p = self.pos
+        else:
+            p = int(self.pos_t.item())
+            if c.position == "item_checked":
+                torch._check(p >= 0)
+                torch._check(p + t <= self.k_buf.shape[2])
+        self.k_buf, self.v_buf = self.reorder(self.k_buf, beam_idx), self.reorder(self.v_buf, beam_idx)
+        ka, va = self.host(k, self.k_buf), self.host(v, self.v_buf)
+        if c.position == "tolist":
+            for j, i in enumerate(input_pos.tolist()):
+                self.k_buf[:, :, i] = ka[:, :, j]
+                self.v_buf[:, :, i] = va[:, :, j]
+            end = int(input_pos[-1].item()) + 1
+        else:
+            self.k_buf[:, :, p : p + t] = ka
+            self.v_buf[:, :, p : p + t] = va
+            end = p + t
+        self.pos = p + t
+        self.pos_t += t
+        d = c.head_dim
+        kh = torch.from_numpy(self.k_buf[:, :, :end, :d]).to(k.device)
+        vh = torch.from_numpy(self.v_buf[:, :, :end, :d]).to(v.device)
+        return [kh.clone(), vh.clone()]
+
+
+def hostdriven_kv_steps(case: HostDrivenCase):
+    """Fresh random K/V ``[beams, heads, t, d]``, a random beam permutation and the positions, per step."""
+    g = torch.Generator().manual_seed(case.seed + 3)
+    out, pos = [], 0
+    for t in [case.prompt_len] + [1] * case.decode_steps:
+        shape = (case.beams, case.kv_heads, t, case.head_dim)
+        out.append((torch.randn(shape, generator=g).to(case.dtype), torch.randn(shape, generator=g).to(case.dtype),
+                    torch.randperm(case.beams, generator=g), torch.arange(pos, pos + t)))
+        pos += t
+    return out
+
+# ==== end of issue 23 (items 2, 3, 5) ================================================================================

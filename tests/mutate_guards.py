@@ -20,6 +20,7 @@ S = "tests/test_store_ops.py::test_invalid_arguments_raise_and_write_nothing"
 H = "tests/test_host_elimination.py::"
 B = "tests/test_idioms_buffer.py::"
 GH = "tests/test_guards_host.py::"
+HD = "tests/test_idioms_hostdriven.py::"
 SV = "tests/test_stored_values.py::"
 
 MUTATIONS = [
@@ -128,6 +129,27 @@ MUTATIONS = [
      "        if False:", [S + "[value_cache_is_key_cache]"]),
     ("store: block ids and lengths in range", "kvpass/ops/_store.py", "    if bool(flags.any()):", "    if False:",
      [S + "[block_id_too_large]", S + "[cu_q_lens_decreasing]"]),
+    # issue 23 (items 2, 3, 5): tests in tests/test_idioms_hostdriven.py
+    ("tracing: .item() of a float or bool tensor keeps its graph break", "kvpass/tracing.py",
+     "    if dtype is not None and (dtype.is_floating_point or dtype.is_complex or dtype is torch.bool):",
+     "    if False:",
+     [HD + "test_float_item_keeps_its_graph_break"]),
+    ("tracing: astype(copy=False) is the array itself only at its own dtype", "kvpass/tracing.py",
+     "            if same:\n                return self", "            if True:\n                return self",
+     [HD + "test_astype_copy_false_is_the_array_or_a_cast"]),
+    ("tracing: astype at the array's own dtype copies", "kvpass/tracing.py",
+     "            return type(self)(self.tensor.clone())", "            pass",
+     [HD + "test_astype_at_the_same_dtype_is_a_copy"]),
+    ("tracing: only an array over immutable memory runs eagerly", "kvpass/tracing.py",
+     "    if _cannot_be_made_writeable(value):", "    if True:",
+     [HD + "test_host_driven_idiom_compiles_to_two_graphs[2a_np_dtype_cast]"]),
+    ("aliasing: a reordered buffer is a gather of a graph input", "kvpass/aliasing.py",
+     '            and root.args[0].op == "placeholder"}', "            }",
+     [HD + "test_a_gather_of_an_intermediate_is_not_a_cache"]),
+    ("scatter_slice: only index writes at read-back positions are reported", "patterns/scatter_slice.py",
+     "            if is_read and _at_read_back_position(src) and scatter_base(src) in states:  # not decomposed",
+     "            if is_read and getattr(src, 'target', None) is aten.index_put.default and scatter_base(src) in states:",
+     [HD + "test_index_tensor_write_into_a_cache_is_not_reported"]),
 ]
 
 

@@ -203,3 +203,44 @@ def test_generated_buffer_regions_rewrite_exactly():
     assert fd.COUNTS["rewrite cases (buffer regions)"] - before >= round(REGION_CASES * fd.SCALE) * 0.9
 
 # ==== end of issue 12, part B ======================================================================================
+
+
+# ==== issue 23 (items 2, 3, 5): numpy dtype/shape queries, positions read back from tensors, beam reorders =========
+# (fuzz_decoders.hostdriven_cases). Same checks as the cache steps, with ``kvpass.tracing_context`` in force (as
+# ``kvpass.compile`` has it): results, idempotence, every read of a buffer write left in place reported, and 2
+# graphs (the prefill's and one decode graph; the prompt has 2 or more tokens).
+
+HOSTDRIVEN_CASES, INDUCTOR_HOSTDRIVEN = 20, 3
+
+
+@fd.fuzz(HOSTDRIVEN_CASES)
+@given(fd.hostdriven_cases())
+def _fuzz_hostdriven_steps(case):
+    fd.COUNTS["rewrite graphs"] += check_rewrite(case, fd.HostDrivenStep, fd.hostdriven_kv_steps(case), roots="clones")
+    fd.COUNTS["rewrite cases (host-driven)"] += 1
+
+
+@pytest.mark.slow
+def test_generated_host_driven_caches_rewrite_exactly():
+    before = fd.COUNTS["rewrite cases (host-driven)"]
+    _fuzz_hostdriven_steps()
+    assert fd.COUNTS["rewrite cases (host-driven)"] - before >= round(HOSTDRIVEN_CASES * fd.SCALE) * 0.9
+
+
+@fd.fuzz(INDUCTOR_HOSTDRIVEN)
+@given(fd.hostdriven_cases(max_decode=6).filter(lambda c: c.position != "tolist"))  # Inductor's NameError: see
+def _fuzz_inductor_hostdriven(case):  # test_idioms_hostdriven.INDUCTOR_XFAIL
+    want = fd.run_steps(fd.HostDrivenStep(case), fd.hostdriven_kv_steps(case))
+    torch._dynamo.reset()
+    got = fd.run_steps(kvpass.compile(fd.HostDrivenStep(case)), fd.hostdriven_kv_steps(case))
+    assert_steps_close(got, want, case, **tolerance(case.dtype, inductor=True))
+    fd.COUNTS["inductor cases (host-driven)"] += 1
+
+
+@pytest.mark.slow
+def test_generated_host_driven_caches_through_inductor_match_eager():
+    before = fd.COUNTS["inductor cases (host-driven)"]
+    _fuzz_inductor_hostdriven()
+    assert fd.COUNTS["inductor cases (host-driven)"] - before >= round(INDUCTOR_HOSTDRIVEN * fd.SCALE) * 0.9
+
+# ==== end of issue 23 (items 2, 3, 5) ===============================================================================
