@@ -18,7 +18,7 @@ import torch.fx
 
 from . import engine
 from .errors import KVPassWarning, user_source_line
-from .tracing import tracing_context
+from .tracing import HostCacheShapes, tracing_context
 
 __all__ = ["backend", "kvpass_backend", "compile", "KVPassWarning", "warn_tolist_round_trips"]
 
@@ -239,13 +239,17 @@ def compile(model, **torch_compile_kwargs):
     """``torch.compile(model, backend=kvpass.backend(), **torch_compile_kwargs)``, with
     :func:`kvpass.tracing.tracing_context` entered around each call of the compiled model so that Dynamo traces
     under it: cache positions held as int attributes stay symbolic (one decode graph for every position) and
-    ``np.pad`` of traced arrays is captured. The config is scoped to the call; nothing leaks. Every
+    ``np.pad`` of traced arrays is captured, and a host cache the model creates in one call (``self.k = k`` where it
+    was ``None``, then grown step by step) is traced with its length symbolic from the next call on
+    (:class:`kvpass.tracing.HostCacheShapes`). The config is scoped to the call; nothing leaks. Every
     ``torch.compile`` keyword passes through (``mode``, ``options``, ``dynamic``, ``fullgraph`` ...)."""
     torch_compile_kwargs.setdefault("backend", backend())
     compiled = torch.compile(model, **torch_compile_kwargs)
+    host_caches = HostCacheShapes()
 
     @functools.wraps(compiled)
     def run(*args, **kwargs):
+        host_caches.observe(model, args, kwargs)
         with tracing_context():
             return compiled(*args, **kwargs)
 

@@ -16,6 +16,12 @@ trace (``torch.compile(..., backend="kvpass")`` imports the backend before traci
   (``__index__``): a guard ``pos == 4`` and one graph per decode position. :func:`traceable_tensor_setitem` writes
   the same elements through ``slice(i, i + 1)`` instead (guarded ``0 <= i < size``, where the two agree), so the
   position stays symbolic.
+- a host cache created by a call (``if self.k is None: self.k = k_np``, then ``np.concatenate`` / ``torch.cat``
+  with each step's tokens): Dynamo traces a value it sees for the first time with static sizes, so the first
+  decode step gets a graph for that one length and the next step recompiles with the length symbolic.
+  :class:`HostCacheShapes` remembers, between calls of :func:`kvpass.compile`'s model, which host arrays of the
+  model appeared in the last call and tells Dynamo's automatic-dynamic state (what it learns from a recompile)
+  that their token dims are dynamic, so the first decode graph already has the length symbolic.
 """
 
 from __future__ import annotations
@@ -26,7 +32,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-__all__ = ["traceable_np_pad", "traceable_tensor_setitem", "install_traceable", "uninstall_traceable", "traceable_installed",
+__all__ = ["HostCacheShapes", "traceable_np_pad", "traceable_tensor_setitem", "install_traceable", "uninstall_traceable", "traceable_installed",
            "tracing_context", "stock_tracing", "install_process_wide", "DYNAMO_CONFIG"]
 
 # Dynamo config kvpass.compile puts in force while tracing.
@@ -224,3 +230,122 @@ def stock_tracing():
     finally:
         if installed_before:
             install_traceable()
+
+
+def _host_array(x) -> bool:
+    """A numpy array, or a real CPU tensor that is not a parameter: what a host cache holds."""
+    if isinstance(x, np.ndarray):
+        return x.dtype != object
+    return isinstance(x, torch.Tensor) and not isinstance(x, (torch.nn.Parameter, torch._subclasses.FakeTensor)) \
+        and x.device.type == "cpu" and x.layout is torch.strided
+
+
+def _arg_sizes(args, kwargs) -> list:
+    """The sizes of every tensor or array argument of a call, in order (one level of lists/tuples/dicts)."""
+    out = []
+    for a in (*args, *kwargs.values()):
+        for x in (a if isinstance(a, (list, tuple)) else a.values() if isinstance(a, dict) else (a,)):
+            if isinstance(x, (torch.Tensor, np.ndarray)):
+                out.append(tuple(int(d) for d in x.shape))
+    return out
+
+
+class HostCacheShapes:
+    """Which host arrays of a model :func:`kvpass.compile` should have Dynamo trace with symbolic sizes.
+
+    Before each call, :meth:`observe` walks the model's state (attributes of the module and its submodules,
+    lists, tuples, dicts with string keys, plain objects; not parameters or registered buffers) as Dynamo names
+    it (``L['self']._modules['blocks']._modules['0'].k``, ``L['self'].cache[0][1]``; numpy arrays wrapped in
+    ``___from_numpy(...)``). A host array (numpy, or a CPU tensor) that is there now and was not at the previous
+    call (``None``, absent or not an array: the previous call created it) holds that call's tokens: its dims
+    whose size is a size the previous call's tensor arguments had along a dim that changed since (the prompt's
+    length, when decode follows prefill) are recorded as dynamic in Dynamo's automatic-dynamic state, as a
+    recompile at the next length would record them. Dynamo's own rule would trace such an array with static
+    sizes at its first sight and recompile at the next length. (A cache first stored as a non-contiguous view of
+    the step's K, ``self.k = k.cpu().numpy()`` of a transposed K, and then as contiguous concatenations changes
+    its layout after its first step: Dynamo recompiles once for the strides, which it makes symbolic only for
+    tensors of static sizes.)
+
+    Only Dynamo's choice of static or symbolic sizes changes: guards still check every size a graph relies on
+    (a wrongly named dim costs at most a recompile, never a result), and nothing is named for arrays whose
+    history Dynamo already has (it makes a dim symbolic once it changes).
+    """
+
+    MAX_DEPTH, MAX_VALUES = 6, 10_000
+
+    def __init__(self):
+        self._last: dict[str, tuple] | None = None  # source -> shape (None: not an array) at the previous call
+        self._last_args: list | None = None
+        self.dynamic: dict[str, set[int]] = {}
+
+    def _walk(self, root) -> dict:
+        """``{source: shape}`` of the host arrays reachable from ``root`` (``None`` where a value is ``None``)."""
+        found: dict = {}
+        seen: set = set()
+
+        def visit(x, name, depth, numpy_wrap=True):
+            if len(found) >= self.MAX_VALUES or depth > self.MAX_DEPTH:
+                return
+            if _host_array(x):
+                wrapped = f"___from_numpy({name})" if isinstance(x, np.ndarray) else name
+                found[wrapped if numpy_wrap else name] = tuple(int(d) for d in x.shape)
+                return
+            if x is None or isinstance(x, (int, float, str, bool, torch.Tensor)) or id(x) in seen:
+                if x is None:
+                    found[f"___from_numpy({name})"] = found[name] = None
+                return
+            seen.add(id(x))
+            if isinstance(x, torch.nn.Module):
+                for key, value in vars(x).items():
+                    if key == "_modules":
+                        for sub, m in value.items():
+                            visit(m, f"{name}._modules[{sub!r}]", depth + 1)
+                    elif not key.startswith("_") and not callable(value):
+                        visit(value, f"{name}.{key}", depth + 1)
+            elif isinstance(x, (list, tuple)):
+                for i, value in enumerate(x[:256]):
+                    visit(value, f"{name}[{i}]", depth + 1)
+            elif isinstance(x, dict):
+                for key, value in list(x.items())[:256]:
+                    if isinstance(key, str):
+                        visit(value, f"{name}[{key!r}]", depth + 1)
+            elif hasattr(x, "__dict__") and not isinstance(x, type) and not callable(x) and \
+                    type(x).__module__ not in ("builtins", "numpy", "torch"):
+                for key, value in vars(x).items():
+                    if not key.startswith("__") and not callable(value):
+                        visit(value, f"{name}.{key}", depth + 1)
+
+        visit(root, "L['self']", 0)
+        return found
+
+    def observe(self, model, args=(), kwargs=None) -> list:
+        """Record this call's state; tell Dynamo the token dims of the arrays that appeared since the previous call
+        are dynamic. Returns the ``(source, dims)`` newly told."""
+        root = getattr(model, "__self__", model)
+        forward = getattr(type(root), "forward", None)
+        if not isinstance(root, torch.nn.Module) or not hasattr(forward, "__code__"):
+            return []
+        now, sizes = self._walk(root), _arg_sizes(args, kwargs or {})
+        told = []
+        if self._last is not None and self._last_args is not None:
+            tokens = {old[d] for old, new in zip(self._last_args, sizes) if len(old) == len(new)
+                      for d in range(len(old)) if old[d] != new[d]}
+            for source, shape in ((k, v) for k, v in now.items() if v is not None):
+                if self._last.get(source) is None and source not in self.dynamic:
+                    dims = {d for d, size in enumerate(shape) if size in tokens and size > 1}
+                    if dims:
+                        self.dynamic[source] = dims
+                        _tell_dynamic(forward.__code__, source, shape, dims)
+                        told.append((source, dims))
+        self._last, self._last_args = now, sizes
+        return told
+
+
+def _tell_dynamic(code, source: str, shape: tuple, dims: set) -> None:
+    """What Dynamo's automatic dynamic records after a recompile that changed ``dims`` of ``source``, recorded
+    ahead of the recompile (strides stay inferred from the sizes: Dynamo makes strides dynamic only for tensors
+    whose sizes are all static)."""
+    from torch._dynamo.pgo import CodeId, FrameStateSizeEntry, auto_dynamic, get_code_state
+
+    size = tuple(auto_dynamic if d in dims else n for d, n in enumerate(shape))
+    get_code_state()[CodeId.make(code)].automatic_dynamic[source] |= FrameStateSizeEntry.make_size(size)
