@@ -257,9 +257,10 @@ class HostCacheShapes:
     lists, tuples, dicts with string keys, plain objects; not parameters or registered buffers) as Dynamo names
     it (``L['self']._modules['blocks']._modules['0'].k``, ``L['self'].cache[0][1]``; numpy arrays wrapped in
     ``___from_numpy(...)``). A host array (numpy, or a CPU tensor) that is there now and was not at the previous
-    call (``None``, absent or not an array: the previous call created it) holds that call's tokens: its dims
-    whose size is a size the previous call's tensor arguments had along a dim that changed since (the prompt's
-    length, when decode follows prefill) are recorded as dynamic in Dynamo's automatic-dynamic state, as a
+    call (``None``, absent or not an array: the previous call created it), or that had an empty dim there
+    (``np.zeros((heads, 0, d))``), holds that call's tokens: its dims (those that were empty, for the second
+    kind) whose size is a size the previous call's tensor arguments had along a dim that changed since (the
+    prompt's length, when decode follows prefill) are recorded as dynamic in Dynamo's automatic-dynamic state, as a
     recompile at the next length would record them. Dynamo's own rule would trace such an array with static
     sizes at its first sight and recompile at the next length. (A cache first stored as a non-contiguous view of
     the step's K, ``self.k = k.cpu().numpy()`` of a transposed K, and then as contiguous concatenations changes
@@ -331,8 +332,11 @@ class HostCacheShapes:
             tokens = {old[d] for old, new in zip(self._last_args, sizes) if len(old) == len(new)
                       for d in range(len(old)) if old[d] != new[d]}
             for source, shape in ((k, v) for k, v in now.items() if v is not None):
-                if self._last.get(source) is None and source not in self.dynamic:
-                    dims = {d for d, size in enumerate(shape) if size in tokens and size > 1}
+                before = self._last.get(source)
+                if source not in self.dynamic and (before is None or len(before) == len(shape)):
+                    # appeared, or grown from an empty dim (``np.zeros((h, 0, d))`` before the prefill)
+                    dims = {d for d, size in enumerate(shape) if size in tokens and size > 1 and (
+                        before is None or before[d] == 0)}
                     if dims:
                         self.dynamic[source] = dims
                         _tell_dynamic(forward.__code__, source, shape, dims)
