@@ -7,6 +7,11 @@ trace (``torch.compile(..., backend="kvpass")`` imports the backend before traci
 - ``allow_unspec_int_on_nn_module``: a cache position stored as an int attribute reached from the module
   (``self.caches[i].pos``) is specialized by default: one graph per decode position. Unspecialized, it becomes a
   SymInt after the first change, and one decode graph serves every position.
+- ``capture_dynamic_output_shape_ops``: an eviction that keeps the tokens a mask selects (H2O's
+  ``past[mask].view(b, h, -1, d)`` after ``mask.scatter(-1, keep_idx, 1)``) calls ``nonzero``, whose output size
+  depends on the data: by default Dynamo breaks the graph there (and, inside a loop over layers, runs the whole
+  frame eagerly), every step. Captured, the size is an unbacked symbol that the following ``view`` checks at run
+  time, and the cache keeps one graph per phase.
 - ``np.pad`` of a traced array: Dynamo maps it to ``torch._numpy.pad``, which turns ``pad_width`` into a tensor and
   reads it back (a data-dependent graph break on every call). :func:`traceable_np_pad` keeps a constant
   ``pad_width`` in Python and lowers to ``F.pad`` (``constant_pad_nd``); anything else goes to the original.
@@ -27,6 +32,8 @@ trace (``torch.compile(..., backend="kvpass")`` imports the backend before traci
 from __future__ import annotations
 
 import contextlib
+import functools
+import types
 
 import numpy as np
 import torch
@@ -36,7 +43,7 @@ __all__ = ["HostCacheShapes", "traceable_np_pad", "traceable_tensor_setitem", "i
            "tracing_context", "stock_tracing", "install_process_wide", "DYNAMO_CONFIG"]
 
 # Dynamo config kvpass.compile puts in force while tracing.
-DYNAMO_CONFIG = {"allow_unspec_int_on_nn_module": True}
+DYNAMO_CONFIG = {"allow_unspec_int_on_nn_module": True, "capture_dynamic_output_shape_ops": True}
 
 
 def _tnp_map() -> dict:
@@ -232,6 +239,11 @@ def stock_tracing():
             install_traceable()
 
 
+#: values whose attributes are not a model's state (functions, methods, classes, modules)
+_NOT_STATE = (type, types.FunctionType, types.MethodType, types.BuiltinFunctionType, types.ModuleType,
+              functools.partial)
+
+
 def _host_array(x) -> bool:
     """A numpy array, or a real CPU tensor that is not a parameter: what a host cache holds."""
     if isinstance(x, np.ndarray):
@@ -301,7 +313,7 @@ class HostCacheShapes:
                     if key == "_modules":
                         for sub, m in value.items():
                             visit(m, f"{name}._modules[{sub!r}]", depth + 1)
-                    elif not key.startswith("_") and not callable(value):
+                    elif not key.startswith("_"):
                         visit(value, f"{name}.{key}", depth + 1)
             elif isinstance(x, (list, tuple)):
                 for i, value in enumerate(x[:256]):
@@ -310,10 +322,10 @@ class HostCacheShapes:
                 for key, value in list(x.items())[:256]:
                     if isinstance(key, str):
                         visit(value, f"{name}[{key!r}]", depth + 1)
-            elif hasattr(x, "__dict__") and not isinstance(x, type) and not callable(x) and \
-                    type(x).__module__ not in ("builtins", "numpy", "torch"):
-                for key, value in vars(x).items():
-                    if not key.startswith("__") and not callable(value):
+            elif hasattr(x, "__dict__") and not isinstance(x, _NOT_STATE) and \
+                    type(x).__module__.split(".")[0] not in ("builtins", "numpy", "torch"):
+                for key, value in vars(x).items():  # a cache object (callable ones too: ``cache(past)``)
+                    if not key.startswith("__"):
                         visit(value, f"{name}.{key}", depth + 1)
 
         visit(root, "L['self']", 0)

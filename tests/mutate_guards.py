@@ -102,6 +102,16 @@ MUTATIONS = [
     ("scatter_slice: a select of the written index only (slab regions)", "patterns/scatter_slice.py",
      "                    if known_eq(i, j):", "                    if True:",
      [B + "test_buffer_idiom_compiles_clean[05b_slab_tuple]"]),
+    # growing and evicting host caches (tests/test_idioms_growing.py)
+    ("backend: overlapping inputs fall back only where one may be written", "kvpass/dynamo_backend.py",
+     "                 if watched[i] in written or watched[j] in written]", "                 if False]",
+     [G + "test_two_caches_on_one_numpy_pool_run_as_eager"]),
+    ("aliasing: a value computed from an input reaching a side effect writes it", "kvpass/aliasing.py",
+     "            written |= derived", "            pass",
+     [G + "test_two_caches_on_one_numpy_pool_run_as_eager"]),
+    ("tracing: a created host cache's token dims are dynamic", "kvpass/tracing.py",
+     "                        _tell_dynamic(forward.__code__, source, shape, dims)", "                        pass",
+     ["tests/test_idioms_growing.py::test_created_cache_compiles_to_its_graph_budget"]),
     # a sample of the store ops' argument checks (each invalid-argument class has its own test)
     ("store: states/cache dtype", "kvpass/ops/_store.py", "        elif states.dtype != cache.dtype:",
      "        elif False:", [S + "[dtype_mismatch]"]),

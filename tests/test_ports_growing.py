@@ -247,9 +247,8 @@ PORTS = {
     "tome_kv_cache": (TomeModel, 2),  # 3 before
     "fastkvzip_streamingllm": (FastKVzipStreaming, 3),  # 4 before: prefill, growing, steady
     "streaming_llm_start_recent": (StreamingLLMModel, 3),  # 4 before: prefill, growing, steady
-    # beyond the budget: the boolean-mask gather ``past[mask].view(...)`` and the ``hh_score`` history; left as
-    # measured (results exact), see the report
-    "h2o_layerwise": (H2OModel, 7),
+    # 7 before (the boolean-mask gather ``past[mask]`` broke the graph every step): prefill, growing, steady
+    "h2o_layerwise": (H2OModel, 3),
 }
 
 
