@@ -21,6 +21,10 @@ trace (``torch.compile(..., backend="kvpass")`` imports the backend before traci
   (``__index__``): a guard ``pos == 4`` and one graph per decode position. :func:`traceable_tensor_setitem` writes
   the same elements through ``slice(i, i + 1)`` instead (guarded ``0 <= i < size``, where the two agree), so the
   position stays symbolic.
+- ``ndarray.copy()`` of a traced array: numpy's default ``order="C"`` gives a C-contiguous copy, while
+  ``torch._numpy`` clones with the source's strides (a transposed K stays transposed): a cache first stored as
+  ``k.cpu().numpy().copy()`` then has another layout than every later concatenation, and Dynamo recompiles for
+  the strides. :func:`traceable_ndarray_copy` copies C-contiguous, as numpy does.
 - a host cache created by a call (``if self.k is None: self.k = k_np``, then ``np.concatenate`` / ``torch.cat``
   with each step's tokens): Dynamo traces a value it sees for the first time with static sizes, so the first
   decode step gets a graph for that one length and the next step recompiles with the length symbolic.
@@ -39,8 +43,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-__all__ = ["HostCacheShapes", "traceable_np_pad", "traceable_tensor_setitem", "install_traceable", "uninstall_traceable", "traceable_installed",
-           "tracing_context", "stock_tracing", "install_process_wide", "DYNAMO_CONFIG"]
+__all__ = ["traceable_np_pad", "traceable_tensor_setitem", "install_traceable", "uninstall_traceable", "traceable_installed",
+           "traceable_ndarray_copy", "tracing_context", "stock_tracing", "install_process_wide", "DYNAMO_CONFIG", "HostCacheShapes"]
 
 # Dynamo config kvpass.compile puts in force while tracing.
 DYNAMO_CONFIG = {"allow_unspec_int_on_nn_module": True, "capture_dynamic_output_shape_ops": True}
@@ -172,9 +176,26 @@ def traceable_tensor_setitem(self, index, value):
 _TENSOR_SETITEM = torch._C.TensorBase.__setitem__
 
 
+def traceable_ndarray_copy(self, order="C"):
+    """``torch._numpy.ndarray.copy`` with numpy's layout: ``order="C"`` (numpy's default) gives a C-contiguous
+    copy (``torch._numpy`` keeps the source's strides); other orders go to the original."""
+    import torch._numpy._ndarray as nd
+
+    if order != "C":
+        return _ORIGINAL["ndarray_copy"](self, order)
+    return nd.ndarray(self.tensor.clone(memory_format=torch.contiguous_format))
+
+
+def _ndarray_class():
+    import torch._numpy._ndarray as nd
+
+    return nd.ndarray
+
+
 def install_traceable() -> None:
-    """Make Dynamo trace ``np.pad`` through :func:`traceable_np_pad` and tensor writes (numpy writes among them)
-    through :func:`traceable_tensor_setitem` (idempotent, process-wide).
+    """Make Dynamo trace ``np.pad`` through :func:`traceable_np_pad`, tensor writes (numpy writes among them)
+    through :func:`traceable_tensor_setitem` and ``ndarray.copy()`` through :func:`traceable_ndarray_copy`
+    (idempotent, process-wide).
 
     Safe to leave installed: each computes what the original computes and defers to it otherwise.
     """
@@ -185,6 +206,10 @@ def install_traceable() -> None:
     if torch.Tensor.__dict__.get("__setitem__") is not traceable_tensor_setitem:
         _ORIGINAL.setdefault("tensor_setitem", torch.Tensor.__dict__.get("__setitem__"))
         torch.Tensor.__setitem__ = traceable_tensor_setitem
+    nd = _ndarray_class()
+    if nd.__dict__.get("copy") is not traceable_ndarray_copy:
+        _ORIGINAL.setdefault("ndarray_copy", nd.__dict__.get("copy"))
+        nd.copy = traceable_ndarray_copy
 
 
 def traceable_installed() -> bool:
@@ -201,6 +226,9 @@ def uninstall_traceable() -> None:
             del torch.Tensor.__setitem__
         else:
             torch.Tensor.__setitem__ = _ORIGINAL["tensor_setitem"]
+    nd = _ndarray_class()
+    if nd.__dict__.get("copy") is traceable_ndarray_copy:
+        nd.copy = _ORIGINAL["ndarray_copy"]
 
 
 def install_process_wide() -> None:
@@ -265,15 +293,20 @@ def _arg_sizes(args, kwargs) -> list:
 class HostCacheShapes:
     """Which host arrays of a model :func:`kvpass.compile` should have Dynamo trace with symbolic sizes.
 
-    Before each call, :meth:`observe` walks the model's state (attributes of the module and its submodules,
-    lists, tuples, dicts with string keys, plain objects; not parameters or registered buffers) as Dynamo names
-    it (``L['self']._modules['blocks']._modules['0'].k``, ``L['self'].cache[0][1]``; numpy arrays wrapped in
-    ``___from_numpy(...)``). A host array (numpy, or a CPU tensor) that is there now and was not at the previous
-    call (``None``, absent or not an array: the previous call created it), or that had an empty dim there
+    Before each call whose tensor arguments differ in shape from the previous call's (the prefill, the first
+    decode step; not the decode steps after it, which cost nothing), :meth:`observe` walks the model's state
+    (attributes of the module and its submodules, lists, tuples, dicts with string keys, plain objects; not
+    parameters or registered buffers) as Dynamo names it (``L['self']._modules['blocks']._modules['0'].k``,
+    ``L['self'].cache[0][1]``; numpy arrays wrapped in ``___from_numpy(...)``; the base of a tensor view as
+    ``<view>._base``, which is how Dynamo traces a view). A host array (numpy, or a CPU
+    tensor) that is there now and was not at the previous such call (``None``, absent or not an array: that
+    call created it), or that had an empty dim there
     (``np.zeros((heads, 0, d))``), holds that call's tokens: its dims (those that were empty, for the second
     kind) whose size is a size the previous call's tensor arguments had along a dim that changed since (the
-    prompt's length, when decode follows prefill) are recorded as dynamic in Dynamo's automatic-dynamic state, as a
-    recompile at the next length would record them. Dynamo's own rule would trace such an array with static
+    prompt's length, when decode follows prefill) are recorded as dynamic in Dynamo's automatic-dynamic state,
+    as a recompile at the next length would record them. A non-contiguous view that appeared with no such dim
+    (``self.k_recent = self.k[:, -w:]``: its sizes are fixed, its strides follow the cache's length) gets
+    dynamic strides instead. Dynamo's own rule would trace such an array with static
     sizes at its first sight and recompile at the next length. (A cache first stored as a non-contiguous view of
     the step's K, ``self.k = k.cpu().numpy()`` of a transposed K, and then as contiguous concatenations changes
     its layout after its first step: Dynamo recompiles once for the strides, which it makes symbolic only for
@@ -290,11 +323,13 @@ class HostCacheShapes:
         self._last: dict[str, tuple] | None = None  # source -> shape (None: not an array) at the previous call
         self._last_args: list | None = None
         self.dynamic: dict[str, set[int]] = {}
+        self._views: set = set()
 
     def _walk(self, root) -> dict:
         """``{source: shape}`` of the host arrays reachable from ``root`` (``None`` where a value is ``None``)."""
         found: dict = {}
         seen: set = set()
+        self._views = set()  # sources of non-contiguous views (of a cache, typically)
 
         def visit(x, name, depth, numpy_wrap=True):
             if len(found) >= self.MAX_VALUES or depth > self.MAX_DEPTH:
@@ -302,6 +337,11 @@ class HostCacheShapes:
             if _host_array(x):
                 wrapped = f"___from_numpy({name})" if isinstance(x, np.ndarray) else name
                 found[wrapped if numpy_wrap else name] = tuple(int(d) for d in x.shape)
+                if (x.base is not None and not x.flags["C_CONTIGUOUS"]) if isinstance(x, np.ndarray) else (
+                        x._base is not None and not x.is_contiguous()):
+                    self._views.add(wrapped if numpy_wrap else name)
+                if isinstance(x, torch.Tensor) and x._base is not None:  # Dynamo traces a view from its base
+                    found[f"{name}._base"] = tuple(int(d) for d in x._base.shape)
                 return
             if x is None or isinstance(x, (int, float, str, bool, torch.Tensor)) or id(x) in seen:
                 if x is None:
@@ -332,14 +372,16 @@ class HostCacheShapes:
         return found
 
     def observe(self, model, args=(), kwargs=None) -> list:
-        """Record this call's state; tell Dynamo the token dims of the arrays that appeared since the previous call
-        are dynamic. Returns the ``(source, dims)`` newly told."""
+        """Record this call's state (where its argument shapes changed); tell Dynamo the token dims of the arrays
+        that appeared since the previous such call are dynamic. Returns the ``(source, dims)`` newly told."""
         root = getattr(model, "__self__", model)
         forward = getattr(type(root), "forward", None)
         if not isinstance(root, torch.nn.Module) or not hasattr(forward, "__code__"):
             return []
-        now, sizes = self._walk(root), _arg_sizes(args, kwargs or {})
-        told = []
+        sizes = _arg_sizes(args, kwargs or {})
+        if sizes == self._last_args:  # a step like the previous one (decode after decode): nothing to learn
+            return []
+        now, told = self._walk(root), []
         if self._last is not None and self._last_args is not None:
             tokens = {old[d] for old, new in zip(self._last_args, sizes) if len(old) == len(new)
                       for d in range(len(old)) if old[d] != new[d]}
@@ -353,15 +395,22 @@ class HostCacheShapes:
                         self.dynamic[source] = dims
                         _tell_dynamic(forward.__code__, source, shape, dims)
                         told.append((source, dims))
+                    elif before is None and source in self._views:
+                        # a view into a cache (its last tokens): its strides follow the cache's length
+                        self.dynamic[source] = set()
+                        _tell_dynamic(forward.__code__, source, shape, set(), strides=True)
+                        told.append((source, "strides"))
         self._last, self._last_args = now, sizes
         return told
 
 
-def _tell_dynamic(code, source: str, shape: tuple, dims: set) -> None:
-    """What Dynamo's automatic dynamic records after a recompile that changed ``dims`` of ``source``, recorded
-    ahead of the recompile (strides stay inferred from the sizes: Dynamo makes strides dynamic only for tensors
-    whose sizes are all static)."""
+def _tell_dynamic(code, source: str, shape: tuple, dims: set, strides: bool = False) -> None:
+    """What Dynamo's automatic dynamic records after a recompile that changed ``dims`` of ``source`` (or, with
+    ``strides``, its strides: Dynamo makes strides dynamic only for tensors whose sizes are all static), recorded
+    ahead of the recompile."""
     from torch._dynamo.pgo import CodeId, FrameStateSizeEntry, auto_dynamic, get_code_state
 
     size = tuple(auto_dynamic if d in dims else n for d, n in enumerate(shape))
-    get_code_state()[CodeId.make(code)].automatic_dynamic[source] |= FrameStateSizeEntry.make_size(size)
+    entry = FrameStateSizeEntry.make_tensor(size, tuple(auto_dynamic for _ in shape)) if strides else \
+        FrameStateSizeEntry.make_size(size)
+    get_code_state()[CodeId.make(code)].automatic_dynamic[source] |= entry

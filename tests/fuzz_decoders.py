@@ -1000,8 +1000,8 @@ def region_kv_steps(rc: RegionCase):
 # ==== growing and evicting host caches created by the model (issue: real cache code; helper 23b) ===============
 # Drawn: storage (numpy / host tensor), layout (heads first, grown on axis 1; tokens first, grown on axis 0), how
 # the cache starts (None, then the prefill's K stored; an empty array; a random history), the prefill's K stored
-# contiguous or as it comes (a transposed view), eviction (none; sink + window after the append), prompt length,
-# layers. Budget per case (``growing_budget``): prefill + one decode graph; + one for a sink + window cache's
+# contiguous or as it comes (a transposed view), eviction (none; sink + window after the append, by slices or by a
+# boolean mask), a view of the cache's last tokens kept beside it (read at the next step), prompt length, layers. Budget per case (``growing_budget``): prefill + one decode graph; + one for a sink + window cache's
 # steady phase; + one where the first stored K is a non-contiguous view (the layout changes at the second decode
 # step); + one for a one-token prompt (torch's 0/1 specialization).
 
@@ -1014,6 +1014,8 @@ class GrowingCase:
     contiguous_first: bool
     sink: int
     window: int  # 0: no eviction
+    evict_by: str  # "slices" (np.concatenate of the head and tail) | "mask" (a boolean mask: nonzero, H2O-style)
+    recent_view: bool  # a view of the cache's last tokens kept beside it (two inputs over one memory, read only)
     prompt_len: int
     decode_steps: int
     layers: int
@@ -1029,7 +1031,8 @@ def growing_cases(draw, max_decode=8):
     return GrowingCase(storage=draw(st.sampled_from(["numpy", "tensor"])), layout=draw(st.sampled_from(["hsd", "shd"])),
                        start=draw(st.sampled_from(["none", "empty", "history"])),
                        contiguous_first=draw(st.booleans()), sink=draw(st.integers(0, 2)) if window else 0,
-                       window=window, prompt_len=draw(st.integers(1, 5)), decode_steps=draw(st.integers(6, max_decode)),
+                       window=window, evict_by=draw(st.sampled_from(["slices", "mask"])),
+                       recent_view=draw(st.booleans()), prompt_len=draw(st.integers(1, 5)), decode_steps=draw(st.integers(6, max_decode)),
                        layers=draw(st.integers(1, 2)), seed=draw(st.integers(0, 2**16)))
 
 
@@ -1065,7 +1068,14 @@ class GrowingModel(nn.Module):
         if old is None:
             return (new.copy() if c.storage == "numpy" else new.contiguous()) if c.contiguous_first else new
         a = np.concatenate([old, new], axis=axis) if c.storage == "numpy" else torch.cat([old, new], axis)
-        if c.window and a.shape[axis] > c.sink + c.window:
+        n = a.shape[axis]
+        if c.window and n > c.sink + c.window and c.evict_by == "mask":
+            keep = torch.cat([torch.arange(c.sink), torch.arange(n - c.window, n)])
+            mask = torch.zeros(n, dtype=torch.bool).scatter(0, keep, True)
+            if c.storage == "numpy":
+                mask = mask.numpy()
+            a = a[:, mask] if axis == 1 else a[mask]
+        elif c.window and n > c.sink + c.window:
             head = a[:, : c.sink] if axis == 1 else a[: c.sink]
             tail = a[:, -c.window:] if axis == 1 else a[-c.window:]
             a = np.concatenate([head, tail], axis=axis) if c.storage == "numpy" else torch.cat([head, tail], axis)
@@ -1088,6 +1098,13 @@ class GrowingModel(nn.Module):
                 kh, vh = kh.transpose(0, 1), vh.transpose(0, 1)
             a = F.scaled_dot_product_attention(q, kh.to(x.device), vh.to(x.device))
             x = x + a.transpose(0, 1).reshape(t, self.HID)
+            if c.recent_view:  # the last 2 tokens of the cache, kept as a view, read by the next step
+                recent = getattr(self, f"recent{i}", None)
+                if recent is not None:
+                    r = torch.from_numpy(recent) if c.storage == "numpy" else recent
+                    x = x + r.sum() * 0.01
+                k_cache = cache[0]
+                setattr(self, f"recent{i}", k_cache[:, -2:] if c.layout == "hsd" else k_cache[-2:])
         return x
 
 

@@ -112,6 +112,12 @@ MUTATIONS = [
     ("tracing: a created host cache's token dims are dynamic", "kvpass/tracing.py",
      "                        _tell_dynamic(forward.__code__, source, shape, dims)", "                        pass",
      ["tests/test_idioms_growing.py::test_created_cache_compiles_to_its_graph_budget"]),
+    ("tracing: ndarray.copy() is C-contiguous, as numpy's", "kvpass/tracing.py",
+     "        nd.copy = traceable_ndarray_copy", "        pass",
+     ["tests/test_idioms_growing.py::test_created_cache_compiles_to_its_graph_budget[created_numpy_copy_first]"]),
+    ("tracing: a view that appeared gets dynamic strides", "kvpass/tracing.py",
+     "                        _tell_dynamic(forward.__code__, source, shape, set(), strides=True)", "                        pass",
+     ["tests/test_idioms_growing.py::test_a_view_of_a_created_cache_kept_for_the_next_step_takes_no_extra_graph"]),
     # a sample of the store ops' argument checks (each invalid-argument class has its own test)
     ("store: states/cache dtype", "kvpass/ops/_store.py", "        elif states.dtype != cache.dtype:",
      "        elif False:", [S + "[dtype_mismatch]"]),

@@ -106,6 +106,43 @@ class NumpyViewFirstBlock(HostTensorBlock):
         return self.at.out(q, torch.from_numpy(self.k), torch.from_numpy(self.v))
 
 
+class NumpyCopyFirstBlock(NumpyViewFirstBlock):
+    """numpy ``[heads, T, d]``, the prefill's K stored as a copy, ``self.k = k.cpu().numpy().copy()``: numpy's
+    ``copy()`` is C-contiguous, like every later ``np.concatenate`` (``torch._numpy`` kept the view's strides:
+    ``tracing.traceable_ndarray_copy``)."""
+
+    def forward(self, x):
+        q, k, v = self.at.qkv(x)
+        kn, vn = k.detach().cpu().numpy(), v.detach().cpu().numpy()
+        if self.k is None:
+            self.k, self.v = kn.copy(), vn.copy()
+        else:
+            self.k, self.v = np.concatenate([self.k, kn], axis=1), np.concatenate([self.v, vn], axis=1)
+        return self.at.out(q, torch.from_numpy(self.k), torch.from_numpy(self.v))
+
+
+class RecentViewAppearsBlock(HostTensorBlock):
+    """numpy ``[heads, T, d]`` grown from an empty array, and a view of its last 2 tokens created after the
+    prefill (``None`` before) and read at the next step: the view's sizes are fixed, its strides follow the
+    cache's length."""
+
+    def __init__(self, g):
+        super().__init__(g)
+        self.k = np.zeros((ib.H, 0, ib.D), np.float32)
+        self.v = np.zeros((ib.H, 0, ib.D), np.float32)
+        self.k_recent = None
+
+    def forward(self, x):
+        q, k, v = self.at.qkv(x)
+        self.k = np.concatenate([self.k, k.detach().cpu().numpy()], axis=1)
+        self.v = np.concatenate([self.v, v.detach().cpu().numpy()], axis=1)
+        out = self.at.out(q, torch.from_numpy(self.k), torch.from_numpy(self.v))
+        if self.k_recent is not None:
+            out = out + torch.from_numpy(self.k_recent).mean() * 0.1
+        self.k_recent = self.k[:, -2:]
+        return out
+
+
 def model(block):
     return type(f"{block.__name__}Model", (CreatedCacheModel,), {"Block": block})
 
@@ -116,6 +153,8 @@ IDIOMS = {
     "created_tokens_first_numpy": (model(TokensFirstNumpyBlock), 2, "prefill, one decode graph"),
     # growing phase (cache shorter than SINK + WINDOW + 1 after the append) and steady phase (trimmed)
     "created_sink_window": (model(SinkWindowBlock), 3, "prefill, growing phase, steady phase"),
+    "created_numpy_copy_first": (model(NumpyCopyFirstBlock), 2, "prefill, one decode graph"),
+    "created_recent_view": (model(RecentViewAppearsBlock), 2, "prefill, one decode graph"),
     # the first decode step sees the prefill's transposed view, every later one a contiguous array: Dynamo
     # recompiles once for the strides ("stride mismatch" in the recompile log); it keeps strides symbolic only
     # for tensors whose sizes are all static
@@ -123,7 +162,8 @@ IDIOMS = {
 }
 
 #: Graph counts on the code before HostCacheShapes (each idiom recompiled at its second decode length):
-#: created_host_tensor 3, created_tokens_first_numpy 3, created_sink_window 4, created_numpy_view_first 3.
+#: created_host_tensor 3, created_tokens_first_numpy 3, created_sink_window 4, created_numpy_view_first 3,
+#: created_numpy_copy_first 3, created_recent_view 3.
 
 
 def measure(name, inner="recording"):
@@ -247,3 +287,30 @@ def test_inputs_written_follows_values_computed_from_an_input():
         return b * 2 + c
 
     assert inputs_written(torch.fx.symbolic_trace(f).graph) == {0}
+
+
+def test_a_view_of_a_created_cache_kept_for_the_next_step_takes_no_extra_graph():
+    """The fuzzer's growing-cache family at one fixed draw: a numpy cache created at the prefill (a C-contiguous
+    copy), grown with ``np.concatenate``, and a view of its last 2 tokens created after the prefill and read at the
+    next step. The view's strides follow the cache's length; Dynamo would recompile once for them (3 graphs);
+    told ahead, it keeps 2."""
+    import fuzz_decoders as fd
+
+    case = fd.GrowingCase(storage="numpy", layout="hsd", start="none", contiguous_first=True, sink=0, window=0,
+                          evict_by="slices", recent_view=True, prompt_len=3, decode_steps=6, layers=2, seed=632)
+    steps = fd.growing_steps(case)
+    want = fd.run_steps(fd.GrowingModel(case), steps)
+    graphs = []
+    kb = kvpass.backend(inner="eager")
+
+    def front(gm, example_inputs, **kw):
+        graphs.append(gm)
+        return kb(gm, example_inputs, **kw)
+
+    torch._dynamo.reset()
+    torch._dynamo.utils.guard_failures.clear()
+    got = fd.run_steps(kvpass.compile(fd.GrowingModel(case), backend=front), steps)
+    for i, (g, w) in enumerate(zip(got, want)):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5, msg=lambda s: f"step {i}: {s}")
+    failures = [str(r) for reasons in torch._dynamo.utils.guard_failures.values() for r in reasons]
+    assert len(graphs) == 2, failures
