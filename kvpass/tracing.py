@@ -306,7 +306,8 @@ class HostCacheShapes:
     prompt's length, when decode follows prefill) are recorded as dynamic in Dynamo's automatic-dynamic state,
     as a recompile at the next length would record them. A non-contiguous view that appeared with no such dim
     (``self.k_recent = self.k[:, -w:]``: its sizes are fixed, its strides follow the cache's length) gets
-    dynamic strides instead. Dynamo's own rule would trace such an array with static
+    dynamic strides instead, and the base of a tensor view that appeared gets the dims the view cuts (the
+    cache's length, which the view's last tokens are taken from). Dynamo's own rule would trace such an array with static
     sizes at its first sight and recompile at the next length. (A cache first stored as a non-contiguous view of
     the step's K, ``self.k = k.cpu().numpy()`` of a transposed K, and then as contiguous concatenations changes
     its layout after its first step: Dynamo recompiles once for the strides, which it makes symbolic only for
@@ -324,12 +325,14 @@ class HostCacheShapes:
         self._last_args: list | None = None
         self.dynamic: dict[str, set[int]] = {}
         self._views: set = set()
+        self._bases: dict = {}
 
     def _walk(self, root) -> dict:
         """``{source: shape}`` of the host arrays reachable from ``root`` (``None`` where a value is ``None``)."""
         found: dict = {}
         seen: set = set()
         self._views = set()  # sources of non-contiguous views (of a cache, typically)
+        self._bases = {}  # the base of a tensor view -> the view's shape
 
         def visit(x, name, depth, numpy_wrap=True):
             if len(found) >= self.MAX_VALUES or depth > self.MAX_DEPTH:
@@ -342,6 +345,7 @@ class HostCacheShapes:
                     self._views.add(wrapped if numpy_wrap else name)
                 if isinstance(x, torch.Tensor) and x._base is not None:  # Dynamo traces a view from its base
                     found[f"{name}._base"] = tuple(int(d) for d in x._base.shape)
+                    self._bases[f"{name}._base"] = found[name]
                 return
             if x is None or isinstance(x, (int, float, str, bool, torch.Tensor)) or id(x) in seen:
                 if x is None:
@@ -391,6 +395,10 @@ class HostCacheShapes:
                     # appeared, or grown from an empty dim (``np.zeros((h, 0, d))`` before the prefill)
                     dims = {d for d, size in enumerate(shape) if size in tokens and size > 1 and (
                         before is None or before[d] == 0)}
+                    view = self._bases.get(source)
+                    if before is None and view is not None and len(view) == len(shape):
+                        # the base of a view into a cache (its last tokens): the dims the view cuts
+                        dims |= {d for d, size in enumerate(shape) if size != view[d] and size > 1}
                     if dims:
                         self.dynamic[source] = dims
                         _tell_dynamic(forward.__code__, source, shape, dims)

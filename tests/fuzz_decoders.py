@@ -1003,7 +1003,8 @@ def region_kv_steps(rc: RegionCase):
 # contiguous or as it comes (a transposed view), eviction (none; sink + window after the append, by slices or by a
 # boolean mask), a view of the cache's last tokens kept beside it (read at the next step), prompt length, layers. Budget per case (``growing_budget``): prefill + one decode graph; + one for a sink + window cache's
 # steady phase; + one where the first stored K is a non-contiguous view (the layout changes at the second decode
-# step); + one for a one-token prompt (torch's 0/1 specialization).
+# step); + one for a one-token prompt (torch's 0/1 specialization); + one where the kept view of the last tokens
+# is the whole cache at the first decode step.
 
 
 @dataclasses.dataclass(frozen=True)
@@ -1038,7 +1039,10 @@ def growing_cases(draw, max_decode=8):
 
 def growing_budget(c: GrowingCase) -> int:
     view_first = c.start == "none" and not c.contiguous_first and c.layout == "hsd"
-    return 2 + (c.window > 0) + view_first + (c.prompt_len == 1)
+    # a recent-tokens view that is the whole cache at the first decode step (contiguous then, a strided view
+    # after): one recompile for its strides
+    whole_view = c.recent_view and c.prompt_len + (2 if c.start == "history" else 0) <= 2
+    return 2 + (c.window > 0) + view_first + (c.prompt_len == 1) + whole_view
 
 
 class GrowingModel(nn.Module):
