@@ -44,7 +44,8 @@ import torch
 import torch.nn.functional as F
 
 __all__ = ["traceable_np_pad", "traceable_tensor_setitem", "install_traceable", "uninstall_traceable", "traceable_installed",
-           "traceable_ndarray_copy", "tracing_context", "stock_tracing", "install_process_wide", "DYNAMO_CONFIG", "HostCacheShapes"]
+           "traceable_ndarray_copy", "tracing_context", "stock_tracing", "install_process_wide", "DYNAMO_CONFIG",
+           "HostCacheShapes"]
 
 # Dynamo config kvpass.compile puts in force while tracing.
 DYNAMO_CONFIG = {"allow_unspec_int_on_nn_module": True, "capture_dynamic_output_shape_ops": True}
@@ -307,15 +308,15 @@ class HostCacheShapes:
     as a recompile at the next length would record them. A non-contiguous view that appeared with no such dim
     (``self.k_recent = self.k[:, -w:]``: its sizes are fixed, its strides follow the cache's length) gets
     dynamic strides instead, and the base of a tensor view that appeared gets the dims the view cuts (the
-    cache's length, which the view's last tokens are taken from). Dynamo's own rule would trace such an array with static
-    sizes at its first sight and recompile at the next length. (A cache first stored as a non-contiguous view of
+    cache's length, which the view's last tokens are taken from). Dynamo's own rule would trace such an array
+    with static sizes at its first sight and recompile at the next length. (A cache first stored as a non-contiguous view of
     the step's K, ``self.k = k.cpu().numpy()`` of a transposed K, and then as contiguous concatenations changes
     its layout after its first step: Dynamo recompiles once for the strides, which it makes symbolic only for
     tensors of static sizes.)
 
-    Only Dynamo's choice of static or symbolic sizes changes: guards still check every size a graph relies on
-    (a wrongly named dim costs at most a recompile, never a result), and nothing is named for arrays whose
-    history Dynamo already has (it makes a dim symbolic once it changes).
+    Only Dynamo's choice of static or symbolic sizes (and strides) changes: guards still check every size and
+    stride a graph relies on (a wrongly named dim costs at most a recompile, never a result), and nothing is
+    named for arrays whose history Dynamo already has (it makes a dim symbolic once it changes).
     """
 
     MAX_DEPTH, MAX_VALUES = 6, 10_000

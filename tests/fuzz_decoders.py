@@ -1033,7 +1033,8 @@ def growing_cases(draw, max_decode=8):
                        start=draw(st.sampled_from(["none", "empty", "history"])),
                        contiguous_first=draw(st.booleans()), sink=draw(st.integers(0, 2)) if window else 0,
                        window=window, evict_by=draw(st.sampled_from(["slices", "mask"])),
-                       recent_view=draw(st.booleans()), prompt_len=draw(st.integers(1, 5)), decode_steps=draw(st.integers(6, max_decode)),
+                       recent_view=draw(st.booleans()), prompt_len=draw(st.integers(1, 5)),
+                       decode_steps=draw(st.integers(6, max_decode)),
                        layers=draw(st.integers(1, 2)), seed=draw(st.integers(0, 2**16)))
 
 
@@ -1055,7 +1056,8 @@ class GrowingModel(nn.Module):
         super().__init__()
         g = torch.Generator().manual_seed(c.seed)
         self.c = c
-        self.w = nn.ParameterList(nn.Parameter(torch.randn(self.HID, self.HID, generator=g) / 4) for _ in range(3 * c.layers))
+        self.w = nn.ParameterList(nn.Parameter(torch.randn(self.HID, self.HID, generator=g) / 4)
+                                  for _ in range(3 * c.layers))
         rng = np.random.default_rng(c.seed)
         self.caches = []
         for _ in range(c.layers):
