@@ -23,7 +23,7 @@ import torch.fx
 
 __all__ = ["meta_value", "is_pure", "writes_an_argument", "is_view", "returned_views", "state_inputs", "grown_buffers",
            "reordered_buffers", "scatter_base", "overlapping_inputs", "external_inputs",
-           "copy_together", "aliased_inputs_message", "is_side_effect", "SCATTER_OPS"]
+           "copy_together", "aliased_inputs_message", "inputs_written", "is_side_effect", "SCATTER_OPS"]
 
 aten = torch.ops.aten
 
@@ -212,6 +212,27 @@ def aliased_inputs_message(first: str, second: str, line: str = "") -> str:
     return (f"kvpass: graph inputs {first} and {second} are views of the same host memory (e.g. two caches on one "
             f"numpy pool, or a follower holding a view of its owner's buffer){where}; torch cannot see that, so this "
             "call runs the graph as traced (eager semantics), not the compiled rewrite.")
+
+
+def inputs_written(graph: torch.fx.Graph) -> set[int]:
+    """Positions (among the placeholders) of the graph inputs the graph may write: those from which some value
+    reaches an argument of a node with a side effect (:func:`is_side_effect`), or of a submodule call. Every value
+    computed from an input counts as reaching it (an over-approximation of its views), so an input outside the
+    set is only read. Two inputs over the same memory that are both only read see the same values whatever the
+    compiled graph assumes about their aliasing."""
+    reach: dict = {}
+    written: set[int] = set()
+    index = 0
+    for node in graph.nodes:
+        if node.op == "placeholder":
+            reach[node] = {index}
+            index += 1
+            continue
+        derived = set().union(*(reach.get(a, set()) for a in node.all_input_nodes))
+        reach[node] = derived
+        if node.op == "call_module" or (node.op in ("call_function", "call_method") and is_side_effect(node)):
+            written |= derived
+    return written
 
 
 def overlapping_inputs(inputs: Sequence[Any], external_only: bool = True) -> list[tuple[int, int]]:

@@ -18,7 +18,7 @@ import torch.fx
 
 from . import engine
 from .errors import KVPassWarning, user_source_line
-from .tracing import tracing_context
+from .tracing import HostCacheShapes, tracing_context
 
 __all__ = ["backend", "kvpass_backend", "compile", "KVPassWarning", "warn_tolist_round_trips"]
 
@@ -115,18 +115,22 @@ def _inductor_patches(aten_pass, mode=None, options=None, dynamic=None) -> dict:
 
 def _guard_aliased_inputs(compiled: Callable, fallback: Callable, gm: torch.fx.GraphModule, example_inputs):
     """``compiled`` unless two host-buffer inputs share memory in this call (numpy views of one pool, which
-    functionalization treats as independent): then ``fallback`` (the graph as Dynamo traced it, run eagerly,
-    with eager's aliasing), and a warning once with the user's line."""
-    from .aliasing import aliased_inputs_message, external_inputs, overlapping_inputs
+    functionalization treats as independent) and the graph may write one of them: then ``fallback`` (the graph
+    as Dynamo traced it, run eagerly, with eager's aliasing), and a warning once with the user's line. Inputs
+    the graph only reads (:func:`kvpass.aliasing.inputs_written`: a grown cache and a view of its recent tokens
+    kept beside it) read the same values either way."""
+    from .aliasing import aliased_inputs_message, external_inputs, inputs_written, overlapping_inputs
 
     watched = external_inputs(example_inputs)
     if len(watched) < 2:
         return compiled
+    written = inputs_written(gm.graph)
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     warned: list = []
 
     def run(*args):  # Dynamo calls a backend's result with the graph's inputs unpacked
-        pairs = overlapping_inputs([args[i] for i in watched])
+        pairs = [(i, j) for i, j in overlapping_inputs([args[i] for i in watched])
+                 if watched[i] in written or watched[j] in written]
         if pairs:
             from . import observe
 
@@ -283,13 +287,17 @@ def compile(model, **torch_compile_kwargs):
     """``torch.compile(model, backend=kvpass.backend(), **torch_compile_kwargs)``, with
     :func:`kvpass.tracing.tracing_context` entered around each call of the compiled model so that Dynamo traces
     under it: cache positions held as int attributes stay symbolic (one decode graph for every position) and
-    ``np.pad`` of traced arrays is captured. The config is scoped to the call; nothing leaks. Every
+    ``np.pad`` of traced arrays is captured, and a host cache the model creates in one call (``self.k = k`` where it
+    was ``None``, then grown step by step) is traced with its length symbolic from the next call on
+    (:class:`kvpass.tracing.HostCacheShapes`). The config is scoped to the call; nothing leaks. Every
     ``torch.compile`` keyword passes through (``mode``, ``options``, ``dynamic``, ``fullgraph`` ...)."""
     torch_compile_kwargs.setdefault("backend", backend())
     compiled = torch.compile(model, **torch_compile_kwargs)
+    host_caches = HostCacheShapes()
 
     @functools.wraps(compiled)
     def run(*args, **kwargs):
+        host_caches.observe(model, args, kwargs)
         with tracing_context():
             return compiled(*args, **kwargs)
 

@@ -7,6 +7,11 @@ trace (``torch.compile(..., backend="kvpass")`` imports the backend before traci
 - ``allow_unspec_int_on_nn_module``: a cache position stored as an int attribute reached from the module
   (``self.caches[i].pos``) is specialized by default: one graph per decode position. Unspecialized, it becomes a
   SymInt after the first change, and one decode graph serves every position.
+- ``capture_dynamic_output_shape_ops``: an eviction that keeps the tokens a mask selects (H2O's
+  ``past[mask].view(b, h, -1, d)`` after ``mask.scatter(-1, keep_idx, 1)``) calls ``nonzero``, whose output size
+  depends on the data: by default Dynamo breaks the graph there (and, inside a loop over layers, runs the whole
+  frame eagerly), every step. Captured, the size is an unbacked symbol that the following ``view`` checks at run
+  time, and the cache keeps one graph per phase.
 - ``np.pad`` of a traced array: Dynamo maps it to ``torch._numpy.pad``, which turns ``pad_width`` into a tensor and
   reads it back (a data-dependent graph break on every call). :func:`traceable_np_pad` keeps a constant
   ``pad_width`` in Python and lowers to ``F.pad`` (``constant_pad_nd``); anything else goes to the original.
@@ -35,22 +40,36 @@ trace (``torch.compile(..., backend="kvpass")`` imports the backend before traci
   np.nditer base``) where it wraps an array over bytes. :func:`untraceable_ndarray_call` and
   :func:`untraceable_ndarray` warn once, in one line naming the user's line and the idiom, and have Dynamo run
   that function eagerly.
+- ``ndarray.copy()`` of a traced array: numpy's default ``order="C"`` gives a C-contiguous copy, while
+  ``torch._numpy`` clones with the source's strides (a transposed K stays transposed): a cache first stored as
+  ``k.cpu().numpy().copy()`` then has another layout than every later concatenation, and Dynamo recompiles for
+  the strides. :func:`traceable_ndarray_copy` copies C-contiguous, as numpy does.
+- a host cache created by a call (``if self.k is None: self.k = k_np``, then ``np.concatenate`` / ``torch.cat``
+  with each step's tokens): Dynamo traces a value it sees for the first time with static sizes, so the first
+  decode step gets a graph for that one length and the next step recompiles with the length symbolic.
+  :class:`HostCacheShapes` remembers, between calls of :func:`kvpass.compile`'s model, which host arrays of the
+  model appeared in the last call and tells Dynamo's automatic-dynamic state (what it learns from a recompile)
+  that their token dims are dynamic, so the first decode graph already has the length symbolic.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
+import types
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 __all__ = ["traceable_np_pad", "traceable_tensor_setitem", "traceable_ndarray_getattr", "traceable_astype",
-           "untraceable_ndarray", "untraceable_ndarray_call", "integer_item_only", "install_traceable",
-           "uninstall_traceable", "traceable_installed", "tracing_context", "stock_tracing", "install_process_wide", "DYNAMO_CONFIG"]
+           "untraceable_ndarray", "untraceable_ndarray_call", "integer_item_only", "traceable_ndarray_copy",
+           "install_traceable", "uninstall_traceable", "traceable_installed", "tracing_context", "stock_tracing",
+           "install_process_wide", "DYNAMO_CONFIG", "HostCacheShapes"]
 
 # Dynamo config kvpass.compile puts in force while tracing.
-DYNAMO_CONFIG = {"allow_unspec_int_on_nn_module": True, "capture_scalar_outputs": True}
+DYNAMO_CONFIG = {"allow_unspec_int_on_nn_module": True, "capture_scalar_outputs": True,
+                 "capture_dynamic_output_shape_ops": True}
 
 
 def _tnp_map() -> dict:
@@ -322,12 +341,29 @@ def traceable_ndarray_getattr(self, tx, name):
     return _ORIGINAL["ndarray_getattr"](self, tx, name)
 
 
+def traceable_ndarray_copy(self, order="C"):
+    """``torch._numpy.ndarray.copy`` with numpy's layout: ``order="C"`` (numpy's default) gives a C-contiguous
+    copy (``torch._numpy`` keeps the source's strides); other orders go to the original."""
+    import torch._numpy._ndarray as nd
+
+    if order != "C":
+        return _ORIGINAL["ndarray_copy"](self, order)
+    return nd.ndarray(self.tensor.clone(memory_format=torch.contiguous_format))
+
+
+def _ndarray_class():
+    import torch._numpy._ndarray as nd
+
+    return nd.ndarray
+
+
 def install_traceable() -> None:
     """Make Dynamo trace ``np.pad`` through :func:`traceable_np_pad`, tensor writes (numpy writes among them)
-    through :func:`traceable_tensor_setitem`, ``ndarray.dtype`` through :func:`traceable_ndarray_getattr` and
-    ``ndarray.astype(..., copy=False)`` through :func:`traceable_astype`, ``.item()`` captured for integer tensors
-    only (:func:`integer_item_only`); K/V kept as ``bytes`` is named and run
-    eagerly (:func:`untraceable_ndarray_call`, :func:`untraceable_ndarray`) (idempotent, process-wide).
+    through :func:`traceable_tensor_setitem`, ``ndarray.dtype`` through :func:`traceable_ndarray_getattr`,
+    ``ndarray.astype(..., copy=False)`` through :func:`traceable_astype` and ``ndarray.copy()`` through
+    :func:`traceable_ndarray_copy`, ``.item()`` captured for integer tensors only (:func:`integer_item_only`);
+    K/V kept as ``bytes`` is named and run eagerly (:func:`untraceable_ndarray_call`,
+    :func:`untraceable_ndarray`) (idempotent, process-wide).
 
     Safe to leave installed: each computes what the original computes and defers to it otherwise.
     """
@@ -360,6 +396,10 @@ def install_traceable() -> None:
     if tnp.ndarray.__dict__.get("astype") is not traceable_astype:
         _ORIGINAL.setdefault("astype", tnp.ndarray.__dict__["astype"])
         tnp.ndarray.astype = traceable_astype
+    nd = _ndarray_class()
+    if nd.__dict__.get("copy") is not traceable_ndarray_copy:
+        _ORIGINAL.setdefault("ndarray_copy", nd.__dict__.get("copy"))
+        nd.copy = traceable_ndarray_copy
 
 
 def traceable_installed() -> bool:
@@ -393,6 +433,9 @@ def uninstall_traceable() -> None:
 
     if tnp.ndarray.__dict__.get("astype") is traceable_astype:
         tnp.ndarray.astype = _ORIGINAL["astype"]
+    nd = _ndarray_class()
+    if nd.__dict__.get("copy") is traceable_ndarray_copy:
+        nd.copy = _ORIGINAL["ndarray_copy"]
 
 
 def install_process_wide() -> None:
@@ -429,3 +472,160 @@ def stock_tracing():
     finally:
         if installed_before:
             install_traceable()
+
+
+#: values whose attributes are not a model's state (functions, methods, classes, modules)
+_NOT_STATE = (type, types.FunctionType, types.MethodType, types.BuiltinFunctionType, types.ModuleType,
+              functools.partial)
+
+
+def _host_array(x) -> bool:
+    """A numpy array, or a real CPU tensor that is not a parameter: what a host cache holds."""
+    if isinstance(x, np.ndarray):
+        return x.dtype != object
+    return isinstance(x, torch.Tensor) and not isinstance(x, (torch.nn.Parameter, torch._subclasses.FakeTensor)) \
+        and x.device.type == "cpu" and x.layout is torch.strided
+
+
+def _arg_sizes(args, kwargs) -> list:
+    """The sizes of every tensor or array argument of a call, in order (one level of lists/tuples/dicts)."""
+    out = []
+    for a in (*args, *kwargs.values()):
+        for x in (a if isinstance(a, (list, tuple)) else a.values() if isinstance(a, dict) else (a,)):
+            if isinstance(x, (torch.Tensor, np.ndarray)):
+                out.append(tuple(int(d) for d in x.shape))
+    return out
+
+
+class HostCacheShapes:
+    """Which host arrays of a model :func:`kvpass.compile` should have Dynamo trace with symbolic sizes.
+
+    Before each call whose tensor arguments differ in shape from the previous call's (the prefill, the first
+    decode step; not the decode steps after it, which cost nothing), :meth:`observe` walks the model's state
+    (attributes of the module and its submodules, lists, tuples, dicts with string keys, plain objects; not
+    parameters or registered buffers) as Dynamo names it (``L['self']._modules['blocks']._modules['0'].k``,
+    ``L['self'].cache[0][1]``; numpy arrays wrapped in ``___from_numpy(...)``; the base of a tensor view as
+    ``<view>._base``, which is how Dynamo traces a view). A host array (numpy, or a CPU
+    tensor) that is there now and was not at the previous such call (``None``, absent or not an array: that
+    call created it), or that had an empty dim there
+    (``np.zeros((heads, 0, d))``), holds that call's tokens: its dims (those that were empty, for the second
+    kind) whose size is a size the previous call's tensor arguments had along a dim that changed since (the
+    prompt's length, when decode follows prefill) are recorded as dynamic in Dynamo's automatic-dynamic state,
+    as a recompile at the next length would record them. A non-contiguous view that appeared with no such dim
+    (``self.k_recent = self.k[:, -w:]``: its sizes are fixed, its strides follow the cache's length) gets
+    dynamic strides instead, and the base of a tensor view that appeared gets the dims the view cuts (the
+    cache's length, which the view's last tokens are taken from). Dynamo's own rule would trace such an array
+    with static sizes at its first sight and recompile at the next length. (A cache first stored as a non-contiguous view of
+    the step's K, ``self.k = k.cpu().numpy()`` of a transposed K, and then as contiguous concatenations changes
+    its layout after its first step: Dynamo recompiles once for the strides, which it makes symbolic only for
+    tensors of static sizes.)
+
+    Only Dynamo's choice of static or symbolic sizes (and strides) changes: guards still check every size and
+    stride a graph relies on (a wrongly named dim costs at most a recompile, never a result), and nothing is
+    named for arrays whose history Dynamo already has (it makes a dim symbolic once it changes).
+    """
+
+    MAX_DEPTH, MAX_VALUES = 6, 10_000
+
+    def __init__(self):
+        self._last: dict[str, tuple] | None = None  # source -> shape (None: not an array) at the previous call
+        self._last_args: list | None = None
+        self.dynamic: dict[str, set[int]] = {}
+        self._views: set = set()
+        self._bases: dict = {}
+
+    def _walk(self, root) -> dict:
+        """``{source: shape}`` of the host arrays reachable from ``root`` (``None`` where a value is ``None``)."""
+        found: dict = {}
+        seen: set = set()
+        self._views = set()  # sources of non-contiguous views (of a cache, typically)
+        self._bases = {}  # the base of a tensor view -> the view's shape
+
+        def visit(x, name, depth, numpy_wrap=True):
+            if len(found) >= self.MAX_VALUES or depth > self.MAX_DEPTH:
+                return
+            if _host_array(x):
+                wrapped = f"___from_numpy({name})" if isinstance(x, np.ndarray) else name
+                found[wrapped if numpy_wrap else name] = tuple(int(d) for d in x.shape)
+                if (x.base is not None and not x.flags["C_CONTIGUOUS"]) if isinstance(x, np.ndarray) else (
+                        x._base is not None and not x.is_contiguous()):
+                    self._views.add(wrapped if numpy_wrap else name)
+                if isinstance(x, torch.Tensor) and x._base is not None:  # Dynamo traces a view from its base
+                    found[f"{name}._base"] = tuple(int(d) for d in x._base.shape)
+                    self._bases[f"{name}._base"] = found[name]
+                return
+            if x is None or isinstance(x, (int, float, str, bool, torch.Tensor)) or id(x) in seen:
+                if x is None:
+                    found[f"___from_numpy({name})"] = found[name] = None
+                return
+            seen.add(id(x))
+            if isinstance(x, torch.nn.Module):
+                for key, value in vars(x).items():
+                    if key == "_modules":
+                        for sub, m in value.items():
+                            visit(m, f"{name}._modules[{sub!r}]", depth + 1)
+                    elif not key.startswith("_"):
+                        visit(value, f"{name}.{key}", depth + 1)
+            elif isinstance(x, (list, tuple)):
+                for i, value in enumerate(x[:256]):
+                    visit(value, f"{name}[{i}]", depth + 1)
+            elif isinstance(x, dict):
+                for key, value in list(x.items())[:256]:
+                    if isinstance(key, str):
+                        visit(value, f"{name}[{key!r}]", depth + 1)
+            elif hasattr(x, "__dict__") and not isinstance(x, _NOT_STATE) and \
+                    type(x).__module__.split(".")[0] not in ("builtins", "numpy", "torch"):
+                for key, value in vars(x).items():  # a cache object (callable ones too: ``cache(past)``)
+                    if not key.startswith("__"):
+                        visit(value, f"{name}.{key}", depth + 1)
+
+        visit(root, "L['self']", 0)
+        return found
+
+    def observe(self, model, args=(), kwargs=None) -> list:
+        """Record this call's state (where its argument shapes changed); tell Dynamo the token dims of the arrays
+        that appeared since the previous such call are dynamic. Returns the ``(source, dims)`` newly told."""
+        root = getattr(model, "__self__", model)
+        forward = getattr(type(root), "forward", None)
+        if not isinstance(root, torch.nn.Module) or not hasattr(forward, "__code__"):
+            return []
+        sizes = _arg_sizes(args, kwargs or {})
+        if sizes == self._last_args:  # a step like the previous one (decode after decode): nothing to learn
+            return []
+        now, told = self._walk(root), []
+        if self._last is not None and self._last_args is not None:
+            tokens = {old[d] for old, new in zip(self._last_args, sizes) if len(old) == len(new)
+                      for d in range(len(old)) if old[d] != new[d]}
+            for source, shape in ((k, v) for k, v in now.items() if v is not None):
+                before = self._last.get(source)
+                if source not in self.dynamic and (before is None or len(before) == len(shape)):
+                    # appeared, or grown from an empty dim (``np.zeros((h, 0, d))`` before the prefill)
+                    dims = {d for d, size in enumerate(shape) if size in tokens and size > 1 and (
+                        before is None or before[d] == 0)}
+                    view = self._bases.get(source)
+                    if before is None and view is not None and len(view) == len(shape):
+                        # the base of a view into a cache (its last tokens): the dims the view cuts
+                        dims |= {d for d, size in enumerate(shape) if size != view[d] and size > 1}
+                    if dims:
+                        self.dynamic[source] = dims
+                        _tell_dynamic(forward.__code__, source, shape, dims)
+                        told.append((source, dims))
+                    elif before is None and source in self._views:
+                        # a view into a cache (its last tokens): its strides follow the cache's length
+                        self.dynamic[source] = set()
+                        _tell_dynamic(forward.__code__, source, shape, set(), strides=True)
+                        told.append((source, "strides"))
+        self._last, self._last_args = now, sizes
+        return told
+
+
+def _tell_dynamic(code, source: str, shape: tuple, dims: set, strides: bool = False) -> None:
+    """What Dynamo's automatic dynamic records after a recompile that changed ``dims`` of ``source`` (or, with
+    ``strides``, its strides: Dynamo makes strides dynamic only for tensors whose sizes are all static), recorded
+    ahead of the recompile."""
+    from torch._dynamo.pgo import CodeId, FrameStateSizeEntry, auto_dynamic, get_code_state
+
+    size = tuple(auto_dynamic if d in dims else n for d, n in enumerate(shape))
+    entry = FrameStateSizeEntry.make_tensor(size, tuple(auto_dynamic for _ in shape)) if strides else \
+        FrameStateSizeEntry.make_size(size)
+    get_code_state()[CodeId.make(code)].automatic_dynamic[source] |= entry

@@ -1167,3 +1167,127 @@ def hostdriven_kv_steps(case: HostDrivenCase):
     return out
 
 # ==== end of issue 23 (items 2, 3, 5) ================================================================================
+
+
+# ==== growing and evicting host caches created by the model (issue: real cache code; helper 23b) ===============
+# Drawn: storage (numpy / host tensor), layout (heads first, grown on axis 1; tokens first, grown on axis 0), how
+# the cache starts (None, then the prefill's K stored; an empty array; a random history), the prefill's K stored
+# contiguous or as it comes (a transposed view), eviction (none; sink + window after the append, by slices or by a
+# boolean mask), a view of the cache's last tokens kept beside it (read at the next step), prompt length, layers. Budget per case (``growing_budget``): prefill + one decode graph; + one for a sink + window cache's
+# steady phase; + one where the first stored K is a non-contiguous view (the layout changes at the second decode
+# step); + one for a one-token prompt (torch's 0/1 specialization); + one where the kept view of the last tokens
+# is the whole cache at the first decode step.
+
+
+@dataclasses.dataclass(frozen=True)
+class GrowingCase:
+    storage: str  # "numpy" | "tensor"
+    layout: str  # "hsd" (grown on axis 1) | "shd" (grown on axis 0)
+    start: str  # "none" | "empty" | "history"
+    contiguous_first: bool
+    sink: int
+    window: int  # 0: no eviction
+    evict_by: str  # "slices" (np.concatenate of the head and tail) | "mask" (a boolean mask: nonzero, H2O-style)
+    recent_view: bool  # a view of the cache's last tokens kept beside it (two inputs over one memory, read only)
+    prompt_len: int
+    decode_steps: int
+    layers: int
+    seed: int
+
+    def short(self) -> str:
+        return " ".join(f"{k}={v}" for k, v in dataclasses.asdict(self).items())
+
+
+@st.composite
+def growing_cases(draw, max_decode=8):
+    window = draw(st.sampled_from([0, 0, 3, 5]))
+    return GrowingCase(storage=draw(st.sampled_from(["numpy", "tensor"])), layout=draw(st.sampled_from(["hsd", "shd"])),
+                       start=draw(st.sampled_from(["none", "empty", "history"])),
+                       contiguous_first=draw(st.booleans()), sink=draw(st.integers(0, 2)) if window else 0,
+                       window=window, evict_by=draw(st.sampled_from(["slices", "mask"])),
+                       recent_view=draw(st.booleans()), prompt_len=draw(st.integers(1, 5)),
+                       decode_steps=draw(st.integers(6, max_decode)),
+                       layers=draw(st.integers(1, 2)), seed=draw(st.integers(0, 2**16)))
+
+
+def growing_budget(c: GrowingCase) -> int:
+    view_first = c.start == "none" and not c.contiguous_first and c.layout == "hsd"
+    # a recent-tokens view that is the whole cache at the first decode step (contiguous then, a strided view
+    # after): one recompile for its strides
+    whole_view = c.recent_view and c.prompt_len + (2 if c.start == "history" else 0) <= 2
+    return 2 + (c.window > 0) + view_first + (c.prompt_len == 1) + whole_view
+
+
+class GrowingModel(nn.Module):
+    """One step: per layer, project, append the step's K/V to the layer's host cache (created or grown), evict,
+    attend over the cache."""
+
+    HID, H, D = 16, 4, 4
+
+    def __init__(self, c: GrowingCase):
+        super().__init__()
+        g = torch.Generator().manual_seed(c.seed)
+        self.c = c
+        self.w = nn.ParameterList(nn.Parameter(torch.randn(self.HID, self.HID, generator=g) / 4)
+                                  for _ in range(3 * c.layers))
+        rng = np.random.default_rng(c.seed)
+        self.caches = []
+        for _ in range(c.layers):
+            if c.start == "none":
+                self.caches.append([None, None])
+            else:
+                n = 0 if c.start == "empty" else 2
+                shape = (self.H, n, self.D) if c.layout == "hsd" else (n, self.H, self.D)
+                kv = [rng.standard_normal(shape).astype(np.float32) for _ in range(2)]
+                self.caches.append(kv if c.storage == "numpy" else [torch.from_numpy(a) for a in kv])
+
+    def grow(self, old, new):
+        c, axis = self.c, (1 if self.c.layout == "hsd" else 0)
+        if old is None:
+            return (new.copy() if c.storage == "numpy" else new.contiguous()) if c.contiguous_first else new
+        a = np.concatenate([old, new], axis=axis) if c.storage == "numpy" else torch.cat([old, new], axis)
+        n = a.shape[axis]
+        if c.window and n > c.sink + c.window and c.evict_by == "mask":
+            keep = torch.cat([torch.arange(c.sink), torch.arange(n - c.window, n)])
+            mask = torch.zeros(n, dtype=torch.bool).scatter(0, keep, True)
+            if c.storage == "numpy":
+                mask = mask.numpy()
+            a = a[:, mask] if axis == 1 else a[mask]
+        elif c.window and n > c.sink + c.window:
+            head = a[:, : c.sink] if axis == 1 else a[: c.sink]
+            tail = a[:, -c.window:] if axis == 1 else a[-c.window:]
+            a = np.concatenate([head, tail], axis=axis) if c.storage == "numpy" else torch.cat([head, tail], axis)
+        return a
+
+    def forward(self, x):
+        c, t = self.c, x.shape[0]
+        for i, cache in enumerate(self.caches):
+            q, k, v = (x @ self.w[3 * i + j] for j in range(3))
+            q = q.view(t, self.H, self.D).transpose(0, 1)
+            k, v = (a.view(t, self.H, self.D) for a in (k, v))
+            if c.layout == "hsd":
+                k, v = k.transpose(0, 1), v.transpose(0, 1)
+            k, v = k.detach().cpu(), v.detach().cpu()
+            if c.storage == "numpy":
+                k, v = k.numpy(), v.numpy()
+            cache[0], cache[1] = self.grow(cache[0], k), self.grow(cache[1], v)
+            kh, vh = (torch.from_numpy(a) if c.storage == "numpy" else a for a in cache)
+            if c.layout == "shd":
+                kh, vh = kh.transpose(0, 1), vh.transpose(0, 1)
+            a = F.scaled_dot_product_attention(q, kh.to(x.device), vh.to(x.device))
+            x = x + a.transpose(0, 1).reshape(t, self.HID)
+            if c.recent_view:  # the last 2 tokens of the cache, kept as a view, read by the next step
+                recent = getattr(self, f"recent{i}", None)
+                if recent is not None:
+                    r = torch.from_numpy(recent) if c.storage == "numpy" else recent
+                    x = x + r.sum() * 0.01
+                k_cache = cache[0]
+                setattr(self, f"recent{i}", k_cache[:, -2:] if c.layout == "hsd" else k_cache[-2:])
+        return x
+
+
+def growing_steps(c: GrowingCase) -> list:
+    g = torch.Generator().manual_seed(c.seed + 1)
+    return [torch.randn(c.prompt_len, GrowingModel.HID, generator=g)] + [
+        torch.randn(1, GrowingModel.HID, generator=g) for _ in range(c.decode_steps)]
+# ==== end of the growing-cache block ==========================================================================
