@@ -288,7 +288,9 @@ def main(argv=None):
     p.add_argument("--only-modes", action="store_true", help="print only the modes table")
     args = p.parse_args(argv)
     if args.device.startswith("cuda") and not torch.cuda.is_available():
-        raise SystemExit("--device cuda: CUDA is not available")
+        print("bench/store.py --device cuda: no CUDA device here; nothing measured (bench/store_gpu.py measures the "
+              "GPU store against a device-to-device copy)")
+        return
     if args.threads:
         torch.set_num_threads(args.threads)
     torch._inductor.config.fx_graph_cache = False  # measure the current lowering, not a cached artifact

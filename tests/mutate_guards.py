@@ -19,6 +19,7 @@ S = "tests/test_store_ops.py::test_invalid_arguments_raise_and_write_nothing"
 H = "tests/test_host_elimination.py::"
 B = "tests/test_idioms_buffer.py::"
 GH = "tests/test_guards_host.py::"
+T = "tests/test_store_triton.py::test_triton_store_is_exact_and_at_most_two_kernels"
 
 MUTATIONS = [
     ("scatter_slice: a read outside the write is the old buffer", "patterns/scatter_slice.py",
@@ -113,6 +114,15 @@ MUTATIONS = [
      "        if False:", [S + "[value_cache_is_key_cache]"]),
     ("store: block ids and lengths in range", "kvpass/ops/_store.py", "    if bool(flags.any()):", "    if False:",
      [S + "[block_id_too_large]", S + "[cu_q_lens_decreasing]"]),
+    # the store on the Triton path (slow: Inductor's Triton backend under Triton's interpreter; to run one case
+    # only: KVPASS_TRITON_CASES='kv/slot_mapping/HND/fp32' python tests/mutate_guards.py triton)
+    ("store (triton): skipped tokens write nothing", "kvpass/ops/_store.py",
+     "    return valid & ~overwritten", "    return ~overwritten", [T + "[kv/slot_mapping/HND/fp32]"]),
+    ("store (triton): the last writer of a slot wins", "kvpass/ops/_store.py",
+     "& valid[None, :] & (e[None, :] > e[:, None])", "& valid[None, :] & (e[None, :] < e[:, None])",
+     [T + "[kv/slot_mapping/HND/fp32]"]),
+    ("store (triton): the scatter's store is masked", "kvpass/ops/_masked_store.py",
+     "            return ops.masked(mask, body, 0)", "            return body()", [T + "[kv/slot_mapping/HND/fp32]"]),
 ]
 
 
