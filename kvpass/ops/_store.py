@@ -617,7 +617,9 @@ def _traced_store_masked(pairs, scales, layout, src, blk, off, win, identity, h)
         values = states if identity else states[src]
         if scale is not None:
             values = quantize(values, scale, cache.dtype)
-        torch.ops.kvpass._masked_index_put(cache, idx, values, mask)
+        # detached: a store is not differentiable (the eager kernel writes under no_grad; the custom op has no
+        # autograd formula)
+        torch.ops.kvpass._masked_index_put(cache, idx, values.detach(), mask)
 
 
 def _quantize_scaled(x, scale_b, dtype):
