@@ -8,8 +8,8 @@ Usage::
 
 Cases: prefill of 4096 and 16384 new tokens (4 sequences with ragged, block-unaligned contexts) and decode of
 8 and 64 sequences (one token each). Every case stores K and V (``store_paged_kv``) into HND caches with room
-for twice the written tokens, blocks shuffled. Columns (milliseconds per call: the best of ``--reps`` timed
-batches after warm-up, the implementations interleaved batch by batch; best-of because the machine may be shared):
+for twice the written tokens, blocks shuffled. Columns (milliseconds per call: the median of ``--reps``
+interleaved rounds after the same warm-up for every runner; ratios computed per round, median and min-max):
 
 * ``chunk loop``: the upstream torch reference's algorithm (per sequence, per block chunk, ``.item()`` and two
   slice assignments): ``kvpass.ops.reference.loop_store_paged_kv``;
@@ -17,6 +17,8 @@ batches after warm-up, the implementations interleaved batch by batch; best-of b
 * ``eager``: ``kvpass.store_paged_kv`` (validation + vectorized index arithmetic + one ``index_put_`` per cache);
 * ``compiled``: ``torch.compile(kvpass.store_paged_kv)`` (Inductor-generated scatter);
 * ``copy_``: ``copy_`` of the same bytes (new K and V into preallocated buffers), the floor;
+* ``compiled copy_``: the same two ``copy_`` as a ``torch.compile``'d function: the floor of any compiled call
+  (guards, wrapper, one generated kernel), which dominates a decode store of a few KiB;
 * ratios: chunk loop / compiled, token loop / compiled, compiled / copy_, eager / copy_.
 
 A "modes" table (issue 16) times the compiled ``store_paged_kv`` in each addressing / cache mode side by side on
@@ -37,6 +39,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import sys
 import time
 
@@ -56,7 +59,7 @@ def make_case(kind, n, heads, head_dim, block_size, dtype, device, gen):
     else:
         rows = n
         q = torch.ones(rows, dtype=torch.int64)
-        ctx = torch.randint(0, 4096, (rows,), generator=gen)
+        ctx = torch.randint(0, 1024, (rows,), generator=gen)  # (4096 before issue 21: 64 rows' caches took 4 GiB)
     width = int(((ctx + q + block_size - 1) // block_size).max())
     num_blocks = 2 * rows * width
     perm = torch.randperm(num_blocks, generator=gen)[: rows * width]
@@ -89,7 +92,10 @@ def run(args):
     gen = torch.Generator().manual_seed(0)
     reps = 3 if args.quick else args.reps
     compiled = torch.compile(kvpass.store_paged_kv, dynamic=False)
+    compiled_copy = torch.compile(lambda kd, vd, k, v: (kd.copy_(k), vd.copy_(v)), dynamic=False)
     cases = [("prefill", 4096), ("prefill", 16384), ("decode", 8), ("decode", 64)]
+    if args.decode_only:
+        cases = cases[2:]
     rows = []
     for kind, n in cases:
         c = make_case(kind, n, args.heads, args.head_dim, args.block_size, dtype, device, gen)
@@ -106,13 +112,17 @@ def run(args):
                 raise SystemExit(f"{kind} {n}: {name} result differs from the loop reference")
         kc, vc = kc0.clone(), vc0.clone()
         kdst, vdst = torch.empty_like(c["key"]), torch.empty_like(c["value"])
-        times = timeit_all({
+        samples = timeit_rounds({
             "chunk loop": lambda: loop_store_paged_kv(*kv, kc, vc, *idx),
             "token loop": lambda: token_loop_store_paged_kv(*kv, kc, vc, *idx),
             "eager": lambda: kvpass.store_paged_kv(*kv, kc, vc, *idx),
             "compiled": lambda: compiled(*kv, kc, vc, *idx),
             "copy_": lambda: (kdst.copy_(c["key"]), vdst.copy_(c["value"])),
+            "compiled copy_": lambda: compiled_copy(kdst, vdst, c["key"], c["value"]),
         }, device, reps)
+        times = {k: statistics.median(v) for k, v in samples.items()}
+        times["ratios"] = {(a, b): [x / y for x, y in zip(samples[a], samples[b])]
+                           for a, b in (("compiled", "copy_"), ("eager", "copy_"), ("compiled", "compiled copy_"))}
         label = f"prefill {n} tok" if kind == "prefill" else f"decode {n} seq"
         rows.append((label, times, 2 * c["key"].numel() * c["key"].element_size()))
     return rows
@@ -246,7 +256,7 @@ def run_fused(args):
         fused_c(k, w, cos, sin, out, *idx)
         tol = 1e-4 if dtype == torch.float32 else 5e-2
         torch.testing.assert_close(out, ref, rtol=tol, atol=tol)
-        times = timeit_all({
+        samples = timeit_rounds({
             "eager": lambda: norm_rope_store(k, w, cos, sin, kc, *idx),
             "unfused": unfused,
             "fused": lambda: fused_c(k, w, cos, sin, kc, *idx),
@@ -261,14 +271,17 @@ def run_fused(args):
 
 def fmt_table(rows):
     """The results as a Markdown table (milliseconds per call, ratios)."""
-    cols = ["chunk loop", "token loop", "eager", "compiled", "copy_"]
+    cols = ["chunk loop", "token loop", "eager", "compiled", "copy_", "compiled copy_"]
     out = ["| case | K+V bytes | " + " | ".join(f"{c} ms" for c in cols)
-           + " | chunk loop / compiled | token loop / compiled | compiled / copy_ | eager / copy_ |",
-           "|" + "---|" * (len(cols) + 6)]
+           + " | chunk loop / compiled | token loop / compiled | compiled / copy_ | eager / copy_ "
+             "| compiled / compiled copy_ |",
+           "|" + "---|" * (len(cols) + 7)]
     for label, t, nbytes in rows:
         out.append(f"| {label} | {nbytes / 2**20:.2f} MiB | " + " | ".join(f"{t[c]:.3f}" for c in cols)
                    + f" | {t['chunk loop'] / t['compiled']:.1f}x | {t['token loop'] / t['compiled']:.1f}x"
-                   + f" | {t['compiled'] / t['copy_']:.2f}x | {t['eager'] / t['copy_']:.2f}x |")
+                   + "".join(f" | {statistics.median(r):.2f}x ({min(r):.2f}-{max(r):.2f})" for r in (
+                       t["ratios"][("compiled", "copy_")], t["ratios"][("eager", "copy_")],
+                       t["ratios"][("compiled", "compiled copy_")])) + " |")
     return "\n".join(out)
 
 
@@ -286,9 +299,12 @@ def main(argv=None):
     p.add_argument("--no-fused", action="store_true", help="skip the RMSNorm + RoPE + store table")
     p.add_argument("--no-modes", action="store_true", help="skip the addressing / quantized modes table")
     p.add_argument("--only-modes", action="store_true", help="print only the modes table")
+    p.add_argument("--decode-only", action="store_true", help="the store table's decode cases only")
     args = p.parse_args(argv)
     if args.device.startswith("cuda") and not torch.cuda.is_available():
-        raise SystemExit("--device cuda: CUDA is not available")
+        print("bench/store.py --device cuda: no CUDA device here; nothing measured (bench/store_gpu.py measures the "
+              "GPU store against a device-to-device copy)")
+        return
     if args.threads:
         torch.set_num_threads(args.threads)
     torch._inductor.config.fx_graph_cache = False  # measure the current lowering, not a cached artifact

@@ -22,6 +22,7 @@ B = "tests/test_idioms_buffer.py::"
 GH = "tests/test_guards_host.py::"
 HD = "tests/test_idioms_hostdriven.py::"
 SV = "tests/test_stored_values.py::"
+T = "tests/test_store_triton.py::test_triton_store_is_exact_and_at_most_two_kernels"
 
 MUTATIONS = [
     ("scatter_slice: a read outside the write is the old buffer", "patterns/scatter_slice.py",
@@ -166,6 +167,15 @@ MUTATIONS = [
      "            if is_read and _at_read_back_position(src) and scatter_base(src) in states:  # not decomposed",
      "            if is_read and getattr(src, 'target', None) is aten.index_put.default and scatter_base(src) in states:",
      [HD + "test_index_tensor_write_into_a_cache_is_not_reported"]),
+    # the store on the Triton path (slow: Inductor's Triton backend under Triton's interpreter; to run one case
+    # only: KVPASS_TRITON_CASES='kv/slot_mapping/HND/fp32' python tests/mutate_guards.py triton)
+    ("store (triton): skipped tokens write nothing", "kvpass/ops/_store.py",
+     "    return valid & ~overwritten", "    return ~overwritten", [T + "[kv/slot_mapping/HND/fp32]"]),
+    ("store (triton): the last writer of a slot wins", "kvpass/ops/_store.py",
+     "& valid[None, :] & (e[None, :] > e[:, None])", "& valid[None, :] & (e[None, :] < e[:, None])",
+     [T + "[kv/slot_mapping/HND/fp32]"]),
+    ("store (triton): the scatter's store is masked", "kvpass/ops/_masked_store.py",
+     "            return ops.masked(mask, body, 0)", "            return body()", [T + "[kv/slot_mapping/HND/fp32]"]),
 ]
 
 

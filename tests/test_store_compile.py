@@ -157,6 +157,20 @@ def _check_fused(case, extra, code, kernel_re):
     assert "torch.ops.kvpass" not in wrapper and "auto_functionalized" not in wrapper
 
 
+def _check_fused_triton(case, code):
+    """On the Triton path the store is kvpass's masked scatter (``kvpass/ops/_masked_store.py``): it runs last,
+    after the plan, and holds the RMSNorm reduction and the RoPE rotation (tests/test_store_triton.py checks the
+    same without a GPU)."""
+    wrapper = code[0]
+    call = wrapper[wrapper.index("def call"):]
+    kernels = re.findall(r"(triton_\w+)\.run\(", call)
+    for op in ("mean", "rsqrt", "roll"):
+        assert op in kernels[-1], f"{op} not fused into the store kernel {kernels[-1]}"
+    tokens, heads, dim = case.key.shape
+    assert f"({tokens}, {heads}, {dim})" not in str(re.findall(r"empty_strided_\w+\((\([^)]*\))", call))
+    assert "torch.ops.kvpass" not in wrapper and "auto_functionalized" not in wrapper
+
+
 def test_norm_rope_fuse_into_the_one_scatter_kernel():
     case, extra = _fused_inputs()
     eager = case.key_cache.clone()
@@ -178,7 +192,7 @@ def test_cuda_compiled_equals_eager_and_fuses():
     norm_rope_store(case.key, *extra, eager, *case.index)
     out = case.key_cache.clone()
     _, code = run_and_get_code(torch.compile(norm_rope_store, fullgraph=True), case.key, *extra, out, *case.index)
-    _check_fused(case, extra, code, r"(triton_\w+)\.run\(")
+    _check_fused_triton(case, code)
     written = (eager != case.key_cache).any(-1)
     assert torch.equal(out[~written], case.key_cache[~written])
     torch.testing.assert_close(out, eager, rtol=1e-5, atol=1e-5)

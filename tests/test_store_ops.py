@@ -293,6 +293,31 @@ def test_slot_mapping_matches_reference_and_block_table(name, layout):
     assert torch.equal(single, reference_store(case.key, case.key_cache, slot_mapping=short, layout=layout))
 
 
+@pytest.mark.parametrize("layout,dtype", [("HND", torch.float32), ("NHD", torch.float8_e4m3fn)])
+def test_masked_index_put_eager_kernel_and_opcheck(layout, dtype):
+    """``kvpass::_masked_index_put`` (the Triton path's masked store; its eager kernel serves fallbacks and
+    make_fx): masked-in rows written, masked-out rows (in range, even a masked-in row's slot) untouched."""
+    g = torch.Generator().manual_seed(4)
+    cache = torch.randn(3, 2, 4, 8, generator=g).to(dtype)  # HND (3, 2, 4, 8) / NHD (3, 2 offsets, 4 heads, 8)
+    blk, off = torch.tensor([2, 0, 2, 1]), torch.tensor([1, 1, 1, 0])
+    mask = torch.tensor([False, True, True, False])  # token 0 targets token 2's slot but is masked out
+    if layout == "HND":
+        idx, values, m = [blk[:, None], torch.arange(2)[None, :], off[:, None]], torch.randn(4, 2, 8), mask[:, None]
+    else:
+        idx, values, m = [blk, off], torch.randn(4, 4, 8), mask
+    values = values.to(dtype)
+    out = cache.clone()
+    torch.ops.kvpass._masked_index_put(out, idx, values, m)
+    expected = cache.clone()
+    for t in range(4):
+        if mask[t]:
+            target = expected[blk[t], :, off[t]] if layout == "HND" else expected[blk[t], off[t]]
+            target.view(torch.uint8).copy_(values[t].view(torch.uint8))
+    assert torch.equal(out.view(torch.uint8), expected.view(torch.uint8))
+    if dtype == torch.float32:
+        torch.library.opcheck(torch.ops.kvpass._masked_index_put.default, (cache.clone(), idx, values, m))
+
+
 @pytest.mark.parametrize("op", ["kv", "single_chunks", "single_slots", "kv_int8", "single_fp8"])
 def test_opcheck(op):
     """torch.library.opcheck: the schema's mutates_args are exact, the fake kernel and the functionalized

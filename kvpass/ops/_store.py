@@ -43,10 +43,25 @@ Both modes reduce to one *plan*: for each of ``tokens`` elements ``e``, ``src[e]
   scatter kernel and fuses with the producers of the states (RMSNorm, RoPE). Only metadata (ranks, dtypes,
   devices, shapes) is validated at trace time; the data-dependent checks cannot run without a host sync.
 
-Masking under compile (the choice, and why)
--------------------------------------------
-An ``index_put`` has no per-element mask, and neither Inductor's C++ nor its Triton scatter has a masked store.
-The lowering therefore relies on nothing Inductor does not promise: no order of duplicate writes, no vectorized
+Where Inductor generates Triton (GPUs; CPU with ``cpu_backend = "triton"``): a plan and a masked store
+-------------------------------------------------------------------------------------------------------
+:func:`_traced_store_masked`. The plan is one boolean per token, ``win[e]``: valid and not overwritten by a later
+valid token (:func:`_last_writer_mask`, a ``(T, T)`` comparison reduced by ``any`` in one generated kernel; it
+depends on the addressing only, so layers that store with the same addressing in one graph share it). The store is
+``kvpass::_masked_index_put`` (``kvpass/ops/_masked_store.py``), lowered by kvpass into Inductor's own scatter
+with its store under ``ops.masked``: Triton emits ``tl.store(ptr, value, win & xmask)``, so skipped and
+overwritten tokens write (and load) nothing, the masked-in targets are unique, and the producers of the states
+(RMSNorm, RoPE, quantization) stay in that kernel, K and V together: 2 generated kernels per call for
+``slot_mapping`` and decode, 3 with ``cu_q_lens`` (Inductor realizes the ``searchsorted`` row index in a kernel of
+its own), 4 with ``chunk_metadata`` (plus the ``cumsum`` of the chunk lengths); the lowering below took 9 to 11.
+The cost of the plan grows as ``T**2`` comparisons (no sort, no free slot, no snapshot); exports
+(``torch.compiler.is_exporting()``) keep the lowering below, which uses ATen ops only.
+
+Masking under Inductor's C++ backend (the choice, and why)
+----------------------------------------------------------
+An ``index_put`` has no per-element mask, and Inductor's C++ backend cannot emit a masked store (its
+``_unsafe_masked_index_put_accumulate`` lowering says so; ``ops.masked`` forbids stores there). The lowering
+therefore relies on nothing Inductor does not promise: no order of duplicate writes, no vectorized
 ``argmin``/``argmax``, no reduction over a narrow dtype, no read of a cache slot that the same kernel writes with
 another value.
 
@@ -97,6 +112,7 @@ from typing import Optional, Sequence
 import torch
 
 from ..errors import KVPassError
+from . import _masked_store
 
 __all__ = [
     "store_paged_kv", "store_paged_single", "gather_paged_kv", "quantize", "LAYOUTS", "QUANT_DTYPES",
@@ -365,15 +381,16 @@ def _validate_data(op: str, num_tokens: int, num_blocks: int, block_size: int,
 
 
 def _plan(num_tokens, num_blocks: int, block_size: int, device,
-          block_table, cu_q_lens, context_kv_lens, chunk_metadata, slot_mapping=None):
+          block_table, cu_q_lens, context_kv_lens, chunk_metadata, slot_mapping=None, index_dtype=torch.int64):
     """``(src, blk, off, valid, src_is_identity)`` for ``num_tokens`` elements, or ``None`` if nothing can be written.
 
     Pure, shape-static index arithmetic (no host sync): usable in eager and under tracing. Every index used to
     address memory here is clamped into range first, so garbage metadata cannot read out of bounds; ``valid`` is
-    False for padding rows, ``-1`` blocks, tokens past the table, and any out-of-range target.
+    False for padding rows, ``-1`` blocks, tokens past the table, and any out-of-range target. ``index_dtype``
+    is the dtype of the token index and of the row search.
     """
     i64 = torch.int64
-    e = torch.arange(num_tokens, device=device, dtype=i64)
+    e = torch.arange(num_tokens, device=device, dtype=index_dtype)
     if slot_mapping is not None:  # element e is token e; tokens past the mapping are ignored
         n = slot_mapping.shape[0]
         if n == 0:
@@ -409,7 +426,7 @@ def _plan(num_tokens, num_blocks: int, block_size: int, device,
         t = torch.zeros_like(e)
         in_row = torch.ones_like(e, dtype=torch.bool)
     else:
-        cu = cu_q_lens.to(i64)
+        cu = cu_q_lens.to(index_dtype)
         b = torch.searchsorted(cu[1:], e, right=True)  # row of token e: the number of row ends <= e
         b = b.clamp(max=rows - 1)
         start = cu[b]
@@ -537,10 +554,18 @@ def _traced_store(op, pairs, block_table, cu_q_lens, context_kv_lens, chunk_meta
     if T == 0 or nb == 0:
         return
     device = states0.device
-    plan = _plan(T, nb, bs, device, block_table, cu_q_lens, context_kv_lens, chunk_metadata, slot_mapping)
+    masked = _masked_store.triton_backend(device) and not torch.compiler.is_exporting()
+    # int32 token indices on the Triton path: the row search then reads cu_q_lens as it is (an int64 copy of it
+    # would be one more kernel)
+    plan = _plan(T, nb, bs, device, block_table, cu_q_lens, context_kv_lens, chunk_metadata, slot_mapping,
+                 index_dtype=torch.int32 if masked else torch.int64)
     if plan is None:
         return
     src, blk, off, valid, identity = plan
+    if masked:
+        _traced_store_masked(pairs, scales, layout, src, blk, off, _last_writer_mask(blk * bs + off, valid),
+                             identity, h)
+        return
     nslots = nb * bs
     keys, order, win = _last_writer_wins(blk * bs + off, valid, nslots)
     if not identity:
@@ -565,6 +590,36 @@ def _traced_store(op, pairs, block_table, cu_q_lens, context_kv_lens, chunk_meta
             cache.index_put_(idx, torch.where(write, codes, fill))
         else:
             cache.index_put_(idx, _fp8_blend(write, values, scale, fill, cache.dtype))
+
+
+def _last_writer_mask(flat: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """``win[e]``: element ``e`` is valid and no later valid element targets its slot ``flat[e]`` (the last
+    writer of each slot, in element order: the per-token reference's and the upstream loop's rule).
+
+    A ``(T, T)`` comparison reduced along its rows (``any``): one generated reduction kernel that never
+    materializes the square, computed from the addressing only (the same for every layer that stores with it,
+    so one graph holding several layers computes it once)."""
+    e = torch.arange(flat.shape[0], device=flat.device)
+    overwritten = ((flat[None, :] == flat[:, None]) & valid[None, :] & (e[None, :] > e[:, None])).any(1)
+    return valid & ~overwritten
+
+
+def _traced_store_masked(pairs, scales, layout, src, blk, off, win, identity, h):
+    """The lowering where Inductor generates Triton: the plan (:func:`_last_writer_mask`) and one masked scatter
+    per cache (``kvpass::_masked_index_put``), which Inductor fuses into one kernel with the producers of the
+    states and, for K and V of one head_dim, with each other: two generated kernels per call. Elements that write
+    nothing (skipped, out of range, or overwritten later) are masked out of the store; no free slot, snapshot or
+    order of duplicate writes is involved."""
+    _masked_store.ensure_lowering()
+    idx = list(_cache_index(layout, blk, off, h))
+    mask = win[:, None] if layout == "HND" else win
+    for (_, states, _, cache), (_, scale) in zip(pairs, scales):
+        values = states if identity else states[src]
+        if scale is not None:
+            values = quantize(values, scale, cache.dtype)
+        # detached: a store is not differentiable (the eager kernel writes under no_grad; the custom op has no
+        # autograd formula)
+        torch.ops.kvpass._masked_index_put(cache, idx, values.detach(), mask)
 
 
 def _quantize_scaled(x, scale_b, dtype):
