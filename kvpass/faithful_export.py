@@ -448,19 +448,19 @@ def _capture(model, names, values, dims, position_patterns) -> _Capture:
 
 def _replaced_tensor_attributes() -> list[str]:
     """Attributes the traced step assigns a tensor to (``self.k = torch.cat(...)``), from Dynamo's side-effect
-    record; best effort (``[]`` if this Dynamo keeps it elsewhere)."""
+    record (closure cells the step creates are not state: :func:`kvpass.compat.dynamo_attribute_writes`); best
+    effort (``[]`` if this Dynamo keeps it elsewhere)."""
     try:
-        from torch._dynamo.symbolic_convert import InstructionTranslator
         from torch._dynamo.variables import TensorVariable
 
-        tx = InstructionTranslator.current_tx()
+        from .compat import dynamo_attribute_writes
+
         out = []
-        for item, attrs in tx.output.side_effects.store_attr_mutations.items():
-            for name, value in attrs.items():
-                if isinstance(value, TensorVariable):
-                    source = getattr(item, "source", None)
-                    base = _rel(source.name) if source is not None else ""
-                    out.append(f"{base}.{name}" if base else name)
+        for item, name, value in dynamo_attribute_writes():
+            if isinstance(value, TensorVariable):
+                source = getattr(item, "source", None)
+                base = _rel(source.name) if source is not None else ""
+                out.append(f"{base}.{name}" if base else name)
         return out
     except Exception:  # noqa: BLE001 - a Dynamo internal moved: skip the warning, not the export
         return []
@@ -471,20 +471,19 @@ def _stored_int_attributes() -> dict:
     Dynamo's side-effect record: a sympy expression over the graph's symbols, or an int. Best effort (``{}`` if
     this Dynamo keeps it elsewhere; ``cache="outputs"`` then refuses to guess how positions advance)."""
     try:
-        from torch._dynamo.symbolic_convert import InstructionTranslator
         from torch._dynamo.variables import ConstantVariable, SymNodeVariable
 
-        tx = InstructionTranslator.current_tx()
+        from .compat import dynamo_attribute_writes
+
         out = {}
-        for item, attrs in tx.output.side_effects.store_attr_mutations.items():
+        for item, name, value in dynamo_attribute_writes():
             source = getattr(item, "source", None)
             if source is None:
                 continue
-            for name, value in attrs.items():
-                if isinstance(value, SymNodeVariable) and isinstance(value.sym_num, torch.SymInt):
-                    out[f"{source.name}.{name}"] = value.sym_num.node.expr
-                elif isinstance(value, ConstantVariable) and type(value.value) is int:
-                    out[f"{source.name}.{name}"] = value.value
+            if isinstance(value, SymNodeVariable) and isinstance(value.sym_num, torch.SymInt):
+                out[f"{source.name}.{name}"] = value.sym_num.node.expr
+            elif isinstance(value, ConstantVariable) and type(value.value) is int:
+                out[f"{source.name}.{name}"] = value.value
         return out
     except Exception:  # noqa: BLE001 - a Dynamo internal moved
         return {}

@@ -8,6 +8,7 @@ import torch
 import torch._dynamo.utils
 
 import kvpass
+from kvpass.compat import SDPA_UNBATCHED_DECOMPOSED
 from kvpass.examples.shared_kv_model import SharedKVConfig, reference_model
 from kvpass.testing import RecordingBackend, buffer_reads, host_round_trip_nodes
 
@@ -67,12 +68,25 @@ def is_proj(name):
     return pred
 
 
+def is_aten_sdpa(n):
+    """An ATen attention op that takes ``query, key, value`` first (``aten.scaled_dot_product_attention`` or one
+    of its fused kernels, ``_scaled_dot_product_flash_attention_for_cpu`` on CPU)."""
+    if n.op != "call_function" or not isinstance(n.target, torch._ops.OpOverload):
+        return False
+    schema = n.target._schema
+    return "scaled_dot_product" in schema.name and [a.name for a in schema.arguments[:3]] == ["query", "key", "value"]
+
+
 def attention_kv(gm):
     """``(k, v)`` operands of every attention: ``scaled_dot_product_attention`` in a Dynamo graph; in an ATen
-    graph (SDPA decomposed), the ``bmm`` before each softmax (its second operand is K^T) and after it (V)."""
+    graph, the fused SDPA op's key and value where the capture keeps one (``kvpass.compat.SDPA_UNBATCHED_DECOMPOSED``
+    is false), else (SDPA decomposed) the ``bmm`` before each softmax (its second operand is K^T) and after it (V)."""
     sdpa = [n for n in gm.graph.nodes if n.op == "call_function" and n.target is torch._C._nn.scaled_dot_product_attention]
     if sdpa:
         return [(n.args[1], n.args[2]) for n in sdpa]
+    fused = [n for n in gm.graph.nodes if is_aten_sdpa(n)]
+    if fused:
+        return [(n.args[1], n.args[2]) for n in fused]
     out = []
     for s in gm.graph.nodes:
         if s.op == "call_function" and s.target in (torch.ops.aten._safe_softmax.default, torch.ops.aten._softmax.default):
@@ -143,6 +157,8 @@ def test_attention_kv_reach_the_projections_through_graph_edges(compiled_eager_i
     for gm in graphs:
         attn = attention_kv(gm)
         assert len(attn) == 6
+        # the reference model's attention is unbatched (3-D): decomposed on torch 2.13, one fused op from 2.14 on
+        assert any(map(is_aten_sdpa, gm.graph.nodes)) is not SDPA_UNBATCHED_DECOMPOSED
         for i, (k, v) in enumerate(attn):
             assert reaches(k, is_proj("k_proj")), f"graph attention {i}: K is cut off from k_proj"
             assert reaches(v, is_proj("v_proj")), f"graph attention {i}: V is cut off from v_proj"

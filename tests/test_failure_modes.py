@@ -10,6 +10,7 @@ import torch._dynamo.utils
 from torch.export.graph_signature import InputKind
 from torch.fx.experimental.proxy_tensor import make_fx
 
+from kvpass.compat import MAKE_FX_DETACH
 from kvpass.examples.shared_kv_model import READONLY, SHARED, SharedKVConfig, reference_model
 
 NO_PAD = SharedKVConfig(follower_caches=[SHARED, SHARED, READONLY])
@@ -46,8 +47,8 @@ def test_make_fx_real_bakes_kv_as_constant_and_goes_stale(rng):
     constants = [n for n in gm.graph.nodes if n.op == "get_attr" and "_tensor_constant" in str(n.target)]
     kv_shapes = {(2, 8, 8), (2, 8, 16)}
     assert any(tuple(getattr(gm, n.target).shape) in kv_shapes for n in constants)
-    # ... and the real K/V computation is cut off: its detach has no users.
-    dangling = [n for n in gm.graph.nodes if n.target is torch.ops.aten.detach.default and not n.users]
+    # ... and the real K/V computation is cut off: its detach (an alias from torch 2.14 on) has no users.
+    dangling = [n for n in gm.graph.nodes if n.target is MAKE_FX_DETACH and not n.users]
     assert len(dangling) >= 2
     # On a second, fresh random input the traced graph answers with the first input's K/V.
     with torch.no_grad():

@@ -12,6 +12,7 @@ import torch
 import torch._dynamo.utils
 from torch.fx.experimental.proxy_tensor import make_fx
 
+from kvpass.compat import MAKE_FX_DETACH
 from kvpass.examples.shared_kv_model import SHARED, READONLY, SharedKVConfig, reference_model
 from kvpass.timing import captured_recompile_limit_warnings
 from test_failure_modes import Step  # one model step as a module (what a user hands to torch.export)
@@ -175,7 +176,7 @@ def test_make_fx_real_and_jit_trace_row(recwarn):
         model.reset()
         stale_jit = (traced(fresh) - want).abs().max().item()
     constants = [n for n in gm.graph.nodes if n.op == "get_attr" and "_tensor_constant" in str(n.target)]
-    dangling = [n for n in gm.graph.nodes if n.target is torch.ops.aten.detach.default and not n.users]
+    dangling = [n for n in gm.graph.nodes if n.target is MAKE_FX_DETACH and not n.users]
     _says(_row("`make_fx` real mode, `torch.jit.trace`"), "`_tensor_constant0`", "`detach` dangles",
           "stale or all-zero K/V")
     assert constants and dangling

@@ -21,8 +21,8 @@ that constant carry what was written). Then, for each attention's key and value 
 ``input-free-kv``
     it depends on no token input at all and carries no such constant (zeros made in the graph);
 ``dangling-kv``
-    a computed K/V whose only use is a dangling ``detach`` chain while a same-shaped constant feeds the
-    attention instead (``make_fx`` real mode).
+    a computed K/V whose only use is a dangling ``detach`` chain (``alias`` from torch 2.14 on) while a
+    same-shaped constant feeds the attention instead (``make_fx`` real mode).
 
 A constant concatenated with a computed K/V along a non-last dim (rank 3+) is a ``constant-kv`` even when no
 attention is in the graph.

@@ -337,7 +337,11 @@ def cat_with_computed(program: Program, df: Dataflow, reported: set) -> list[Fin
 
 def dangling_kv(program: Program, df: Dataflow, const_findings: list[Finding]) -> list[Finding]:
     """``dangling-kv``: a computed K/V whose only use is a ``detach``/copy chain that ends unused, while a
-    same-shaped reported constant feeds the attention instead (``make_fx`` real mode)."""
+    same-shaped reported constant feeds the attention instead (``make_fx`` real mode, which records ``detach`` as
+    ``alias`` from torch 2.14 on: :data:`kvpass.compat.MAKE_FX_DETACH`). The finding is about the graph at hand:
+    where a later capture keeps the unused chain (``torch.export`` of such a graph from torch 2.14 on) it is
+    reported again; where it drops it (2.13's export leaves the computed K/V with no use at all) there is no
+    finding, and the constant that feeds the attention is reported either way."""
     if not const_findings:
         return []
     bits = 0

@@ -584,8 +584,9 @@ def _traced_store(op, pairs, block_table, cu_q_lens, context_kv_lens, chunk_meta
     free_off = free - free_blk * bs
     for (_, states, _, cache), (_, scale) in zip(pairs, scales):
         values = states if identity else states[src]
-        fill = _slot_snapshot(cache, layout, free_blk, free_off)
-        if scale is None or cache.dtype == torch.int8:  # pointwise: fuses with the producers of the states
+        blend = scale is not None and cache.dtype != torch.int8  # an fp8 cache with a scale: _fp8_blend
+        fill = _slot_snapshot(cache, layout, free_blk, free_off, as_float=blend)
+        if not blend:  # pointwise: fuses with the producers of the states
             codes = values if scale is None else quantize(values, scale, cache.dtype)
             cache.index_put_(idx, torch.where(write, codes, fill))
         else:
@@ -645,12 +646,20 @@ def _fp8_blend(write, values, scale, fill, dtype, scaled=False):
     return torch.where(write, y, fill.float()).to(dtype)
 
 
-def _slot_snapshot(cache, layout, sb, so):
+def _slot_snapshot(cache, layout, sb, so, as_float=False):
     """The current ``(1, kv_heads, head_dim)`` contents of slot ``(sb, so)`` (1-element index tensors), copied
     into a buffer of its own (a scatter into fresh zeros, which Inductor always materializes) so that the
     values of the cache scatter read the snapshot, not the cache: Inductor would otherwise realize all the
-    values into a temporary (``index_put`` whose values read the destination), losing the fusion."""
+    values into a temporary (``index_put`` whose values read the destination), losing the fusion.
+
+    ``as_float``: the snapshot holds the float32 value of each code (exact for fp8), which is all that
+    :func:`_fp8_blend` reads (``fill.float()``). ATen has no CPU ``scatter`` for fp8, and this keeps the traced
+    store runnable on ATen kernels (``backend="aot_eager"``, ``torch.library.opcheck``) without a
+    ``view(torch.uint8)`` of fp8, which Inductor's non-vectorized C++ converts instead of bit-casting (see
+    :func:`_fp8_blend`)."""
     snap = cache[sb, :, so, :] if layout == "HND" else cache[sb, so, :, :]  # (1, H, D) either way
+    if as_float:
+        snap = snap.float()
     out = torch.zeros_like(snap)
     return out.scatter(0, torch.zeros_like(snap, dtype=torch.int64), snap)
 
