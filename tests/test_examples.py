@@ -39,6 +39,20 @@ def test_hf_gemma4_fast():
     assert out.rstrip().endswith("PASS")
 
 
+EXAMPLES = sorted(p.stem for p in (REPO_ROOT / "examples").glob("*.py")
+                  if p.stem != "__init__" and 'if __name__ == "__main__":' in p.read_text())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", EXAMPLES)
+def test_every_example_has_help(name):
+    """``python examples/NAME.py --help`` prints its usage and exits 0 without running anything."""
+    proc = subprocess.run([sys.executable, f"examples/{name}.py", "--help"], cwd=REPO_ROOT, timeout=300,
+                          capture_output=True, text=True)
+    assert proc.returncode == 0 and proc.stdout.startswith("usage: "), proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "PASS" not in proc.stdout
+
+
 def test_examples_import_without_side_effects():
     """Importing an example runs nothing (all the work is in main())."""
     code = ("import sys; sys.path.insert(0, 'examples');\n"

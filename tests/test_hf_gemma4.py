@@ -56,4 +56,5 @@ def test_greedy_tokens_identical_with_backend_kvpass(gemma4):
     reports = []
     got = greedy(gemma4, torch.compile(gemma4.forward, backend=kvpass.backend(on_report=reports.append)), p, STEPS)
     assert got == want
-    assert all(not r.matches and not r.skips for r in reports)
+    # one (empty) report per compiled graph, as with an eager inner: Inductor does not swallow empty reports
+    assert reports and all(not r.matches and not r.skips for r in reports)
