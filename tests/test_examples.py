@@ -113,3 +113,35 @@ def test_deploy_executorch_skips_cleanly_without_executorch(monkeypatch, capsys)
     assert module.cli(["--steps", "1"]) == 0
     out = capsys.readouterr().out
     assert out.startswith("SKIP: ExecuTorch is not installed") and "PASS" not in out
+
+
+def test_deploy_onnx_writes_to_a_temporary_folder_by_default(tmp_path, monkeypatch, capsys):
+    """Without --out the ONNX program goes to a temporary folder, removed at the end: nothing is left in the
+    current folder (the export and conversion are replaced: only where the files go is checked here)."""
+    module = load_example("deploy_onnx")
+    monkeypatch.chdir(tmp_path)
+    written = []
+
+    def fake_onnx_export(ep, f, **kwargs):
+        written.append(pathlib.Path(f))
+        pathlib.Path(f).write_bytes(b"onnx")
+        pathlib.Path(f"{f}.data").write_bytes(b"weights")
+
+    monkeypatch.setattr(module.kvpass, "export", lambda *a, **k: None)
+    monkeypatch.setattr(module.torch.onnx, "export", fake_onnx_export)
+    monkeypatch.setattr(module, "generate", lambda path, prompt, steps: ([0] * steps, [np.zeros(1, np.float32)] * (steps + 1)))
+    module.cli(["--steps", "1"])
+    (path,) = written
+    assert path.parent != tmp_path and not path.parent.exists()
+    assert list(tmp_path.iterdir()) == []
+    assert "kvpass.export" in capsys.readouterr().err  # progress lines on stderr
+
+
+def test_deploy_onnx_empty_cache_has_each_input_dtype():
+    """The user's loop feeds zeros of each input's own type (a cache may hold int64 counters next to floats)."""
+    from types import SimpleNamespace
+
+    module = load_example("deploy_onnx")
+    floats = module.zeros_for(SimpleNamespace(shape=[2, 3], type="tensor(float)"))
+    counters = module.zeros_for(SimpleNamespace(shape=[1], type="tensor(int64)"))
+    assert floats.dtype == np.float32 and floats.shape == (2, 3) and counters.dtype == np.int64

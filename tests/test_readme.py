@@ -84,7 +84,7 @@ def test_saved_program_is_clean_for_kvpass_check(tmp_path, monkeypatch):
     from kvpass.cli import main
 
     monkeypatch.chdir(tmp_path)
-    (snippet,) = [code for code in blocks("python") if "torch.export.save(" in code]
+    (snippet,) = [code for code in blocks("python") if "\"model.pt2\")" in code]
     exec(compile(snippet, "README.md", "exec"), {})
     assert main(["check", "model.pt2"]) == 0
 
