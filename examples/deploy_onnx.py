@@ -66,12 +66,12 @@ def generate(path: str, prompt: np.ndarray, steps: int) -> tuple[list[int], list
     return tokens[:steps], all_logits  # the tokens fed back (the last call's argmax is not)
 
 
-def main(out: str | None = None, steps: int = 8, seed: int = 0, verbose: bool = True) -> dict:
+def main(out: str | None = None, steps: int = 8, seed: int = 0, verbose: bool = True, temporary: bool = False) -> dict:
     """Export, convert, generate in ONNX Runtime and compare with eager; ``result["failures"]`` lists what went
     wrong (empty: PASS). ``out=None`` writes the ONNX program to a temporary folder, removed at the end."""
     if out is None:
         with tempfile.TemporaryDirectory(prefix="kvpass-onnx-") as tmp:
-            return main(os.path.join(tmp, "decoder.onnx"), steps, seed, verbose)
+            return main(os.path.join(tmp, "decoder.onnx"), steps, seed, verbose, temporary=True)
     say = print if verbose else (lambda *a, **k: None)
     t0 = time.perf_counter()
 
@@ -88,7 +88,8 @@ def main(out: str | None = None, steps: int = 8, seed: int = 0, verbose: bool = 
                        dynamic_shapes={"input_ids": {1: torch.export.Dim("T", min=1, max=max_len - 1)}})
     progress("torch.onnx.export (the slow part: a minute or more)")
     torch.onnx.export(ep, f=out, dynamo=True, verbose=False)
-    say(f"kvpass.export(cache='outputs') -> torch.onnx.export -> {out}")
+    say(f"kvpass.export(cache='outputs') -> torch.onnx.export -> {out}"
+        + (" (a temporary folder, removed at the end; --out PATH keeps the program)" if temporary else ""))
 
     progress("generating in ONNX Runtime, then comparing with eager")
     tokens, got = generate(out, prompt.numpy(), steps)
