@@ -6,7 +6,7 @@ with the tracing settings scoped to the model, and a callback that receives each
     python examples/compile_shared_kv.py [--steps 16]
 
 Generates greedily from the same prompt eagerly and compiled, and prints the tokens, the compiled-graph count
-and what kvpass rewrote (pattern and your source line).
+and what kvpass rewrote (pattern and your source line); ends with ``PASS`` (exit 0) or ``FAIL: ...`` (exit 1).
 """
 
 import argparse
@@ -21,7 +21,7 @@ from kvpass.examples.shared_kv_model import reference_model
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description="the reference model compiled with kvpass")
-    parser.add_argument("--steps", type=int, default=16)
+    parser.add_argument("--steps", type=int, default=16, help="greedy decode steps after the prompt (default 16)")
     args = parser.parse_args(argv)
     prompt = torch.randint(0, 64, (8,), generator=torch.Generator().manual_seed(0))
 
@@ -42,7 +42,10 @@ def main(argv=None) -> int:
     print("  " + reports[0].format().replace("\n", "\n  "))
     same = torch.equal(got, want)
     print("tokens identical" if same else "TOKENS DIFFER")
-    return 0 if same else 1
+    failures = ([] if same else ["compiled tokens differ from eager"]) + \
+        ([] if reports and reports[0].matches else ["kvpass rewrote nothing in the prefill graph"])
+    print("PASS" if not failures else f"FAIL: {'; '.join(failures)}")
+    return 0 if not failures else 1
 
 
 if __name__ == "__main__":

@@ -24,6 +24,7 @@ effects; :func:`main` does the work and returns 0 when every check passes.
 
 from __future__ import annotations
 
+import argparse
 import sys
 
 import torch
@@ -191,9 +192,21 @@ def main(seed: int = 0, verbose: bool = True) -> int:
     say(f"released every sequence: {len(alloc.free)}/{NUM_BLOCKS} blocks free")
 
     ok = ok_compile and ok_slots and ok_attention and ok_free
-    say("PASS: paged store and attention agree with the contiguous reference" if ok else "FAIL")
+    failed = [what for what, good in (("compiled store differs from eager", ok_compile),
+                                      ("a slot outside the sequences changed", ok_slots),
+                                      ("attention differs from the contiguous reference", ok_attention),
+                                      ("blocks leaked", ok_free)) if not good]
+    say("PASS: paged store and attention agree with the contiguous reference" if ok else f"FAIL: {'; '.join(failed)}")
     return 0 if ok else 1
 
 
+def cli(argv=None) -> int:
+    """Command-line entry point (``--help``, ``--seed``): exit status 0 on PASS, 1 on FAIL."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seed", type=int, default=0, help="seed of the random K/V and queries (default 0)")
+    args = parser.parse_args(argv)
+    return main(seed=args.seed)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli())

@@ -5,9 +5,11 @@
 The cache here is the simplest port idiom: a numpy host buffer written with ``.cpu().numpy()`` and read back
 with ``torch.from_numpy(...)``. ``kvpass.rewrite`` functionalizes the Dynamo graph (ATen ops, the cache write
 as ``slice_scatter`` + a ``copy_`` epilogue), then rewrites; ``verify=True`` runs the graph before and after and
-raises if they differ. The diff compares like for like: the functional graph before and after the rules.
+raises if they differ. The diff compares like for like: the functional graph before and after the rules. It ends
+with ``PASS: ...`` (exit 0) or ``FAIL: ...`` (exit 1).
 """
 
+import argparse
 import copy
 import sys
 
@@ -38,8 +40,12 @@ def attend(cache, q, k):
     return torch.softmax(q @ cache.update(k).transpose(-1, -2), dim=-1)
 
 
-def main() -> int:
-    g = torch.Generator().manual_seed(0)
+def main(argv=None) -> int:
+    """Capture, rewrite with ``verify=True``, print the report and the diff; ``PASS`` (0) or ``FAIL: ...`` (1)."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0].strip("`"))
+    parser.add_argument("--seed", type=int, default=0, help="seed of the random q and k (default 0)")
+    args = parser.parse_args(argv)
+    g = torch.Generator().manual_seed(args.seed)
     q, k = torch.randn(2, 4, 8, generator=g), torch.randn(2, 4, 8, generator=g)
     with tracing_context(), torch.no_grad():
         _, graphs = capture_graphs(attend, HostKVCache(), q, k, transform=lambda gm: gm)
@@ -47,7 +53,12 @@ def main() -> int:
     after, report = kvpass.rewrite(copy.deepcopy(before), example_inputs=graphs[0].example_inputs, verify=True)
     print(report.format())
     print(kvpass.diff(report.before, after))
-    return 0 if report.matches else 1
+    if not report.matches:
+        print("FAIL: kvpass.rewrite found no round trip to rewrite")
+        return 1
+    print(f"PASS: {len(report.matches)} round trip(s) rewritten, the graph gives the same result before and after "
+          "(verify=True)")
+    return 0
 
 
 if __name__ == "__main__":

@@ -28,11 +28,21 @@ def _check(args) -> int:
     fields = {f.name for f in dataclasses.fields(Limits)}
     for item in args.limit or []:
         name, _, value = item.partition("=")
-        if name not in fields or name == "verify_all_crcs" or not value.strip().isdigit():
-            print(f"kvpass check: error: --limit {item!r}: expected NAME=INTEGER, NAME one of "
-                  f"{', '.join(sorted(fields - {'verify_all_crcs'}))}", file=sys.stderr)
+        names = ", ".join(sorted(fields - {"verify_all_crcs"}))
+        if name not in fields or name == "verify_all_crcs":
+            print(f"kvpass check: error: --limit {item!r}: unknown limit {name!r}; expected NAME=INTEGER, NAME one "
+                  f"of {names}", file=sys.stderr)
             return 2
-        setattr(limits, name, int(value))
+        try:
+            number = int(value.strip())
+        except ValueError:
+            number = None
+        if number is None or number < 0:
+            what = "a negative value" if number is not None else f"{value!r} is not an integer"
+            print(f"kvpass check: error: --limit {item!r}: {what}; a limit is an integer >= 0 (NAME=INTEGER)",
+                  file=sys.stderr)
+            return 2
+        setattr(limits, name, number)
     status = 0
     for path in args.files:
         try:
@@ -61,21 +71,29 @@ def main(argv=None) -> int:
     parser.add_argument("--version", action="version", version=f"kvpass {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=OneLineErrorParser)
     demo = sub.add_parser(
-        "demo", help="run the story on the bundled reference model (minutes: it compiles with Inductor)",
+        "demo", help="run the story on the bundled reference model (about a minute; --timing, --full: minutes)",
         description="The whole story on the bundled reference model, every figure computed in the run: what "
                     "stock torch.compile / make_fx / export do with host round trips of K/V, what kvpass rewrites "
-                    "(with your source lines), a faithful kvpass.export checked clean, and the decode-step latency "
-                    "of eager, stock Inductor and kvpass.compile timed with one method (kvpass.timing: the same "
-                    "warm-up for every runner, interleaved rounds, median and min-max, ratios per round).",
+                    "(with your source lines), a faithful kvpass.export checked clean, and a one-line takeaway. "
+                    "--timing adds the decode-step latency of eager and kvpass.compile timed with one method "
+                    "(kvpass.timing: the same warm-up for every runner, interleaved rounds, median and min-max, "
+                    "ratios per round; Inductor compiles kvpass's graphs), --full also times stock Inductor "
+                    "(its graphs take several minutes to compile on a cold cache).",
     )
-    demo.add_argument("--steps", type=non_negative_int, default=16,
-                      help="decode steps after an 8-token prefill (default 16; >= 1 unless --no-timing)")
-    demo.add_argument("--rounds", type=positive_int, default=9,
-                      help="timed rounds, the runners interleaved in each (default 9)")
+    demo.add_argument("--timing", action="store_true",
+                      help="also time the decode step of eager and kvpass.compile (Inductor compiles: minutes on a "
+                           "cold cache)")
+    demo.add_argument("--full", action="store_true",
+                      help="the long run: --timing with stock Inductor timed too, 16 decode steps, 9 rounds")
+    demo.add_argument("--steps", type=non_negative_int, default=None,
+                      help="decode steps after an 8-token prefill (default 8, 16 with --full; >= 1 when timed)")
+    demo.add_argument("--rounds", type=positive_int, default=None,
+                      help="timed rounds, the runners interleaved in each (default 5, 9 with --full)")
     demo.add_argument("--seed", type=int, default=0, help="random seed for weights and prompt (default 0)")
     demo.add_argument("--json", action="store_true", help="print the results as JSON (same content)")
-    demo.add_argument("--no-timing", action="store_true", help="skip the timing table (no Inductor compiles)")
-    demo.add_argument("--device", default="cpu", help="cpu (default) or cuda when available")
+    demo.add_argument("--no-timing", action="store_true",
+                      help="no timing table, even with --timing or --full (no Inductor compiles; the default)")
+    demo.add_argument("--device", default="cpu", help="cpu (default), or cuda / cuda:N when available")
     demo.add_argument("--model", default="reference", help="'reference' (default, the bundled model) or 'hf-gemma4' (transformers, tiny random)")
     sub.add_parser("bench", help="decode-step latency: eager, inductor, kvpass, kvpass.compile (minutes)",
                    add_help=False)  # parsed by kvpass.benchmark (kvpass bench --help)
@@ -112,9 +130,14 @@ def main(argv=None) -> int:
         parser.print_help()
         return 2
     if args.command == "demo":
-        if args.steps == 0 and not args.no_timing:
+        if args.steps == 0 and (args.timing or args.full) and not args.no_timing:
             demo.error("argument --steps: 0 steps leave nothing to time; give --steps >= 1 or --no-timing")
+        from .demo import device_problem
         from .demo import main as demo_main
+
+        problem = device_problem(args.device)
+        if problem:
+            demo.error(f"argument --device: {args.device!r}: {problem}")
 
         return demo_main(args)
     if args.command == "check":

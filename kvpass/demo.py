@@ -5,8 +5,10 @@
    round trips in them) Dynamo hands to ``backend="inductor"``;
 3. what kvpass does: the rewrite report with the user's lines, the diff of the first layer's cache update, a
    faithful ``kvpass.export`` checked clean, and agreement with eager;
-4. decode-step latency of eager, stock Inductor and ``kvpass.compile``, measured side by side with
-   :mod:`kvpass.timing` (the method shared with ``kvpass bench``).
+4. with ``--timing``, decode-step latency of eager and ``kvpass.compile`` (with ``--full`` also stock Inductor,
+   whose many graphs take minutes to compile on a cold cache), measured side by side with :mod:`kvpass.timing`
+   (the method shared with ``kvpass bench``);
+5. a one-line takeaway computed from the figures above.
 """
 
 from __future__ import annotations
@@ -20,12 +22,21 @@ import torch
 from .testing import RecordingBackend, host_round_trip_nodes
 from .timing import RECOMPILE_LIMIT_NOTE, captured_recompile_limit_warnings, measure
 
-__all__ = ["run_demo", "run_hf_demo", "format_demo", "format_hf_demo", "main"]
+__all__ = ["run_demo", "run_hf_demo", "format_demo", "format_hf_demo", "takeaway", "main", "QUICK", "FULL"]
+
+#: ``kvpass demo`` (8 decode steps, nothing timed: no Inductor compile, a result in about a minute on a cold
+#: cache) and ``kvpass demo --timing`` (eager and kvpass.compile timed: 5 rounds; Inductor compiles 2 graphs)
+QUICK = {"steps": 8, "rounds": 5, "runners": ("eager", "kvpass.compile")}
+#: ``kvpass demo --full``: stock Inductor timed too (it compiles every one of its graphs: minutes on a cold cache)
+FULL = {"steps": 16, "rounds": 9, "runners": ("eager", "inductor", "kvpass.compile")}
+
+
+_START = [time.perf_counter()]  # when the current demo began (progress lines say the seconds since)
 
 
 def _progress(msg: str, quiet: bool) -> None:
     if not quiet:
-        print(f"  ... {msg}", file=sys.stderr, flush=True)
+        print(f"  ... {msg} ({time.perf_counter() - _START[0]:.0f} s)", file=sys.stderr, flush=True)
 
 
 def _steps(step, model, prompt, decode):
@@ -44,11 +55,12 @@ def _max_err(a, b) -> float:
 
 
 def run_demo(steps: int = 16, seed: int = 0, device: str = "cpu", model_factory=None, quiet: bool = False,
-             timing: bool = True, rounds: int = 9) -> dict:
+             timing: bool = True, rounds: int = 9, runners=FULL["runners"]) -> dict:
     """Run the demo and return its results as a dict (what ``kvpass demo --json`` prints).
 
     ``model_factory(seed)`` builds the model (default: the bundled reference model); tests pass a perturbed one
-    to check that the report follows the model.
+    to check that the report follows the model. ``runners`` are the timed ones (``"eager"``, ``"inductor"``,
+    ``"kvpass.compile"``).
     """
     from torch.fx.experimental.proxy_tensor import make_fx
 
@@ -59,6 +71,7 @@ def run_demo(steps: int = 16, seed: int = 0, device: str = "cpu", model_factory=
     from .faithful_export import export as kv_export
     from .tracing import install_traceable, traceable_installed, uninstall_traceable
 
+    _START[0] = time.perf_counter()
     factory = model_factory or (lambda s: reference_model(seed=s))
     dev = torch.device(device)
     gen = torch.Generator().manual_seed(seed)
@@ -78,13 +91,14 @@ def run_demo(steps: int = 16, seed: int = 0, device: str = "cpu", model_factory=
     eager_outs = _steps(eager_model, eager_model, prompt, decode)
 
     # -- stock PyTorch ------------------------------------------------------------------------------------
-    _progress("stock make_fx capture", quiet)
+    _progress("eager run done; stock make_fx capture", quiet)
     model = factory(seed).to(dev)
     model.reset()
     with torch.no_grad():
         baked = make_fx(lambda ids: model(ids), tracing_mode="real", record_stack_traces=True)(prompt)
     findings = check(baked)
-    stock: dict = {"make_fx_findings": len(findings), "findings": [str(f) for f in findings[:3]]}
+    stock: dict = {"make_fx_findings": len(findings), "findings": [str(f) for f in findings[:3]],
+                   "meanings": [f.meaning for f in findings[:3]]}
 
     _progress("stock Dynamo graphs (what backend='inductor' receives)", quiet)
     was_installed = traceable_installed()
@@ -145,19 +159,45 @@ def run_demo(steps: int = 16, seed: int = 0, device: str = "cpu", model_factory=
     if timing:
         from .benchmark import time_decode
 
-        _progress("timing eager, inductor, kvpass.compile (kvpass.timing: same warm-up, interleaved rounds)", quiet)
-        t = time_decode(lambda: factory(seed), prompt, decode, runners=("eager", "inductor", "kvpass.compile"),
+        _progress(f"timing {', '.join(runners)} (kvpass.timing: same warm-up, interleaved rounds)", quiet)
+        t = time_decode(lambda: factory(seed), prompt, decode, runners=tuple(runners),
                         rounds=rounds, warmup=2, progress=lambda msg: _progress(msg, quiet))
         m = t["measurement"]
         out["timing"] = m.to_dict("eager")
         out["timing"]["compiled_graphs"] = m.warmup_compiles
         out["timing"]["recompile_limit_hits"] = t["recompile_limit"]
         out["timing"]["table"] = m.table("eager", extra={"graphs": {n: str(c) for n, c in m.warmup_compiles.items()}})
-        out["timing"]["kvpass_vs_inductor"] = m.ratio("inductor", "kvpass.compile").to_dict()
-        out["timing"]["kvpass_vs_inductor"]["conclusive"] = m.conclusive("inductor", "kvpass.compile")
+        if "inductor" in m.per_round:
+            out["timing"]["kvpass_vs_inductor"] = m.ratio("inductor", "kvpass.compile").to_dict()
+            out["timing"]["kvpass_vs_inductor"]["conclusive"] = m.conclusive("inductor", "kvpass.compile")
         out["decode_step_ms"] = {n: m.runner(n).median * 1e3 for n in m.per_round}
     torch._dynamo.reset()
+    out["takeaway"] = takeaway(out)
     return out
+
+
+def takeaway(r: dict, kv_name: str = "kvpass.compile") -> str:
+    """The demo's last line, from the figures of the run: graphs before and after, agreement with eager, and the
+    decode-step speed-up over eager (or why the run does not decide one)."""
+    s, k = r["stock"], r["kvpass"]
+    err = k["max_abs_err_vs_eager"]
+    parts = [f"stock torch.compile {s['graphs']} graphs, {s['host_ops_in_graphs']} host round-trip ops -> "
+             f"{kv_name} {k['graphs']} graphs, {k['host_ops_in_graphs']} host ops",
+             "outputs identical to eager" if err == 0 else f"outputs within {err:.1e} of eager"]
+    t = r.get("timing")
+    if t and kv_name in t["runners"]:
+        ratio, ok = t["runners"][kv_name]["vs_eager"], t["runners"][kv_name]["conclusive"]
+        if ok:
+            parts.append(f"decode step {ratio['median']:.1f}x faster than eager "
+                         f"({ratio['min']:.1f}x-{ratio['max']:.1f}x over {t['method']['rounds']} rounds)"
+                         if ratio["median"] >= 1 else
+                         f"decode step {1 / ratio['median']:.1f}x SLOWER than eager")
+        else:
+            parts.append(f"speed vs eager undecided on this machine ({ratio['min']:.2f}x-{ratio['max']:.2f}x "
+                         "per round: a busy machine; rerun when it is quiet)")
+    elif not t:
+        parts.append("speed: kvpass demo --timing (Inductor compiles: minutes on a cold cache)")
+    return "In short: " + "; ".join(parts) + "."
 
 
 def _hf_steps(model, step, prompt, steps):
@@ -256,11 +296,18 @@ def format_demo(r: dict) -> str:
     for layer in r["model"]["layers"]:
         role = layer["cache"] + (f" follower of layer {layer['owner']}" if layer["owner"] is not None else "")
         lines.append(f"  layer {layer['layer']}: {layer['type']:<17} head_dim={layer['head_dim']:<3} {role}")
+    if any(layer["owner"] is not None for layer in r["model"]["layers"]):
+        lines.append("  (a follower layer reuses its owner layer's K/V instead of computing its own: shared = it "
+                     "writes into the owner's cache too, readonly = it only reads it, padded = it has a smaller "
+                     "head dim and pads its K/V with np.pad)")
     s, k = r["stock"], r["kvpass"]
     lines += ["", "Stock PyTorch",
               f"  make_fx capture: kvpass.check finds {s['make_fx_findings']} K/V value(s) that do not come from "
               "the computation, e.g.:"]
-    lines += [f"    {f}" for f in s["findings"][:2]]
+    for i, f in enumerate(s["findings"][:2]):
+        if i < len(s.get("meanings", [])):
+            lines.append(f"    what it means: {s['meanings'][i]}")
+        lines.append(f"      {f}".replace("\n    ", "\n      "))
     lines += [f"  backend='inductor' receives {s['graphs']} graphs ({s['graph_breaks']} graph breaks), with "
               f"{s['host_ops_in_graphs']} host round-trip ops in them"]
     lines += [f"  {line}" for line in _recompile_note(s.get("recompile_limit_hits"))]
@@ -280,7 +327,12 @@ def format_demo(r: dict) -> str:
         lines.append(f"  kvpass.export of the prefill: kvpass.check finds {k['export_findings']} problem(s); "
                      f"max abs difference from eager {k['export_max_abs_err_vs_eager']:.1e}")
     lines.append(f"  compiled vs eager over all steps: max abs difference {k['max_abs_err_vs_eager']:.1e}")
-    return "\n".join(lines + _format_timing(r, "kvpass.compile"))
+    lines += _format_timing(r, "kvpass.compile")
+    if "wall_s" in r:
+        lines += ["", f"(demo took {r['wall_s']} s)"]
+    if "takeaway" in r:
+        lines += [r["takeaway"]] if "wall_s" in r else ["", r["takeaway"]]
+    return "\n".join(lines)
 
 
 def _format_timing(r: dict, kv_name: str) -> list[str]:
@@ -294,9 +346,13 @@ def _format_timing(r: dict, kv_name: str) -> list[str]:
              f"{method['rounds']} interleaved rounds of {steps} steps; per round the median step; median and "
              "min-max over the rounds; ratios per round, '?' where they do not decide)"]
     lines += [f"  {row}" for row in t["table"]]
-    k = t["kvpass_vs_inductor"]
-    lines.append(f"  {kv_name} vs inductor, per round: {k['median']:.2f}x ({k['min']:.2f}-{k['max']:.2f})"
-                 + ("" if k["conclusive"] else ": the range spans 1x, no conclusion"))
+    k = t.get("kvpass_vs_inductor")
+    if k:
+        lines.append(f"  {kv_name} vs inductor, per round: {k['median']:.2f}x ({k['min']:.2f}-{k['max']:.2f})"
+                     + ("" if k["conclusive"] else ": the range spans 1x, no conclusion"))
+    else:
+        lines.append("  (stock Inductor is not timed by default: its graphs take minutes to compile on a cold "
+                     "cache; kvpass demo --full times it too)")
     lines += [f"  note: {n}" for n in t["notes"]]
     if not r.get("stock", {}).get("recompile_limit_hits"):  # said once, where it first happened
         lines += [f"  {line}" for line in _recompile_note(t.get("recompile_limit_hits"))]
@@ -311,6 +367,23 @@ def _recompile_note(hits) -> list[str]:
     return [RECOMPILE_LIMIT_NOTE.format(limit=limit, where=where)]
 
 
+def device_problem(device: str) -> str | None:
+    """Why ``kvpass demo`` cannot run on ``device`` (one line), or None: the demo runs on the CPU or on an
+    available CUDA device."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError):
+        return "not a device torch knows; give cpu, cuda or cuda:N"
+    if dev.type not in ("cpu", "cuda"):
+        return f"the demo runs on cpu or cuda, not {dev.type}"
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            return "CUDA is not available on this machine"
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            return f"this machine has {torch.cuda.device_count()} CUDA device(s)"
+    return None
+
+
 def main(args) -> int:
     """CLI entry: ``kvpass demo`` (see ``kvpass demo --help``)."""
     if args.model not in ("reference", "hf-gemma4"):
@@ -321,23 +394,24 @@ def main(args) -> int:
             print("kvpass demo: error: --model hf-gemma4 runs on cpu only", file=sys.stderr)
             return 2
         t0 = time.perf_counter()
-        result = run_hf_demo(steps=args.steps, seed=args.seed, quiet=args.json, timing=not args.no_timing,
-                             rounds=args.rounds)
+        result = run_hf_demo(steps=FULL["steps"] if args.steps is None else args.steps, seed=args.seed,
+                             quiet=args.json, timing=(args.timing or args.full) and not args.no_timing,
+                             rounds=(FULL if args.full else QUICK)["rounds"] if args.rounds is None else args.rounds)
         result["wall_s"] = round(time.perf_counter() - t0, 1)
         print(json.dumps(result, indent=2) if args.json else format_hf_demo(result))
         k = result["kvpass"]
         return 0 if k["tokens_identical"] and k["rewrites"] == 0 else 1
-    if args.device == "cuda" and not torch.cuda.is_available():
-        print("kvpass demo: error: --device cuda: CUDA is not available", file=sys.stderr)
-        return 2
+    mode = FULL if args.full else QUICK
+    steps = mode["steps"] if args.steps is None else args.steps
+    rounds = mode["rounds"] if args.rounds is None else args.rounds
     t0 = time.perf_counter()
-    result = run_demo(steps=args.steps, seed=args.seed, device=args.device, quiet=args.json,
-                      timing=not args.no_timing, rounds=args.rounds)
+    result = run_demo(steps=steps, seed=args.seed, device=args.device, quiet=args.json,
+                      timing=(args.timing or args.full) and not args.no_timing, rounds=rounds,
+                      runners=mode["runners"])
     result["wall_s"] = round(time.perf_counter() - t0, 1)
     if args.json:
         print(json.dumps(result, indent=2))
     else:
         print(format_demo(result))
-        print(f"\n(demo took {result['wall_s']} s)")
     ok = result["kvpass"]["max_abs_err_vs_eager"] < 1e-4 and result["kvpass"]["host_ops_in_graphs"] == 0
     return 0 if ok else 1

@@ -156,8 +156,9 @@ def backend(inner="inductor", patterns: Sequence | None = None, on_report: Calla
             registered backend name, or a backend callable (these get the rewritten functional ATen graph from
             AOTAutograd, with ``keep_inference_input_mutations``).
         patterns: rule names or objects to run (default: all, in order).
-        on_report: called with each graph's :class:`kvpass.Report` after its rewrite (with Inductor, also when
-            Inductor serves the graph from its cache and skips its passes: the report is then computed again).
+        on_report: called once with each compiled graph's :class:`kvpass.Report` after its rewrite, an empty one
+            when nothing matched, whatever the inner compiler (with Inductor, also when Inductor serves the graph
+            from its cache and skips its passes: the report is then computed again).
 
     The returned backend accepts ``mode=`` and ``options=`` (what ``torch.compile`` passes to a custom backend)
     and hands them to Inductor. Calls whose host-buffer inputs overlap in memory run the traced graph eagerly
@@ -216,8 +217,7 @@ def backend(inner="inductor", patterns: Sequence | None = None, on_report: Calla
                     compiled = compile_fx(gm, example_inputs, config_patches=patches)
                     if kept is not None and not reported:
                         _, r = engine.rewrite(kept, patterns=aten_level)  # same rules, same graph: the cached report
-                        if r.matches or r.skips:
-                            report_to_user(_merged(pre, r))
+                        report_to_user(_merged(pre, r))
                 else:  # only torch-level rules (store_loop): nothing to add to Inductor's passes
                     report_to_user(pre)
                     compiled = compile_fx(gm, example_inputs,

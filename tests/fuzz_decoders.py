@@ -86,7 +86,7 @@ HIST_EDITS = ("none", "clone_edit", "view_edit")
 DTYPES = (torch.float32, torch.float64, torch.float16)
 
 
-# ---- issue 12, part A: host-op idioms (tests/idioms_host.py), drawn with the families above ------------------
+# ---- host-op block: host-op idioms (tests/idioms_host.py), drawn with the families above ---------------------
 # Extra ways to the host and back (``np.asarray(t)``, ``np.array(t)``; ``torch.tensor(a, device=)``,
 # ``torch.asarray(a, device=)``) and numpy layout ops between the device and the buffer (``np_layout``:
 # ``numpy_ops``: the transpose to a seq-major buffer done by numpy, ``.transpose(1, 0, 2)`` on write and
@@ -130,9 +130,9 @@ def read_12(cache, view, end, d, how, device):
         return to_device(view[None, :, :end, :d].squeeze(0), how, device)
     return to_device(np.swapaxes(view[:end, :, :d], 0, 1), how, device)
 
-# ---- end of issue 12, part A ---------------------------------------------------------------------------------
+# ---- end of the host-op block --------------------------------------------------------------------------------
 
-# ---- issue 12, part C: host values other than a numpy array of the model's dtype (tests/idioms_host.py 9-11) --
+# ---- host-value block: host values other than a numpy array of the model's dtype (tests/idioms_host.py 9-11) --
 # ``host_value``: ``int8``: K/V quantized on the host (an absmax / 127 scale per token and head, ``np.round``,
 # ``np.clip``, ``.astype(np.int8)``), the scales kept in a second buffer, dequantized on the device on read
 # (``q.float() * scale``); ``tensor``: the cache holds host *tensors*, no numpy (``k.detach().cpu().to("cpu")``
@@ -165,7 +165,7 @@ def normalize_12(o):
                                 edit_host="none" if o.edit_host == "copy_edit" else o.edit_host)
     return o
 
-# ---- end of issue 12, part C ---------------------------------------------------------------------------------
+# ---- end of the host-value block -----------------------------------------------------------------------------
 
 # ---- buffer dtypes: a host buffer of another dtype than the model's --------------------------------------------
 # ``buffer_dtype``: the numpy buffer (or host tensor) is float16, float32 or float64 whatever the model's dtype

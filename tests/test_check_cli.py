@@ -134,4 +134,8 @@ def test_limit_flag_overrides_and_rejects_unknown_names(programs, capsys):
     assert err.count("\n") == 1 and "nests JSON deeper than 3 (max_json_depth)" in err
     assert main(["check", "--limit", "max_json_depth=100000", programs["clean"]]) == 0
     assert main(["check", "--limit", "nonsense=3", programs["clean"]]) == 2
-    assert "expected NAME=INTEGER" in capsys.readouterr().err
+    assert "unknown limit 'nonsense'; expected NAME=INTEGER" in capsys.readouterr().err
+    assert main(["check", "--limit", "max_nodes=-1", programs["clean"]]) == 2
+    assert "'max_nodes=-1': a negative value; a limit is an integer >= 0" in capsys.readouterr().err
+    assert main(["check", "--limit", "max_nodes=lots", programs["clean"]]) == 2
+    assert "'lots' is not an integer" in capsys.readouterr().err

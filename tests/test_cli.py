@@ -46,7 +46,7 @@ def test_demo_rejects_negative_steps(capsys):
 
 @pytest.mark.parametrize("argv, words", [
     (["demo", "--steps", "x"], "kvpass demo: error: argument --steps: invalid integer value: 'x'"),
-    (["demo", "--steps", "0"], "0 steps leave nothing to time"),
+    (["demo", "--steps", "0", "--timing"], "0 steps leave nothing to time"),
     (["demo", "--rounds", "0"], "kvpass demo: error: argument --rounds: must be >= 1, got 0"),
     (["demo", "--bogus"], "kvpass demo: error: unrecognized arguments: --bogus"),
     (["bench", "--steps", "0"], "kvpass bench: error: argument --steps: must be >= 1, got 0"),
@@ -82,6 +82,19 @@ def test_bench_help_describes_the_method_and_every_option(capsys):
                   "--warmup WARMUP untimed runs of each runner", "--device {cpu,cuda} device to run on",
                   "interleaved", "the median and the min", "computed within each round", "recompile-limit warning"):
         assert words in out, words
+
+
+@pytest.mark.parametrize("device, words", [
+    ("tpu", "'tpu': not a device torch knows; give cpu, cuda or cuda:N"),
+    ("meta", "'meta': the demo runs on cpu or cuda, not meta"),
+    ("cuda:0", "'cuda:0': CUDA is not available on this machine"),
+])
+def test_demo_bad_device_is_one_line(device, words, capsys):
+    """An unusable ``--device`` is one line and exit 2 (as ``kvpass bench``), before anything runs."""
+    if device.startswith("cuda") and __import__("torch").cuda.is_available():
+        pytest.skip("CUDA is available here")
+    line = _one_line_error(["demo", "--device", device], capsys)
+    assert line == f"kvpass demo: error: argument --device: {words} (see kvpass demo --help)"
 
 
 def test_bench_bad_device(capsys):

@@ -39,6 +39,20 @@ def test_hf_gemma4_fast():
     assert out.rstrip().endswith("PASS")
 
 
+EXAMPLES = sorted(p.stem for p in (REPO_ROOT / "examples").glob("*.py")
+                  if p.stem != "__init__" and 'if __name__ == "__main__":' in p.read_text())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", EXAMPLES)
+def test_every_example_has_help(name):
+    """``python examples/NAME.py --help`` prints its usage and exits 0 without running anything."""
+    proc = subprocess.run([sys.executable, f"examples/{name}.py", "--help"], cwd=REPO_ROOT, timeout=300,
+                          capture_output=True, text=True)
+    assert proc.returncode == 0 and proc.stdout.startswith("usage: "), proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "PASS" not in proc.stdout
+
+
 def test_examples_import_without_side_effects():
     """Importing an example runs nothing (all the work is in main())."""
     code = ("import sys; sys.path.insert(0, 'examples');\n"
@@ -99,3 +113,35 @@ def test_deploy_executorch_skips_cleanly_without_executorch(monkeypatch, capsys)
     assert module.cli(["--steps", "1"]) == 0
     out = capsys.readouterr().out
     assert out.startswith("SKIP: ExecuTorch is not installed") and "PASS" not in out
+
+
+def test_deploy_onnx_writes_to_a_temporary_folder_by_default(tmp_path, monkeypatch, capsys):
+    """Without --out the ONNX program goes to a temporary folder, removed at the end: nothing is left in the
+    current folder (the export and conversion are replaced: only where the files go is checked here)."""
+    module = load_example("deploy_onnx")
+    monkeypatch.chdir(tmp_path)
+    written = []
+
+    def fake_onnx_export(ep, f, **kwargs):
+        written.append(pathlib.Path(f))
+        pathlib.Path(f).write_bytes(b"onnx")
+        pathlib.Path(f"{f}.data").write_bytes(b"weights")
+
+    monkeypatch.setattr(module.kvpass, "export", lambda *a, **k: None)
+    monkeypatch.setattr(module.torch.onnx, "export", fake_onnx_export)
+    monkeypatch.setattr(module, "generate", lambda path, prompt, steps: ([0] * steps, [np.zeros(1, np.float32)] * (steps + 1)))
+    module.cli(["--steps", "1"])
+    (path,) = written
+    assert path.parent != tmp_path and not path.parent.exists()
+    assert list(tmp_path.iterdir()) == []
+    assert "kvpass.export" in capsys.readouterr().err  # progress lines on stderr
+
+
+def test_deploy_onnx_empty_cache_has_each_input_dtype():
+    """The user's loop feeds zeros of each input's own type (a cache may hold int64 counters next to floats)."""
+    from types import SimpleNamespace
+
+    module = load_example("deploy_onnx")
+    floats = module.zeros_for(SimpleNamespace(shape=[2, 3], type="tensor(float)"))
+    counters = module.zeros_for(SimpleNamespace(shape=[1], type="tensor(int64)"))
+    assert floats.dtype == np.float32 and floats.shape == (2, 3) and counters.dtype == np.int64

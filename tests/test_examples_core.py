@@ -20,9 +20,11 @@ def run_example(name, *args):
 def test_compile_shared_kv():
     out = run_example("compile_shared_kv", "--steps", "6")
     assert "tokens identical" in out and "compiled graphs: 2" in out and "scatter_slice" in out
+    assert out.rstrip().endswith("PASS")
 
 
 @pytest.mark.slow
 def test_standalone_rewrite():
     out = run_example("standalone_rewrite")
     assert "scatter_slice" in out and "-slice_1 = aten.slice.Tensor(slice_scatter" in out
+    assert out.rstrip().splitlines()[-1].startswith("PASS: ")

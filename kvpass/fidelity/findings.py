@@ -26,6 +26,18 @@ DANGLING_KV = "dangling-kv"
 INPUT_FREE_KV = "input-free-kv"
 
 
+#: what each kind of finding means for the user's program, in plain words (``Finding.meaning``)
+MEANINGS = {
+    CONSTANT_KV: "attention reads K/V frozen into the program as a constant: every run attends over the values "
+                 "seen while it was captured, not over this run's tokens",
+    MUTATED_CONSTANT: "attention reads a K/V buffer frozen into the program as a constant that the program also "
+                      "writes: it starts from the capture's values, not from an empty cache",
+    DANGLING_KV: "the K/V this line computes never reaches attention in the captured program (its copy to the "
+                 "cache was cut off, e.g. by a trip through numpy): attention reads stale or zero K/V instead",
+    INPUT_FREE_KV: "attention reads K/V that do not depend on the tokens at all (the same for every input)",
+}
+
+
 class CheckInputError(KVPassError, TypeError):
     """:func:`check` was given something that is neither a GraphModule, an ExportedProgram nor a path."""
 
@@ -90,6 +102,11 @@ class Finding:
     source: str
     detail: str = ""
     fx_node: torch.fx.Node | None = dataclasses.field(default=None, compare=False, repr=False)
+
+    @property
+    def meaning(self) -> str:
+        """What this finding means for the program, in plain words (see :data:`MEANINGS`)."""
+        return MEANINGS.get(self.kind, "attention reads K/V that do not come from the computation")
 
     @property
     def values(self) -> str:

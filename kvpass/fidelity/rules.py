@@ -367,7 +367,7 @@ def dangling_kv(program: Program, df: Dataflow, const_findings: list[Finding]) -
         ops = " -> ".join(c.opname for c in chain)
         out.append(Finding(
             kind=DANGLING_KV, node=n.name, target=n.target or n.opname, shape=tuple(n.shape), dtype=n.dtype,
-            all_zeros=None, consumer=f"nothing: its only use is {ops}, with no further users",
+            all_zeros=None, consumer=f"nothing: it is only copied out ({ops}) and the copy is never used",
             source=node_source(chain + [n]),
             detail=f"the same-shaped constant {pair.node} ({pair.target}) feeds {pair.consumer} instead",
             fx_node=n.fx,

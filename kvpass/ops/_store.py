@@ -85,7 +85,7 @@ cache has no more slots than ``tokens`` there may be no free slot; then the new 
 gathered (``owner[slot]``: its writer, or none) and written with a pointwise ``copy_``, as cheap as the scatter
 since the cache is the smaller side.
 
-Why not ``argmin``: before issue 13 the free slot was ``argmin`` of an int8 mark vector. Inductor's CPU
+Why not ``argmin``: an earlier version took the free slot as ``argmin`` of an int8 mark vector. Inductor's CPU
 vectorized ``argmin``/``argmax`` (``cpp_prefix.h``, torch 2.13) is wrong for dtypes narrower than its tiling
 (int8/uint8): lanes past the tiling factor are reduced too, holding whatever the partial load left there (AVX2's
 ``loadu(ptr, count)`` fills them with 1; AVX-512's 16-element fast path ``loadu_one_fourth`` leaves the upper
@@ -528,7 +528,7 @@ def _first_free_slot(keys: torch.Tensor, nslots: int) -> torch.Tensor:
     ``keys[i] - (D[i] - 1)`` free slots below it (non-decreasing along the keys), so the lowest free slot is the
     number of written slots with no free slot below them: ``D`` at the end of the run of zeros. Exists whenever
     fewer than ``nslots`` slots are written (the caller guarantees it). No ``argmin``: Inductor's vectorized
-    ``argmin`` of int8 reads lanes it never loaded (the AVX-512 miscompile of issue 13; see the module docstring).
+    ``argmin`` of int8 reads lanes it never loaded (the AVX-512 miscompile; see the module docstring).
     """
     T = keys.shape[0]
     in_cache = keys < nslots

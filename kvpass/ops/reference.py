@@ -69,7 +69,7 @@ def reference_store(states, cache, block_table=None, cu_q_lens=None, context_kv_
 
 
 def reference_quantize(token, scale, dtype):
-    """One token ``(kv_heads, head_dim)`` quantized per head, written from the definition (issue 16): each head's
+    """One token ``(kv_heads, head_dim)`` quantized per head, written from the definition: each head's
     values divided by its scale (``scale[0]`` for all heads if ``scale`` has one entry) in float32; int8: round
     half to even and saturate to [-128, 127]; fp8: saturate to the largest finite value, then round to nearest."""
     heads = token.shape[0]
