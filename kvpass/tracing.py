@@ -148,17 +148,12 @@ def _symint_index_as_slices(shape, index):
     booleans) get ``None``.
     """
     key = index if isinstance(index, tuple) else (index,)
-    if not any(isinstance(i, torch.SymInt) for i in key) or not all(
-            _int_index(i) or isinstance(i, slice) or i is Ellipsis for i in key) or \
-            sum(i is Ellipsis for i in key) > 1:
+    if not any(isinstance(i, torch.SymInt) for i in key):
         return None
-    ndim, consumed = len(shape), sum(i is not Ellipsis for i in key)
-    if consumed > ndim:
+    full = _full_key(key, len(shape))
+    if full is None:
         return None
-    full = []
-    for i in key:
-        full += [slice(None)] * (ndim - consumed) if i is Ellipsis else [i]
-    full += [slice(None)] * (ndim - len(full))
+    ndim = len(shape)
     from torch.fx.experimental.symbolic_shapes import guard_or_false
 
     for d, i in enumerate(full):  # guards on ranges: where slice(i, i + 1) and the index i select the same
@@ -172,6 +167,21 @@ def _symint_index_as_slices(shape, index):
             afters.append(sum(kept[d + 1 :]))
             full[d] = slice(full[d], full[d] + 1)
     return tuple(full), afters
+
+
+def _full_key(key: tuple, ndim: int) -> list | None:
+    """``key`` (ints, SymInts, slices, at most one ``Ellipsis``) with the ``Ellipsis`` and the missing trailing
+    dims spelled out as ``slice(None)``, one entry per dim; ``None`` for any other key or one with too many."""
+    if not all(_int_index(i) or isinstance(i, slice) or i is Ellipsis for i in key) or \
+            sum(i is Ellipsis for i in key) > 1:
+        return None
+    consumed = sum(i is not Ellipsis for i in key)
+    if consumed > ndim:
+        return None
+    full = []
+    for i in key:
+        full += [slice(None)] * (ndim - consumed) if i is Ellipsis else [i]
+    return full + [slice(None)] * (ndim - len(full))
 
 
 def _size_one_dims(value, afters):
@@ -192,19 +202,14 @@ def _unbacked_index_as_tensor(shape, index, device):
 
     key = index if isinstance(index, tuple) else (index,)
     ints = [i for i in key if _int_index(i)]
-    if len(ints) != 1 or not isinstance(ints[0], torch.SymInt) or not free_unbacked_symbols(ints[0]) or not all(
-            _int_index(i) or isinstance(i, slice) or i is Ellipsis for i in key) or sum(i is Ellipsis for i in key) > 1:
+    if len(ints) != 1 or not isinstance(ints[0], torch.SymInt) or not free_unbacked_symbols(ints[0]):
         return None
-    ndim, consumed = len(shape), sum(i is not Ellipsis for i in key)
-    if consumed > ndim:
+    full = _full_key(key, len(shape))
+    if full is None:
         return None
-    full = []
-    for i in key:
-        full += [slice(None)] * (ndim - consumed) if i is Ellipsis else [i]
-    full += [slice(None)] * (ndim - len(full))
     d = next(d for d, i in enumerate(full) if _int_index(i))
     full[d] = torch.full((1,), full[d], dtype=torch.long, device=device)
-    return tuple(full), [ndim - d - 1]
+    return tuple(full), [len(shape) - d - 1]
 
 
 def traceable_tensor_setitem(self, index, value):
