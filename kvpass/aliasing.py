@@ -59,6 +59,17 @@ def writes_an_argument(node: torch.fx.Node) -> bool:
         node.target._schema.is_mutable
 
 
+def _returned(graph: torch.fx.Graph) -> list:
+    """The nodes the graph returns (its output node's inputs)."""
+    output = next((n for n in reversed(graph.nodes) if n.op == "output"), None)
+    return output.all_input_nodes if output is not None else []
+
+
+def _kept_roots(graph: torch.fx.Graph) -> list:
+    """What each returned value started from: the base of its chain of functional writes, or itself."""
+    return [scatter_base(value) or value for value in _returned(graph)]
+
+
 def is_view(node: Any) -> bool:
     """A node whose output may share memory with an input: an ATen op whose schema gives its result an alias
     set and writes nothing (``slice``, ``unbind``, ``view``, ``reshape``, ``alias``, ...), ``_unsafe_view``, or
@@ -81,10 +92,7 @@ def returned_views(graph: torch.fx.Graph) -> set:
     every node on such a chain. Where such a value views a graph input, the caller gets a view of that input
     (AOTAutograd regenerates it from the input after the call), which shows every later write to the input:
     its value is not the value the node had in the graph, so no rule may substitute for it."""
-    output = next((n for n in reversed(graph.nodes) if n.op == "output"), None)
-    if output is None:
-        return set()
-    out, todo = set(), [n for n in output.all_input_nodes if is_view(n)]
+    out, todo = set(), [n for n in _returned(graph) if is_view(n)]
     while todo:
         node = todo.pop()
         if node not in out:
@@ -114,8 +122,7 @@ def grown_buffers(graph: torch.fx.Graph) -> set:
         return isinstance(node, torch.fx.Node) and node.op == "call_function" and node.target is aten.cat.default \
             and any(isinstance(p, torch.fx.Node) and (p.op == "placeholder" or grown(p)) for p in node.args[0])
 
-    output = next((n for n in reversed(graph.nodes) if n.op == "output"), None)
-    roots = [scatter_base(value) or value for value in (output.all_input_nodes if output is not None else ())]
+    roots = _kept_roots(graph)
     return {root for root in roots if grown(root)}
 
 
@@ -129,8 +136,7 @@ def reordered_buffers(graph: torch.fx.Graph) -> set:
     (``index_select`` / ``index`` with index tensors, a beam reorder ``buf = np.take(buf, beam_idx, axis=0)``) whose
     value, or a chain of functional writes into it, is a graph output (the program stores it in place of ``buf``).
     Like :func:`state_inputs` and :func:`grown_buffers`, the program's state after the step."""
-    output = next((n for n in reversed(graph.nodes) if n.op == "output"), None)
-    roots = [scatter_base(value) or value for value in (output.all_input_nodes if output is not None else ())]
+    roots = _kept_roots(graph)
     return {root for root in roots if isinstance(root, torch.fx.Node) and root.op == "call_function"
             and root.target in _GATHERS and isinstance(root.args[0], torch.fx.Node)
             and root.args[0].op == "placeholder"}
