@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 import torch.fx
+from torch._subclasses.fake_tensor import FakeTensor
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from .aliasing import meta_value
@@ -188,23 +189,46 @@ class Emitter:
         return node
 
     def _fake_mode(self):
+        """The fake mode of the graph's values, or ``None`` where they have none in common: a
+        ``make_fx(tracing_mode="real")`` capture gives every value a fake mode of its own (static shapes)."""
         from torch._guards import detect_fake_mode
 
         vals = [n.meta.get("val") for n in self.graph.nodes if n.op == "placeholder"]
-        return detect_fake_mode([v for v in vals if isinstance(v, torch.Tensor)])
+        try:
+            return detect_fake_mode([v for v in vals if isinstance(v, torch.Tensor)])
+        except AssertionError:  # "fake mode ... doesn't match mode ...": one mode per value
+            return None
+
+    def _fresh_mode(self):
+        from torch._subclasses.fake_tensor import FakeTensorMode
+
+        if getattr(self, "_own_mode", None) is None:
+            self._own_mode = FakeTensorMode(allow_non_fake_inputs=True)
+        return self._own_mode
 
     def call(self, target, *args, **kwargs) -> torch.fx.Node:
         """``target(*args, **kwargs)`` as a new node; args are nodes, ints, SymInt nodes or lists of them. Its
         traced value is computed on the graph's fake values, adding no guard to their ShapeEnv."""
         import contextlib
 
+        mode = self._fake_mode()
+        # Values of modes of their own (static shapes) are remade, same size, strides and dtype, in one mode.
+        used = []
+        torch.fx.node.map_arg(args, used.append)
+        remake = mode is None and any(isinstance(meta_value(n), FakeTensor) for n in used)
+        if remake:
+            mode = self._fresh_mode()
+
         def val(a):
             if isinstance(a, torch.fx.Node):
-                return meta_value(a)
+                v = meta_value(a)
+                if remake and isinstance(v, FakeTensor):
+                    with mode:
+                        return torch.empty_strided(v.size(), v.stride(), dtype=v.dtype, device=v.device)
+                return v
             if isinstance(a, (list, tuple)):
                 return type(a)(val(x) for x in a)
             return a
-        mode = self._fake_mode()
         shape_env = getattr(mode, "shape_env", None)
         guards = shape_env.suppress_guards() if shape_env is not None else contextlib.nullcontext()
         with (mode if mode is not None else contextlib.nullcontext()), guards:

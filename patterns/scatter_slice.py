@@ -179,7 +179,7 @@ class ScatterSlice:
                 em.discard()
                 continue
             value = self._whole(em, value)
-            if node in returned:  # the caller gets a view of the buffer: it must show later writes too
+            if any(u in returned for u in node.users):  # the caller gets a view of the buffer: it shows later writes
                 kept = [u.name for u in node.users if u in returned]
                 replaced = node.replace_all_uses_with(value, delete_user_cb=lambda user: user not in returned)
                 em.discard()  # what no replaced use needs

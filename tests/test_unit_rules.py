@@ -1,0 +1,250 @@
+"""The unit layer: each rule alone on small functional ATen graphs (``make_fx``), milliseconds per case.
+
+Each case is user code a rule must handle or must leave alone, and is checked against eager on fresh random
+inputs by :func:`rule_harness.run_rule` (outputs and the cache afterwards, bit for bit). The integration tests
+(Dynamo, AOTAutograd, Inductor, export, runtimes) live in the other files; run this layer with ``pytest -m unit``.
+"""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from rule_harness import run_rule
+
+pytestmark = pytest.mark.unit
+aten = torch.ops.aten
+MODES = ["real", "symbolic"]
+
+
+def rand(*shape, dtype=torch.float32):
+    return torch.randn(*shape).to(dtype)
+
+
+# ---- scatter_slice: reads of a functional write are the pieces the region is made of -----------------------
+
+@pytest.mark.parametrize("mode", MODES)
+def test_scatter_slice_read_covers_write_is_cat(mode):
+    def f(buf, k):
+        buf[:, 4:6] = k
+        return buf[:, :6] * 2
+
+    r = run_rule(f, [rand(2, 8, 3), rand(2, 2, 3)], "scatter_slice", mode=mode)
+    assert r.matches >= 1 and r.buffer_reads() == 0  # symbolic sizes: setitem's own read of the region too
+    assert aten.cat.default in r.targets()
+
+
+def test_scatter_slice_read_inside_write_is_value():
+    def f(buf, k):
+        buf[:, 2:6] = k
+        return buf[:, 3:5] + 1
+
+    r = run_rule(f, [rand(2, 8, 3), rand(2, 4, 3)], "scatter_slice")
+    assert r.matches == 1 and r.buffer_reads() == 0
+    assert aten.cat.default not in r.targets()
+
+
+def test_scatter_slice_read_disjoint_is_old_buffer():
+    def f(buf, k):
+        buf[:, 4:6] = k
+        return buf[:, :3] + 1
+
+    r = run_rule(f, [rand(2, 8, 3), rand(2, 2, 3)], "scatter_slice")
+    assert r.matches == 1 and r.buffer_reads() == 0
+
+
+def test_scatter_slice_one_position_write():
+    def f(buf, k):
+        buf[:, 5] = k
+        return buf[:, 5] * 1, buf[:, :6].sum(1)
+
+    r = run_rule(f, [rand(2, 8, 3), rand(2, 3)], "scatter_slice")
+    assert r.matches == 2 and r.buffer_reads() == 0
+
+
+def test_scatter_slice_symbolic_positions_select_by_position():
+    """The write's start is a symbol the read's bounds cannot be compared with: select by position at run time."""
+    def f(buf, k, past):
+        p = past.shape[0]
+        buf[:, p:p + 2] = k
+        return buf[:, 1:5] * 1
+
+    r = run_rule(f, [rand(2, 8, 3), rand(2, 2, 3), rand(3)], "scatter_slice", mode="symbolic")
+    assert r.buffer_reads() == 0
+
+
+def test_scatter_slice_later_write_seen_through_view():
+    """``h`` is a view of the buffer; a later write through the buffer must show in it (functionalization
+    regenerates the view after the write): the rewritten read must be the value after both writes."""
+    def f(buf, k, x):
+        buf[:, 4:6] = k
+        h = buf[:, :6]
+        buf[:, 5] = x
+        return h * 1
+
+    r = run_rule(f, [rand(2, 8, 3), rand(2, 2, 3), rand(2, 3)], "scatter_slice")
+    assert r.buffer_reads() == 0
+
+
+def test_scatter_slice_written_value_edited_in_place_after():
+    """The buffer holds ``k`` as it was at the write; a later ``k.mul_`` must not reach the read."""
+    def f(buf, k):
+        buf[:, 4:6] = k
+        k.mul_(3)
+        return buf[:, :6] + 0, k + 0
+
+    r = run_rule(f, [rand(2, 8, 3), rand(2, 2, 3)], "scatter_slice")
+    assert r.matches >= 1 and r.buffer_reads() == 0
+
+
+def test_scatter_slice_write_through_view_of_buffer():
+    def f(buf, k):
+        v = buf.view(2, 4, 2, 3)
+        v[:, 2] = k
+        return buf[:, :6] * 1
+
+    r = run_rule(f, [rand(2, 8, 3), rand(2, 2, 3)], "scatter_slice")
+    torch.testing.assert_close(r.matches >= 0, True)  # exactness is what run_rule checked
+
+
+def test_scatter_slice_out_argument_write():
+    def f(buf, k):
+        torch.add(k, 1, out=buf[:, 4:6])
+        return buf[:, :6] * 1
+
+    r = run_rule(f, [rand(2, 8, 3), rand(2, 2, 3)], "scatter_slice")
+    assert r.buffer_reads() == 0
+
+
+def test_scatter_slice_narrow_buffer_keeps_rounding():
+    """float16 buffer, float32 values: the history is what the buffer holds, bit for bit."""
+    def f(buf, k):
+        buf[:, 4:6] = k
+        return buf[:, :6].float()
+
+    r = run_rule(f, [rand(2, 8, 3, dtype=torch.float16), rand(2, 2, 3)], "scatter_slice")
+    assert r.buffer_reads() == 0
+    assert aten.view.dtype in r.targets()  # the bit-cast pair that keeps the rounding through any compiler
+
+
+def test_scatter_slice_returned_views_are_left():
+    """Views of a read returned to the caller (``unbind``) are regenerated from the buffer after the call and show
+    every later write to it: left reads of the buffer, and reported. Other uses of the read are rewritten."""
+    def f(buf, k):
+        buf[:, 4:6] = k
+        h = buf[:, :6]
+        return h.unbind(0), h * 2
+
+    r = run_rule(f, [rand(2, 8, 3), rand(2, 2, 3)], "scatter_slice")
+    assert any("returned as a view" in s.reason for s in r.report.skips), r.report.format()
+    out = next(n for n in r.after.graph.nodes if n.op == "output").args[0]
+    read = out[0][0].args[0].args[0]  # getitem(unbind(read))
+    assert read.target == aten.slice.Tensor and read.args[0].target == aten.slice_scatter.default
+    assert out[1].args[0].target == aten.cat.default
+
+
+def test_scatter_slice_returned_read_itself_is_replaced():
+    """A read returned as it is: in the functional graph it is a fresh value (the write is a ``slice_scatter``
+    into a new tensor), and AOTAutograd regenerates an output that aliases an input from the input after the
+    call, so the value the graph returns is free to be the history."""
+    def f(buf, k):
+        buf[:, 4:6] = k
+        return buf[:, :6]
+
+    r = run_rule(f, [rand(2, 8, 3), rand(2, 2, 3)], "scatter_slice")
+    assert r.buffer_reads() == 0 and not r.report.skips
+
+
+def test_scatter_slice_index_copy_write_is_left():
+    """A write at tensor indices (positions unknown to the graph's shapes) is not decomposed."""
+    def f(buf, k, idx):
+        buf.index_copy_(1, idx, k)
+        return buf[:, :6] * 1
+
+    r = run_rule(f, [rand(2, 8, 3), rand(2, 2, 3), torch.tensor([4, 5])], "scatter_slice", seeds=())
+    assert r.matches == 0
+
+
+def test_scatter_slice_no_cache_graph_unchanged():
+    def f(x, k):
+        y = x.clone()
+        y[:, 4:6] = k
+        return y[:, :6] * 1
+
+    r = run_rule(f, [rand(2, 8, 3), rand(2, 2, 3)], "scatter_slice")
+    assert r.matches == 0
+    assert r.before.code == r.after.code
+
+
+# ---- pad_slice: a slice that removes exactly the padding is the unpadded tensor --------------------------------
+
+@pytest.mark.parametrize("mode", MODES)
+def test_pad_slice_cancels(mode):
+    def f(k):
+        return F.pad(k, (0, 5))[..., :k.shape[-1]] * 1
+
+    r = run_rule(f, [rand(2, 4, 3)], "pad_slice", mode=mode)
+    assert r.matches == 1 and aten.constant_pad_nd.default not in r.targets()
+
+
+def test_pad_slice_before_padding_cancels():
+    def f(k):
+        return F.pad(k, (2, 1))[..., 2:5] * 1
+
+    r = run_rule(f, [rand(2, 4, 3)], "pad_slice")
+    assert r.matches == 1
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("pad, keep", [((0, 5), 4),          # the slice keeps a padded element
+                                       ((0, -1), 2)])        # a negative pad crops
+def test_pad_slice_left_alone(pad, keep, mode):
+    def f(k):
+        return F.pad(k, pad)[..., :keep] * 1
+
+    r = run_rule(f, [rand(2, 4, 3)], "pad_slice", mode=mode)
+    assert r.matches == 0
+
+
+def test_pad_slice_other_dim_padded_left_alone():
+    def f(k):
+        return F.pad(k, (0, 5, 0, 1))[..., :3] * 1
+
+    r = run_rule(f, [rand(2, 4, 3)], "pad_slice")
+    assert r.matches == 0
+
+
+def test_pad_slice_reflect_left_alone():
+    def f(k):
+        return F.pad(k, (0, 2), mode="reflect")[..., :3] * 1
+
+    r = run_rule(f, [rand(2, 4, 3)], "pad_slice")
+    assert r.matches == 0
+
+
+# ---- view_fold: a reshape of a reshape of a cache buffer back to a shape it had is that value -------------------
+
+def test_view_fold_flat_buffer():
+    def f(flat, k):
+        flat.view(2, 8, 3)[:, 4:6] = k
+        return flat.view(2, 8, 3)[:, :6] * 1
+
+    r = run_rule(f, [rand(48), rand(2, 2, 3)], "view_fold")
+    assert r.matches >= 1
+
+
+def test_view_fold_dtype_view_left_alone():
+    """``view(dtype)`` reinterprets bytes: not a reshape, never folded."""
+    def f(flat, k):
+        flat.view(torch.int32).view(2, 8, 3)[:, 4:6] = k
+        return flat.view(torch.int32).view(torch.float32).view(2, 8, 3)[:, :6] * 1
+
+    r = run_rule(f, [rand(48), torch.randint(0, 9, (2, 2, 3), dtype=torch.int32)], "view_fold")
+    assert r.matches == 0
+
+
+def test_view_fold_no_cache_unchanged():
+    def f(x):
+        return x.view(6, 8).view(48).view(2, 8, 3) * 1
+
+    r = run_rule(f, [rand(2, 8, 3)], "view_fold")
+    assert r.matches == 0
