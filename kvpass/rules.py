@@ -188,12 +188,14 @@ class Emitter:
         self.created.add(node)
         return node
 
-    def _fake_mode(self):
-        """The fake mode of the graph's values, or ``None`` where they have none in common: a
-        ``make_fx(tracing_mode="real")`` capture gives every value a fake mode of its own (static shapes)."""
+    def _fake_mode(self, used):
+        """The fake mode of the graph's values and of ``used``, the nodes a new op reads; ``None`` where they
+        have none in common: a ``make_fx(tracing_mode="real")`` capture gives every value a mode of its own
+        (static shapes), and the values this emitter made have the emitter's."""
         from torch._guards import detect_fake_mode
 
         vals = [n.meta.get("val") for n in self.graph.nodes if n.op == "placeholder"]
+        vals += [meta_value(n) for n in used]
         try:
             return detect_fake_mode([v for v in vals if isinstance(v, torch.Tensor)])
         except AssertionError:  # "fake mode ... doesn't match mode ...": one mode per value
@@ -211,10 +213,10 @@ class Emitter:
         traced value is computed on the graph's fake values, adding no guard to their ShapeEnv."""
         import contextlib
 
-        mode = self._fake_mode()
-        # Values of modes of their own (static shapes) are remade, same size, strides and dtype, in one mode.
         used = []
         torch.fx.node.map_arg(args, used.append)
+        mode = self._fake_mode(used)
+        # Values of modes of their own (static shapes only) are remade in one mode: same size, strides and dtype.
         remake = mode is None and any(isinstance(meta_value(n), FakeTensor) for n in used)
         if remake:
             mode = self._fresh_mode()

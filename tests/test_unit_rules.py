@@ -248,3 +248,115 @@ def test_view_fold_no_cache_unchanged():
 
     r = run_rule(f, [rand(2, 8, 3)], "view_fold")
     assert r.matches == 0
+
+
+# ---- scatter_slice, adversarial: writes that overlap, other dims, permutes, rolls, growth, reorders -------------
+
+@pytest.mark.parametrize("mode", MODES)
+def test_scatter_slice_two_overlapping_writes_last_wins(mode):
+    def f(buf, a, b):
+        buf[:, 2:6] = a
+        buf[:, 4:7] = b
+        return buf[:, :8] * 1, buf[:, 3:5] * 1
+
+    r = run_rule(f, [rand(2, 8, 3), rand(2, 4, 3), rand(2, 3, 3)], "scatter_slice", mode=mode)
+    assert r.buffer_reads() == 0
+
+
+def test_scatter_slice_read_on_other_dim():
+    """Write positions 4:6 of dim 1, read heads 0:1 of dim 0: the read goes through the write."""
+    def f(buf, k):
+        buf[:, 4:6] = k
+        return buf[:1] * 1, buf[1, 5] * 1
+
+    r = run_rule(f, [rand(2, 8, 3), rand(2, 2, 3)], "scatter_slice")
+    assert r.buffer_reads() == 0
+
+
+def test_scatter_slice_transposed_read():
+    def f(buf, k):
+        buf[:, 4:6] = k
+        return buf.transpose(0, 1)[:6] * 1, buf.permute(2, 1, 0)[:, :6] * 1
+
+    run_rule(f, [rand(2, 8, 3), rand(2, 2, 3)], "scatter_slice")
+
+
+def test_scatter_slice_ring_buffer_roll():
+    def f(buf, k):
+        buf[:, 5] = k
+        return torch.roll(buf, -6, 1) * 1, torch.roll(buf, 3, 1)[:, :4] * 1
+
+    run_rule(f, [rand(2, 8, 3), rand(2, 3)], "scatter_slice")
+
+
+def test_scatter_slice_write_read_write_read():
+    """A read between two writes sees the first only; the read after both sees both."""
+    def f(buf, a, b):
+        buf[:, 0:2] = a
+        h1 = buf[:, :4] * 1
+        buf[:, 1:3] = b
+        h2 = buf[:, :4] * 1
+        return h1, h2
+
+    r = run_rule(f, [rand(2, 8, 3), rand(2, 2, 3), rand(2, 2, 3)], "scatter_slice")
+    assert r.buffer_reads() == 0
+
+
+def test_scatter_slice_in_place_edit_of_buffer_region():
+    """``buf[:, 4:6] += k`` reads the old region and writes: the history holds the sum."""
+    def f(buf, k):
+        buf[:, 4:6] += k
+        buf[:, :2].mul_(2)
+        return buf[:, :6] * 1
+
+    run_rule(f, [rand(2, 8, 3), rand(2, 2, 3)], "scatter_slice")
+
+
+def test_scatter_slice_written_value_is_view_of_buffer():
+    """The value written is itself read from the buffer (a shift): the read must see the shifted old values.
+    (Without the ``clone`` torch's eager ``copy_`` of overlapping memory propagates element by element, which
+    numpy and the functional graph do not: no reference to check against.)"""
+    def f(buf):
+        buf[:, 1:5] = buf[:, 0:4].clone()
+        return buf[:, :6] * 1
+
+    run_rule(f, [rand(2, 8, 3)], "scatter_slice")
+
+
+def test_scatter_slice_two_buffers_one_value():
+    def f(kb, vb, k):
+        kb[:, 4:6] = k
+        vb[:, 4:6] = k * 2
+        k.add_(1)
+        return kb[:, :6] * 1, vb[:, 3:6] * 1
+
+    run_rule(f, [rand(2, 8, 3), rand(2, 8, 3), rand(2, 2, 3)], "scatter_slice")
+
+
+def test_scatter_slice_bf16_and_int8_buffers():
+    def f(bb, ib, k):
+        bb[:, 4:6] = k
+        ib[:, 4:6] = (k * 10).round().clamp(-128, 127).to(torch.int8)
+        return bb[:, :6].float(), ib[:, :6].float() / 10
+
+    run_rule(f, [rand(2, 8, 3, dtype=torch.bfloat16), torch.randint(-9, 9, (2, 8, 3), dtype=torch.int8),
+                 rand(2, 2, 3)], "scatter_slice")
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_scatter_slice_growing_cat_history(mode):
+    """A cache grown with ``cat`` and returned as the new state: reads of it are the pieces."""
+    def f(buf, k):
+        new = torch.cat([buf, k], 1)
+        return new, new[:, -3:] * 1
+
+    run_rule(f, [rand(2, 5, 3), rand(2, 2, 3)], "scatter_slice", mode=mode)
+
+
+def test_scatter_slice_reorder_then_write():
+    def f(buf, idx, k):
+        buf.copy_(buf.index_select(0, idx))
+        buf[:, 4:6] = k
+        return buf[:, :6] * 1
+
+    run_rule(f, [rand(3, 8, 2), torch.tensor([2, 0, 1]), rand(3, 2, 2)], "scatter_slice")
