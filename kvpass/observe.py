@@ -45,7 +45,8 @@ def count(key: str, n: int = 1) -> None:
 
 
 def emit(report, before, after) -> None:
-    """Log the report (``kvpass``), the graphs (``kvpass_graphs``) and both as tlparse artifacts; count."""
+    """Log the report (``kvpass`` at INFO) and the graphs before and after (``kvpass`` at DEBUG), emit all three as
+    tlparse artifacts, and count matches per rule and skips."""
     from torch._logging import trace_structured
 
     for name, n in report.counts.items():
