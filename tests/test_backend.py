@@ -296,3 +296,25 @@ def test_second_identical_compile_hits_the_fx_graph_cache():
         c = torch._dynamo.utils.counters["inductor"]
         assert c["fxgraph_cache_bypass"] == 0
     assert c["fxgraph_cache_hit"] == 1
+
+
+def test_inductor_pass_uuid_covers_every_kvpass_module_the_rules_import(tmp_path, monkeypatch):
+    """The key follows imports to a fixed point (function-level ones too), not a hand-kept list: a helper module
+    a rule imports (here ``kvpass.errors`` and ``kvpass.compat``, which no list named) is hashed, and a user's
+    rule that imports a kvpass module brings it in."""
+    from kvpass.inductor_pass import KVPassInductorPass, catalogue_files
+    from kvpass.engine import resolve_patterns
+
+    names = {f.replace("\\", "/").rsplit("/", 2)[-2] + "/" + f.rsplit("/", 1)[-1] for f in catalogue_files(resolve_patterns(None))}
+    assert {"kvpass/errors.py", "kvpass/compat.py", "kvpass/rules.py", "ops/_store.py",
+            "patterns/scatter_slice.py"} <= names
+    src = tmp_path / "my_rule.py"
+    src.write_text("class P:\n    name = 'mine'\n    def apply(self, gm, report):\n"
+                   "        from kvpass import graph_diff\n        return 0\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import importlib
+
+    mod = importlib.import_module("my_rule")
+    files = catalogue_files([mod.P()])
+    assert str(src) in files and any(f.endswith("graph_diff.py") for f in files)
+    assert KVPassInductorPass(patterns=[mod.P()]).uuid() != KVPassInductorPass(patterns=["pad_slice"]).uuid()
