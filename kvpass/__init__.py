@@ -15,7 +15,7 @@ from importlib import metadata as _metadata
 
 from .dynamo_backend import backend, compile, kvpass_backend
 from .graph_diff import diff, graph_text
-from .engine import Match, Report, Skip
+from .report import Match, Report, Skip
 from .fidelity import Finding, check
 from .faithful_export import export
 from .errors import KVPassError, KVPassWarning, PatternError, RewriteMismatch

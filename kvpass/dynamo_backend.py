@@ -17,6 +17,7 @@ import torch
 import torch.fx
 
 from . import engine
+from .report import Report
 from .errors import KVPassWarning, user_source_line
 from .tracing import HostCacheShapes, tracing_context
 
@@ -178,7 +179,7 @@ def backend(inner="inductor", patterns: Sequence | None = None, on_report: Calla
 
         # the graph as traced, for calls whose host buffers overlap (only kept where that can happen)
         traced = copy.deepcopy(gm) if len(external_inputs(example_inputs)) > 1 else gm
-        pre = engine.Report()
+        pre = Report()
         for pattern in torch_level:
             engine.apply_rule(gm, pattern, pre)
         def through_aot(inner_name, gm):
@@ -269,11 +270,11 @@ def _warn_without_inductor(gm: torch.fx.GraphModule) -> None:
         "buf.shape[d])) to compile it.", KVPassWarning, stacklevel=2)
 
 
-def _merged(pre: "engine.Report", report: "engine.Report") -> "engine.Report":
+def _merged(pre: "Report", report: "Report") -> "Report":
     """The torch-level rules' report (store_loop) in front of the ATen rules' report for the same graph."""
     if not (pre.matches or pre.skips):
         return report
-    out = engine.Report(list(pre.matches), list(pre.skips), dict(pre.counts), before=report.before)
+    out = Report(list(pre.matches), list(pre.skips), dict(pre.counts), before=report.before)
     out.extend(report)
     return out
 

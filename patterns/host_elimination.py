@@ -49,7 +49,7 @@ import torch
 import torch.fx
 
 from kvpass.aliasing import is_pure, meta_value
-from kvpass.engine import Report
+from kvpass.report import Report
 from kvpass.rules import Emitter
 
 NAME = "host_elimination"

@@ -35,7 +35,7 @@ import torch
 import torch.fx
 
 from kvpass.aliasing import meta_value
-from kvpass.engine import Match, Report
+from kvpass.report import Match, Report
 from kvpass.errors import source_line_of_trace
 from kvpass.rules import Emitter, known_eq, known_le, norm_slice
 

@@ -76,7 +76,7 @@ import torch
 import torch.fx
 
 from kvpass.aliasing import grown_buffers, meta_value, reordered_buffers, returned_views, scatter_base, state_inputs
-from kvpass.engine import Report
+from kvpass.report import Report
 from kvpass.errors import user_source_line
 from kvpass.rules import (Emitter, as_stored, known_le, known_lt, known_eq, known_ne, norm_dim, norm_index,
                           norm_slice, select_by_position)

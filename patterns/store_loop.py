@@ -58,7 +58,7 @@ import torch.fx
 from torch.multiprocessing.reductions import StorageWeakRef
 
 from kvpass.aliasing import is_side_effect as is_side_effect_node, meta_value
-from kvpass.engine import Report
+from kvpass.report import Report
 
 NAME = "store_loop"
 

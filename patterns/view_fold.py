@@ -41,7 +41,7 @@ import torch
 import torch.fx
 
 from kvpass.aliasing import SCATTER_OPS, meta_value, scatter_base, state_inputs
-from kvpass.engine import Report
+from kvpass.report import Report
 from kvpass.rules import known_eq
 
 NAME = "view_fold"

@@ -16,7 +16,7 @@ import torch
 from torch.fx.experimental.proxy_tensor import make_fx
 
 import kvpass
-from kvpass.engine import Report
+from kvpass.report import Report
 from kvpass.testing import buffer_reads
 
 __all__ = ["RuleRun", "run_rule", "fresh_like"]
