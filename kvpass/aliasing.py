@@ -21,6 +21,8 @@ from typing import Any, Sequence
 import torch
 import torch.fx
 
+from .opfacts import in_place_name, is_view_op
+
 __all__ = ["meta_value", "is_pure", "writes_an_argument", "is_view", "returned_views", "state_inputs", "grown_buffers",
            "reordered_buffers", "scatter_base", "overlapping_inputs", "external_inputs",
            "copy_together", "aliased_inputs_message", "inputs_written", "is_side_effect", "SCATTER_OPS"]
@@ -71,20 +73,15 @@ def _kept_roots(graph: torch.fx.Graph) -> list:
 
 
 def is_view(node: Any) -> bool:
-    """A node whose output may share memory with an input: an ATen op whose schema gives its result an alias
-    set and writes nothing (``slice``, ``unbind``, ``view``, ``reshape``, ``alias``, ...), ``_unsafe_view``, or
-    an item of such an op's list result."""
+    """A node whose output may share memory with an input: a view op (:func:`kvpass.opfacts.is_view_op`, by
+    schema), or an item of such an op's list result."""
     import operator
 
     if not isinstance(node, torch.fx.Node) or node.op != "call_function":
         return False
-    target = node.target
-    if target is operator.getitem:
+    if node.target is operator.getitem:
         return is_view(node.args[0])
-    if target is aten._unsafe_view.default:
-        return True
-    return isinstance(target, torch._ops.OpOverload) and not target._schema.is_mutable and \
-        any(r.alias_info is not None for r in target._schema.returns)
+    return is_view_op(node.target)
 
 
 def returned_views(graph: torch.fx.Graph) -> set:
@@ -274,12 +271,6 @@ def overlapping_inputs(inputs: Sequence[Any], external_only: bool = True) -> lis
     return pairs
 
 
-# augmented assignments (``a *= 2`` on an array or tensor is in place) and numpy's in-place functions
-_IN_PLACE_NAMES = frozenset({"iadd", "isub", "imul", "itruediv", "ifloordiv", "imod", "ipow", "imatmul", "iand",
-                             "ior", "ixor", "ilshift", "irshift", "fill", "put", "copyto", "place", "putmask",
-                             "setitem", "__setitem__", "wrapped___setitem__", "delitem", "__delitem__"})
-
-
 def is_side_effect(node: torch.fx.Node) -> bool:
     """Conservative impurity of a node of a torch-level or ATen graph (for dead-code elimination): torch's own
     notion, plus what Dynamo graphs hide from it (numpy ``__setitem__`` wrappers, ``out=`` arguments, in-place
@@ -290,13 +281,11 @@ def is_side_effect(node: torch.fx.Node) -> bool:
         return True
     t = node.target
     if node.op == "call_method":
-        return isinstance(t, str) and t.endswith("_") and not t.startswith("__")
+        return isinstance(t, str) and in_place_name(t)
     if node.op == "call_function":
         inner = getattr(t, "op", None) or getattr(t, "f", None) or getattr(t, "method", None) or t
         names = {getattr(inner, "__name__", "") if not isinstance(inner, str) else inner, getattr(t, "__name__", "")}
-        if names & _IN_PLACE_NAMES:
-            return True
         if isinstance(t, torch._ops.OpOverload) and t._schema.is_mutable:
             return True
-        return any(n.endswith("_") and not n.startswith("_") and n not in ("and_", "or_", "not_") for n in names if n)
+        return any(in_place_name(n) for n in names)
     return False

@@ -38,7 +38,8 @@ import numpy as np
 import torch
 
 from .findings import ProgramLoadError
-from .graph import CONST_NAME, Graph, Node, Program, Source, basename, op_schema, schema_facts, _name_facts
+from ..opfacts import name_facts, schema_facts
+from .graph import CONST_NAME, Graph, Node, Program, Source, basename, op_schema
 
 __all__ = ["Limits", "read_archive", "ArchiveReader"]
 
@@ -513,7 +514,7 @@ class ArchiveReader:
             schema = op_schema(ns, opname, overload) if ns and ns != "higher_order" else None
             s_names, node.writes, node.view = schema_facts(schema)
             if schema is None:
-                node.writes, node.view = _name_facts(opname)
+                node.writes, node.view = name_facts(opname)
             node.arg_names = names if any(names) else s_names
             node.subgraphs = [s for a in node.args if isinstance(a, Node) and a.op == "subgraph"
                               for s in a.subgraphs]

@@ -18,6 +18,8 @@ from typing import Any, Callable
 import torch
 import torch.fx
 
+from ..opfacts import name_facts, schema_facts
+
 __all__ = ["Node", "Graph", "Source", "Program", "from_graph_module", "from_exported_program", "op_schema"]
 
 
@@ -164,36 +166,6 @@ def op_schema(namespace: str, op: str, overload: str):
     return _SCHEMAS[key]
 
 
-def schema_facts(schema) -> tuple[list | None, tuple, bool]:
-    """``(argument names, written positions, result is a view of argument 0)`` of a schema."""
-    if schema is None:
-        return None, (), False
-    names = [a.name for a in schema.arguments]
-    writes = tuple(i for i, a in enumerate(schema.arguments) if a.alias_info is not None and a.alias_info.is_write)
-    first = schema.arguments[0].alias_info if schema.arguments else None
-    view = bool(first is not None and not first.is_write and schema.returns
-                and schema.returns[0].alias_info is not None)
-    return names, writes, view
-
-
-# torch-level graphs (Dynamo, symbolic_trace) have no schema: views and in-place ops by name
-VIEW_NAMES = {
-    "view", "_unsafe_view", "reshape", "view_as", "expand", "expand_as", "unsqueeze", "squeeze", "transpose", "t",
-    "permute", "slice", "select", "narrow", "alias", "detach", "as_strided", "unflatten", "flatten", "movedim",
-    "moveaxis", "swapaxes", "swapdims", "split", "split_with_sizes", "chunk", "unbind", "tensor_split",
-    "contiguous", "lift_fresh", "getitem", "_reshape_alias", "view_as_real", "view_as_complex", "unfold",
-    "diagonal", "real", "imag",
-}
-
-
-def _name_facts(name: str) -> tuple[tuple, bool]:
-    if name in ("setitem", "__setitem__"):
-        return (0,), False
-    if name.endswith("_") and not name.endswith("__"):
-        return (0,), False
-    return (), name in VIEW_NAMES
-
-
 # --------------------------------------------------------------------------------------------------------
 # FX reader
 # --------------------------------------------------------------------------------------------------------
@@ -322,7 +294,7 @@ class _FxReader:
                 if isinstance(fxn.target, torch._ops.OpOverload):
                     node.arg_names, node.writes, node.view = schema_facts(fxn.target._schema)
                 else:
-                    node.writes, node.view = _name_facts(node.opname)
+                    node.writes, node.view = name_facts(node.opname)
                 subs = [a for a in node.args if isinstance(a, Node) and a.op == "subgraph"]
                 node.subgraphs = [s for a in subs for s in a.subgraphs]
             self.map[fxn] = node
