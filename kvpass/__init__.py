@@ -7,6 +7,8 @@ Public API (see README.md)::
     torch.compile(model, backend="kvpass")          # entry point, no import needed
     kvpass.compile(model, **torch_compile_kwargs)
     torch.compile(model, backend=kvpass.backend(inner="inductor", patterns=None, on_report=None))
+    ep = kvpass.export(model, args, cache="outputs")      # a deployable program of one step
+    ep = kvpass.hf.export_step(hf_model, max_cache_len=N)  # the same for a transformers causal LM, as it is
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from .faithful_export import export
 from .errors import KVPassError, KVPassWarning, PatternError, RewriteMismatch
 from .ops import gather_paged_kv, store_paged_kv, store_paged_single
 from .ir import functionalize
-from . import ir
+from . import hf, ir
 
 try:
     __version__ = _metadata.version("kvpass")
@@ -59,5 +61,5 @@ __all__ = [
     "__version__", "rewrite", "functionalize", "diff", "graph_text", "backend", "compile", "kvpass_backend", "KVPassWarning",
     "Report", "Match", "Skip", "KVPassError", "PatternError", "RewriteMismatch",
     "store_paged_kv", "store_paged_single", "gather_paged_kv",
-    "check", "Finding", "export",
+    "check", "Finding", "export", "hf",
 ]

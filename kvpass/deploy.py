@@ -60,6 +60,12 @@ class DeployInterpreter(torch.fx.Interpreter):
     - ``op.Scalar(t, i) -> op.Tensor(t, scalar_tensor(i))`` for a symbolic int ``i`` (a position): the same
       values (a 0-dim int64 operand promotes like the int scalar); torch.onnx cannot convert a ``.Scalar``
       overload whose scalar is a symbol. Side condition: ``op`` has a ``.Tensor`` overload.
+    - ``sym_max(a, b) -> b`` and ``sym_min(a, b) -> a`` where ``a <= b`` (symmetrically ``sym_max(a, b) -> a``,
+      ``sym_min(a, b) -> b`` where ``b <= a``): the same integer, by the definition of max and min. A cache's mask
+      size (transformers' ``max(length - window + 1, 0)``) traces as ``sym_max``, which ExecuTorch and IREE
+      reject. Side condition: the order is proven by the shape environment (the program's asserts on the
+      position and the traced guards included); where neither order is proven the ``sym_max`` stays and
+      :func:`finish_deployable` refuses the program, naming its source line.
     """
 
     def __init__(self, *args, **kwargs):
@@ -73,6 +79,10 @@ class DeployInterpreter(torch.fx.Interpreter):
                     a.device == b.device and a.dim() == b.dim() and \
                     all(_known(x == y) for x, y in zip(a.shape, b.shape)):
                 return b.clone(memory_format=torch.contiguous_format)
+        if target in _SYM_MINMAX and not kwargs and len(args) == 2:
+            out = _ordered_min_max(target, *args)
+            if out is not None:
+                return out
         if target is torch.ops.prims.iota.default and not kwargs.get("dtype", torch.int64).is_floating_point:
             (n,) = args
             start, step = kwargs.get("start", 0), kwargs.get("step", 1)
@@ -115,6 +125,17 @@ class DeployInterpreter(torch.fx.Interpreter):
         t = src.shape[d]  # the side conditions (s >= 0, t >= 1, s + t <= n, sizes, dtype, device) are the callee's
         out = _slice_scatter_by_select(x, src, d, s, s + t)
         return None if out is None else out.narrow(d, 0, s + t)
+
+
+def _ordered_min_max(target, a, b):
+    """``sym_max(a, b)``/``sym_min(a, b)`` as the operand the shape environment proves it is, or None."""
+    if _known(a <= b):
+        low, high = a, b
+    elif _known(b <= a):
+        low, high = b, a
+    else:
+        return None
+    return high if target is torch.sym_max else low
 
 
 def _slice_scatter_by_select(x, src, dim=0, start=None, end=None, step=1):

@@ -194,11 +194,12 @@ def export(model: torch.nn.Module, args: tuple, kwargs: dict | None = None, *, d
     engine.resolve_patterns(patterns)  # an unknown pattern name fails before the (slow) capture
 
     cap = _capture(model, user_names, user_values, dims, position_patterns)
-    if cache == "outputs" and positions is None:
+    positions_found = cache == "outputs" and positions is None
+    if positions_found:
         positions = _advanced_ints(cap)
         position_patterns = _position_patterns(positions)
         cap = _capture(model, user_names, user_values, dims, position_patterns)
-    _check_positions(cap, positions, position_patterns)
+    _check_positions(cap, positions, position_patterns, cache, found=positions_found)
     outputs = _output_plan(cap, model, user_names, user_values)
     gm, report = engine.rewrite(cap.gm, patterns=patterns)
     _clean_module_paths(gm)
@@ -341,7 +342,12 @@ class _Capture:
         self.guards: list = []
         self.replacements: dict = {}
         self.var_to_sources: dict = {}
+        self.hints: dict = {}  # sympy symbol -> the example value it had while tracing
+        self.guard_sites: list = []  # (guard expr, "file:line in fn (code)" of the user line that made it, or None)
         self.symbols: dict = {}  # sympy symbol -> index of the graph input that carries it
+        # position symbols the graph does not read (only guards and stores do: a cache's int counter that only
+        # picks a branch): symbol -> source name; filled by _check_positions
+        self.unfed: dict = {}
         self.replaced: list[str] = []  # attributes the step assigns a new tensor to (state it replaces)
         self.constants: list[str] = []  # model attributes Dynamo specialized (guarded as constants)
         self.outputs: int = 0
@@ -390,8 +396,11 @@ def _capture(model, names, values, dims, position_patterns) -> _Capture:
         shape_env = getattr(fake_mode, "shape_env", None)
         if shape_env is not None:
             cap.guards = [g.expr for g in shape_env.guards]
+            cap.guard_sites = [(g.expr, _user_site(getattr(getattr(g, "sloc", None), "maybe_user_loc", None)))
+                               for g in shape_env.guards]
             cap.replacements = dict(shape_env.replacements)
             cap.var_to_sources = {k: [s.name for s in v] for k, v in shape_env.var_to_sources.items()}
+            cap.hints = dict(shape_env.backed_var_to_val)
         cap.replaced = _replaced_tensor_attributes()
         cap.stores = _stored_int_attributes()
         cap.constants = _specialized_model_values()
@@ -436,6 +445,8 @@ def _capture(model, names, values, dims, position_patterns) -> _Capture:
         if isinstance(inner, ExportError):
             raise inner from None
         text = "\n".join(str(e).strip().splitlines()[:12])
+        if type(e).__name__ == "ConstraintViolationError" and cap.guard_sites:
+            text = _explain_violated_dims(cap, names, dims) or text
         raise ExportCaptureError(f"kvpass.export(model): Dynamo failed to capture {type(model).__name__}.forward "
                                  f"as one graph ({type(e).__name__}):\n{text}") from e
     finally:
@@ -444,6 +455,76 @@ def _capture(model, names, values, dims, position_patterns) -> _Capture:
         raise ExportCaptureError(f"kvpass.export(model): Dynamo produced no graph for {type(model).__name__}.forward "
                                  f"(nothing to export)")
     return cap
+
+
+def _user_site(loc: str | None) -> str | None:
+    """A shape guard's user frame as ``file:line in fn: code`` (torch writes ``code  # file:line in fn``)."""
+    if not loc:
+        return None
+    code, sep, where = loc.rpartition("  # ")
+    return f"{where.strip()}: {code.strip()}" if sep else loc.strip()
+
+
+def _in_user_terms(cap: _Capture, expr) -> str:
+    """``expr`` with each symbol written as the source it stands for (``input_ids.shape[1]``, ``pos``)."""
+    text = str(expr)
+    for sym in sorted(getattr(expr, "free_symbols", ()), key=lambda x: -len(str(x))):
+        sources = cap.var_to_sources.get(sym)
+        if sources:
+            name = re.sub(r"^L\['(\w+)'\]\.size\(\)\[(\d+)\]$", r"\1.shape[\2]", sources[0])
+            text = re.sub(rf"\b{re.escape(str(sym))}\b", _rel(name), text)
+    return text
+
+
+def _guard_site(cap: _Capture, symbol) -> str | None:
+    """The user line of the traced guard that pinned ``symbol`` to a value (an ``Eq`` guard: ``if pos == 0``),
+    else of the first guard on it (``cache_utils.py:570 in update: elif ...``); None where there is none."""
+    import sympy
+
+    on_symbol = [(expr, site) for expr, site in cap.guard_sites
+                 if site and symbol in getattr(expr, "free_symbols", ())]
+    pinned = [site for expr, site in on_symbol if isinstance(expr, sympy.Eq)]
+    return (pinned or [site for _, site in on_symbol] or [None])[0]
+
+
+def _explain_violated_dims(cap: _Capture, names, dims) -> str | None:
+    """For a ``ConstraintViolationError``: the traced guards that refuse a bound of a dynamic dim, each with the
+    user line that made it (the model's code branches on that size), or None where none is found."""
+    from torch.utils._sympy.interp import sympy_interp
+    from torch.utils._sympy.reference import PythonReferenceAnalysis
+
+    lines = []
+    for name, per_dim in dims.items():
+        for d, spec in per_dim.items():
+            source = f"L['{name}'].size()[{d}]"
+            sym = next((k for k, v in cap.var_to_sources.items() if source in v), None)
+            if sym is None:
+                continue
+            lo, hi = _dim_bounds(spec)
+            for expr, site in cap.guard_sites:
+                if sym not in getattr(expr, "free_symbols", ()):
+                    continue
+                for bound in (lo if lo is not None else 0, hi):
+                    if bound is None:
+                        continue
+                    env = {k: v for k, v in cap.hints.items() if k in expr.free_symbols}
+                    env[sym] = bound
+                    try:
+                        ok = sympy_interp(PythonReferenceAnalysis, env, expr)
+                    except Exception:  # noqa: BLE001 - a guard we cannot evaluate is not the one we look for
+                        continue
+                    if ok is False:
+                        lines.append(f"the step requires {_in_user_terms(cap, expr)} (false for {name}.shape[{d}] = "
+                                     f"{bound}): the model's code branches on that size at {site or '<unknown>'}")
+                        break
+    if not lines:
+        return None
+    lines = list(dict.fromkeys(lines))
+    hint = "\nnarrow the Dim's range to the branch the example takes, or export one program per branch"
+    if any("transformers/cache_utils.py" in line for line in lines):
+        hint += ("; for transformers' sliding-window cache layers, kvpass.hf.export_step exports one program for "
+                 "every position")
+    return "the dynamic dims do not hold over their whole range:\n  " + "\n  ".join(lines[:4]) + hint
 
 
 def _replaced_tensor_attributes() -> list[str]:
@@ -519,11 +600,25 @@ def _advanced_ints(cap: _Capture) -> list[str]:
     return found
 
 
-def _check_positions(cap: _Capture, positions, patterns) -> None:
+def _check_positions(cap: _Capture, positions, patterns, cache: str, found: bool = False) -> None:
+    """Every ``positions`` entry names an int the step reads, kept symbolic. Fills ``cap.unfed``: the positions
+    the graph itself does not read (a counter that only picks a branch, ``if self.length >= window``): with
+    ``cache="outputs"`` they hold the one position's value, so the guards on them stay checked; with one int input
+    per position (``"buffers"``/``"inputs"``) such a guard could not be checked, and the export is refused.
+    ``found``: the entries were found by kvpass (``positions=None``), not given by the caller."""
     if not patterns:
         return
+    import sympy
+
     syms = [s for s, v in zip(cap.sources, cap.example_inputs) if isinstance(v, (int, torch.SymInt))
             and not isinstance(v, bool) and s is not None]
+    for sym, sources in cap.var_to_sources.items():
+        if sym in cap.symbols or isinstance(cap.replacements.get(sym), sympy.Integer):
+            continue
+        match = [src for src in sources if any(p.match(src) for _, p in patterns)]
+        if match:
+            cap.unfed[sym] = match[0]
+    syms += list(cap.unfed.values())
     for entry, pattern in patterns:
         if not any(pattern.match(s) for s in syms):
             raise ExportInputError(
@@ -537,9 +632,21 @@ def _check_positions(cap: _Capture, positions, patterns) -> None:
         if isinstance(value, sympy.Integer):
             srcs = [s for s in cap.var_to_sources.get(sym, []) if any(p.match(s) for _, p in patterns)]
             if srcs:
+                how = "kvpass found it as a position (an int the step reads and advances)" if found else \
+                    "named by positions="
                 raise ExportCaptureError(
-                    f"kvpass.export(positions): {_rel(srcs[0])} was specialized to {int(value)} while tracing "
-                    f"(the model's code branches on its value); it cannot be a position input")
+                    f"kvpass.export(positions): {_rel(srcs[0])} ({how}) was specialized to {int(value)} while "
+                    f"tracing: the model's code compares it with a constant at "
+                    f"{_guard_site(cap, sym) or '<unknown>'}; a program for every position cannot take that branch")
+    if cache != "outputs":
+        for expr, site in cap.guard_sites:
+            unfed = set(getattr(expr, "free_symbols", ())) & set(cap.unfed)
+            if unfed:
+                raise ExportCaptureError(
+                    f"kvpass.export(positions): {_rel(cap.unfed[next(iter(unfed))])} is read only by a branch "
+                    f"(the step requires {_in_user_terms(cap, expr)} at {site or '<unknown>'}) and never by the "
+                    f"graph, so cache={cache!r} has no input to check it on; use cache='outputs' (one position for "
+                    f"the model)")
 
 
 def _clean_module_paths(gm: torch.fx.GraphModule) -> None:
@@ -720,11 +827,13 @@ class _Positions:
 
     ``symbols``: the position symbols of the capture (all fed the same value); ``delta``: the advance of a step,
     a sympy expression free of them (``T``, the number of new tokens, for the reference caches); ``paths``: the
-    attribute paths the tensor stands for.
+    attribute paths the tensor stands for; ``unfed``: the position symbols no graph input carries (only guards
+    read them), given the position's value when the guards are checked.
     """
 
-    def __init__(self, symbols, delta, paths, example, shape=(1,)):
+    def __init__(self, symbols, delta, paths, example, shape=(1,), unfed=()):
         self.symbols, self.delta, self.paths, self.example, self.shape = symbols, delta, paths, example, shape
+        self.unfed = list(unfed)
 
 
 def _positions_plan(cap: _Capture, plan: list[_Feed]) -> _Positions:
@@ -733,42 +842,52 @@ def _positions_plan(cap: _Capture, plan: list[_Feed]) -> _Positions:
     import sympy
 
     feeds = [(i, f) for i, f in enumerate(plan) if f.kind == "position"]
-    if not feeds:
+    if not feeds and not cap.unfed:
         raise ExportInputError(
             "kvpass.export(positions): cache='outputs' needs the model's positions as symbolic ints: pass "
             "positions=... naming the int attributes the step advances (for example positions='pos')")
-    values = {f.path: f.example for _, f in feeds}
+    # (symbol, path, source, example) of every position, the graph's inputs and the ones only guards read
+    by_index = {i: s for s, i in cap.symbols.items()}
+    every = [(by_index.get(i), f.path, f.source, f.example) for i, f in feeds]
+    every += [(sym, _attribute_path_of(source), source, int(cap.hints.get(sym, -1)))
+              for sym, source in cap.unfed.items()]
+    values = {path: example for _, path, _, example in every}
     if len(set(values.values())) > 1:
         shown = ", ".join(f"{p}={v}" for p, v in values.items())
         raise ExportInputError(
             f"kvpass.export(positions): cache='outputs' carries one position for the model, but the model's "
             f"positions differ ({shown}); export from a state where they are equal (a freshly reset model)")
-    by_index = {i: s for s, i in cap.symbols.items()}
     repl = cap.replacements
 
     def sub(expr):
         return sympy.sympify(expr).xreplace(repl) if repl else sympy.sympify(expr)
 
-    symbols = {sub(by_index[i]) for i, _ in feeds if i in by_index}
+    symbols = {sub(sym) for sym, _, _, _ in every if sym is not None}
     deltas = {}
-    for i, f in feeds:
-        if i not in by_index:
-            raise ExportCaptureError(f"kvpass.export(positions): {f.path} was not kept symbolic while tracing")
-        new = cap.stores.get(f.source)
+    for sym, path, source, _ in every:
+        if sym is None:
+            raise ExportCaptureError(f"kvpass.export(positions): {path} was not kept symbolic while tracing")
+        new = cap.stores.get(source)
         if new is None:
             raise ExportCaptureError(
-                f"kvpass.export(positions): the step does not advance {f.path} (no store to it was traced); "
+                f"kvpass.export(positions): the step does not advance {path} (no store to it was traced); "
                 f"cache='outputs' returns the positions advanced and needs every position to move with the step")
-        delta = sympy.expand(sub(new) - sub(by_index[i]))
+        delta = sympy.expand(sub(new) - sub(sym))
         if delta.free_symbols & symbols:
-            raise ExportCaptureError(f"kvpass.export(positions): {f.path} advances by {delta}, which depends on a "
+            raise ExportCaptureError(f"kvpass.export(positions): {path} advances by {delta}, which depends on a "
                                      f"position; cache='outputs' needs a step that advances by an amount of its own")
-        deltas[f.path] = delta
+        deltas[path] = delta
     if len(set(deltas.values())) > 1:
         shown = ", ".join(f"{p} += {d}" for p, d in deltas.items())
         raise ExportCaptureError(f"kvpass.export(positions): the positions advance differently ({shown}); "
                                  f"cache='outputs' carries one position for the model")
-    return _Positions(symbols, next(iter(deltas.values())), list(values), next(iter(values.values())))
+    return _Positions(symbols, next(iter(deltas.values())), list(values), next(iter(values.values())),
+                      unfed=list(cap.unfed))
+
+
+def _attribute_path_of(source: str) -> str:
+    """``cache.layers.1.cumulative_length_int`` for ``L['kvpass_model'].cache.layers[1].cumulative_length_int``."""
+    return re.sub(r"\[['\"]?([^'\"\]]+)['\"]?\]", r".\1", _rel(source))
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -796,14 +915,7 @@ class _Step(torch.nn.Module):
     def __init__(self, model, gm, plan, cap, user_names, cache, outputs, positions: _Positions | None,
                  n_positional: int):
         super().__init__()
-        for name, child in model.named_children():
-            self.add_module(name, child)
-        for name, p in model._parameters.items():
-            if p is not None:
-                self.register_parameter(name, p)
-        for name, b in model._buffers.items():
-            if b is not None:
-                self.register_buffer(name, b, persistent=name not in model._non_persistent_buffers_set)
+        share_module_state(self, model)
         self.cache_mode = cache
         state_root = "kv_cache"
         while hasattr(self, state_root):
@@ -819,7 +931,8 @@ class _Step(torch.nn.Module):
         self._kvpass_plan = plan
         self._kvpass_outputs = outputs
         self._kvpass_positions = positions
-        self._kvpass_guards, self._kvpass_symbols = _guards_for(cap, plan)
+        self._kvpass_unfed = list(positions.unfed) if positions is not None else []
+        self._kvpass_guards, self._kvpass_symbols = _guards_for(cap, plan, self._kvpass_unfed)
         self.user_names = list(user_names)
         # The model's positional arguments stay positional; the rest is keyword-only (cache="outputs" without
         # keyword arguments: position and cache are positional too, (input_ids, position, cache)).
@@ -862,7 +975,8 @@ class _Step(torch.nn.Module):
                              else getattr(getattr(self, self.state_root), feed.name))
             else:
                 feeds.append(p if positions is not None else inputs[feed.name])
-        _assert_guards(self._kvpass_guards, self._kvpass_symbols, feeds)
+        _assert_guards(self._kvpass_guards, self._kvpass_symbols, feeds,
+                       {sym: p for sym in self._kvpass_unfed} if positions is not None else None)
         outs = self._run_graph(feeds, deploy=positions is not None)
         leaves, spec = self._kvpass_outputs
         flat = [outs[ref] if kind == "graph" else user[ref] if kind == "user" else ref for kind, ref in leaves]
@@ -883,19 +997,34 @@ class _Step(torch.nn.Module):
         return outs if isinstance(outs, (tuple, list)) else (outs,)
 
 
+def share_module_state(target: torch.nn.Module, model: torch.nn.Module) -> None:
+    """Register ``model``'s children, parameters and buffers on ``target`` under the same names (shared, not
+    copied), so ``target.state_dict()`` has the keys of ``model.state_dict()``."""
+    for name, child in model.named_children():
+        target.add_module(name, child)
+    for name, p in model._parameters.items():
+        if p is not None:
+            target.register_parameter(name, p)
+    for name, b in model._buffers.items():
+        if b is not None:
+            target.register_buffer(name, b, persistent=name not in model._non_persistent_buffers_set)
+
+
 def _is_param(module, fqn) -> bool:
     mod, _, name = fqn.rpartition(".")
     owner = module.get_submodule(mod) if mod else module
     return name in owner._parameters
 
 
-def _guards_for(cap: _Capture, plan: list[_Feed]):
-    """Dynamo's shape guards over the symbols fed by the graph's SymInt inputs (the rest cannot be checked)."""
+def _guards_for(cap: _Capture, plan: list[_Feed], unfed=()):
+    """Dynamo's shape guards over the symbols fed by the graph's SymInt inputs and the ``unfed`` positions (given
+    the position's value by the caller); the rest cannot be checked."""
     symbols = cap.symbols
+    known = set(symbols) | set(unfed)
     guards = []
     for expr in cap.guards:
         free = getattr(expr, "free_symbols", set())
-        if free and free <= set(symbols):
+        if free and free <= known:
             guards.append(expr)
     return guards, symbols
 
@@ -910,9 +1039,9 @@ def _evaluate(expr, symbols, feeds, overrides=None):
     return sympy_interp(PythonReferenceAnalysis, env, expr)
 
 
-def _assert_guards(guards, symbols, feeds) -> None:
+def _assert_guards(guards, symbols, feeds, overrides=None) -> None:
     for expr in guards:
-        ok = _evaluate(expr, symbols, feeds)
+        ok = _evaluate(expr, symbols, feeds, overrides)
         if isinstance(ok, bool):
             if not ok:
                 raise ExportInputError(f"kvpass.export: the example violates the traced guard {expr}")

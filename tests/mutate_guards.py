@@ -24,7 +24,18 @@ HD = "tests/test_idioms_hostdriven.py::"
 SV = "tests/test_stored_values.py::"
 T = "tests/test_store_triton.py::test_triton_store_is_exact_and_at_most_two_kernels"
 
+XS = "tests/test_export_sliding.py::"
+
 MUTATIONS = [
+    ("deploy: sym_max/sym_min become an operand only where the order is proven", "kvpass/deploy.py",
+     "    elif _known(b <= a):", "    elif True:",
+     [XS + "test_sym_max_and_sym_min_of_proven_order_become_the_operand"]),
+    ("export: guards on positions no graph input carries stay checked on the one position",
+     "kvpass/faithful_export.py", "    known = set(symbols) | set(unfed)", "    known = set(symbols)",
+     [XS + "test_a_counter_read_only_by_a_branch_is_a_position_and_its_guard_an_assert"]),
+    ("export: with an int input per position, a guard on a position no input carries is refused",
+     "kvpass/faithful_export.py", "            if unfed:\n", "            if False:\n",
+     [XS + "test_a_guard_on_a_branch_only_counter_is_refused_where_no_input_can_carry_it"]),
     ("scatter_slice: a read outside the write is the old buffer", "patterns/scatter_slice.py",
      "        if known_le(b, s) or known_le(e, a):", "        if True:",
      [G + "test_read_past_the_end_of_the_write_keeps_the_buffer_tail"]),
