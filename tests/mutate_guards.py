@@ -170,10 +170,19 @@ MUTATIONS = [
     # the store on the Triton path (slow: Inductor's Triton backend under Triton's interpreter; to run one case
     # only: KVPASS_TRITON_CASES='kv/slot_mapping/HND/fp32' python tests/mutate_guards.py triton)
     ("store (triton): skipped tokens write nothing", "kvpass/ops/_store.py",
-     "    return valid & ~overwritten", "    return ~overwritten", [T + "[kv/slot_mapping/HND/fp32]"]),
-    ("store (triton): the last writer of a slot wins", "kvpass/ops/_store.py",
-     "& valid[None, :] & (e[None, :] > e[:, None])", "& valid[None, :] & (e[None, :] < e[:, None])",
+     "        slots = torch.where(valid, blk * bs + off, -1)", "        slots = blk * bs + off",
      [T + "[kv/slot_mapping/HND/fp32]"]),
+    ("store (triton): elements that lost their slot write nothing", "kvpass/ops/_store.py",
+     "    write = winner >= 0\n", "    write = winner >= -1\n", [T + "[kv/slot_mapping/HND/fp32]"]),
+    ("store (triton): the last writer of a slot wins", "kvpass/ops/_last_writer.py",
+     "            after = ops.gt(", "            after = ops.lt(", [T + "[kv/slot_mapping/HND/fp32]"]),
+    ("store (triton): the inline row search counts the row ends <= the token", "kvpass/ops/_inline_search.py",
+     "index_dtype, right)", "index_dtype, not right)", [T + "[kv/block_table+cu_q_lens/HND/fp32]"]),
+    ("store: the last writer's eager definition", "kvpass/ops/_last_writer.py",
+     "& (e[None, :] > e[:, None])", "& (e[None, :] < e[:, None])",
+     ["tests/test_store_plan_ops.py::test_last_writer_slots_keeps_the_last_writer_of_each_slot"]),
+    ("store: a chunk element lies in its chunk", "kvpass/ops/_store.py",
+     "valid = ((j >= 0) & (j < ln) & ", "valid = ((j >= 0) & ", ["tests/test_store_ops.py::test_chunks_reading_arbitrary_tokens"]),
     ("store (triton): the scatter's store is masked", "kvpass/ops/_masked_store.py",
      "            return ops.masked(mask, body, 0)", "            return body()", [T + "[kv/slot_mapping/HND/fp32]"]),
 ]
