@@ -116,7 +116,7 @@ from typing import Optional, Sequence
 import torch
 
 from ..errors import KVPassError
-from . import _inline_search, _last_writer, _masked_store
+from . import _inline_search, _last_writer, _masked_store, _plan_sharing
 
 __all__ = [
     "store_paged_kv", "store_paged_single", "gather_paged_kv", "quantize", "LAYOUTS", "QUANT_DTYPES",
@@ -551,6 +551,41 @@ def _first_free_slot(keys: torch.Tensor, nslots: int) -> torch.Tensor:
     return free.clamp(0, nslots - 1)
 
 
+def _traced_plan(T, nb, bs, h, layout, device, masked, block_table, cu_q_lens, context_kv_lens, chunk_metadata,
+                 slot_mapping):
+    """The addressing-only part of the traced store (shared by the stores of one trace that use the same
+    addressing, see :mod:`kvpass.ops._plan_sharing`), or ``None`` if nothing can be written.
+
+    Triton path (``masked``): ``(src, identity, winner)``. C++ path: ``("whole cache", keys, order, win, src)`` when
+    every slot may be written, else ``("free slot", src, identity, idx, write, free_blk, free_off)``."""
+    # Triton path: int32 token indices (the row search then reads cu_q_lens as it is: an int64 copy of it would be
+    # one more kernel), and a row search that each kernel does inline (Inductor realizes a searchsorted: a kernel)
+    plan = _plan(T, nb, bs, device, block_table, cu_q_lens, context_kv_lens, chunk_metadata, slot_mapping,
+                 index_dtype=torch.int32 if masked else torch.int64,
+                 search=_inline_search.searchsorted_inline if masked else torch.searchsorted)
+    if plan is None:
+        return None
+    src, blk, off, valid, identity = plan
+    if masked:
+        return src, identity, _last_writer.last_writer_slots(torch.where(valid, blk * bs + off, -1))
+    nslots = nb * bs
+    keys, order, win = _last_writer_wins(blk * bs + off, valid, nslots)
+    n = src.shape[0]  # elements: tokens, or (chunk, offset) pairs
+    if not identity:
+        src = _unsort(torch.arange(n, device=device), src)  # materialized once (see _unsort)
+    if n >= nslots:  # trace-time: every slot may be written, so there may be no free slot
+        return "whole cache", keys, order, win, src
+    free = _first_free_slot(keys, nslots)
+    # Every element's target slot in element order (materialized: the scatter loads one index per element);
+    # elements that write nothing go to the free slot, with the free slot's own contents as their value.
+    slot = _unsort(order, torch.where(win, keys, free))
+    write = _unsort(order, win)[:, None, None]
+    sb = torch.div(slot, bs, rounding_mode="floor")
+    free_blk = torch.div(free, bs, rounding_mode="floor")
+    return ("free slot", src, identity, _cache_index(layout, sb, slot - sb * bs, h), write, free_blk,
+            free - free_blk * bs)
+
+
 def _traced_store(op, pairs, block_table, cu_q_lens, context_kv_lens, chunk_metadata, layout, slot_mapping=None,
                   scales=None):
     """The decomposition: functional index arithmetic + one ``index_put_`` per cache (see "Masking under
@@ -564,35 +599,19 @@ def _traced_store(op, pairs, block_table, cu_q_lens, context_kv_lens, chunk_meta
         return
     device = states0.device
     masked = _masked_store.triton_backend(device) and not torch.compiler.is_exporting()
-    # Triton path: int32 token indices (the row search then reads cu_q_lens as it is: an int64 copy of it would be
-    # one more kernel), and a row search that each kernel does inline (Inductor realizes a searchsorted: a kernel)
-    plan = _plan(T, nb, bs, device, block_table, cu_q_lens, context_kv_lens, chunk_metadata, slot_mapping,
-                 index_dtype=torch.int32 if masked else torch.int64,
-                 search=_inline_search.searchsorted_inline if masked else torch.searchsorted)
+    addressing = (block_table, cu_q_lens, context_kv_lens, chunk_metadata, slot_mapping)
+    plan = _plan_sharing.shared(addressing, (T, nb, bs, h, layout, masked, str(device)),
+                                lambda: _traced_plan(T, nb, bs, h, layout, device, masked, *addressing))
     if plan is None:
         return
-    src, blk, off, valid, identity = plan
     if masked:
-        slots = torch.where(valid, blk * bs + off, -1)
-        _traced_store_masked(pairs, scales, layout, src, _last_writer.last_writer_slots(slots), identity, h, bs)
+        src, identity, winner = plan
+        _traced_store_masked(pairs, scales, layout, src, winner, identity, h, bs)
         return
-    nslots = nb * bs
-    keys, order, win = _last_writer_wins(blk * bs + off, valid, nslots)
-    n = src.shape[0]  # elements: tokens, or (chunk, offset) pairs
-    if not identity:
-        src = _unsort(torch.arange(n, device=device), src)  # materialized once (see _unsort)
-    if n >= nslots:  # trace-time: every slot may be written, so there may be no free slot
-        _traced_store_whole_cache(pairs, scales, layout, keys, order, win, src, nslots, nb, bs)
+    if plan[0] == "whole cache":
+        _traced_store_whole_cache(pairs, scales, layout, *plan[1:], nb * bs, nb, bs)
         return
-    free = _first_free_slot(keys, nslots)
-    # Every element's target slot in element order (materialized: the scatter loads one index per element);
-    # elements that write nothing go to the free slot, with the free slot's own contents as their value.
-    slot = _unsort(order, torch.where(win, keys, free))
-    write = _unsort(order, win)[:, None, None]
-    sb = torch.div(slot, bs, rounding_mode="floor")
-    idx = _cache_index(layout, sb, slot - sb * bs, h)
-    free_blk = torch.div(free, bs, rounding_mode="floor")
-    free_off = free - free_blk * bs
+    _, src, identity, idx, write, free_blk, free_off = plan
     for (_, states, _, cache), (_, scale) in zip(pairs, scales):
         values = states if identity else states[src]
         fill = _slot_snapshot(cache, layout, free_blk, free_off, as_float=scale is not None)
