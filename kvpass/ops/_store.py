@@ -41,7 +41,9 @@ index arithmetic on the small int32 tensors (``searchsorted`` of the token index
   wrapping it in ``auto_functionalized``: the graph Inductor sees is the plan's index arithmetic plus one
   ``index_put`` per cache (re-inplaced by Inductor into the cache), which Inductor turns into a generated
   scatter kernel and fuses with the producers of the states (RMSNorm, RoPE). Only metadata (ranks, dtypes,
-  devices, shapes) is validated at trace time; the data-dependent checks cannot run without a host sync.
+  devices, shapes) is validated at trace time; the data-dependent checks cannot run without a host sync. The
+  plan depends on the addressing only: the stores of one trace that use the same addressing tensors, unchanged,
+  share it (``kvpass/ops/_plan_sharing.py``), so a decode step of L layers computes it once.
 
 Where Inductor generates Triton (GPUs; CPU with ``cpu_backend = "triton"``): a plan and a masked store
 -------------------------------------------------------------------------------------------------------
@@ -56,7 +58,9 @@ lowered by kvpass into Inductor's own scatter with its store under ``ops.masked`
 ``tl.store(ptr, value, winner >= 0 & xmask)``, so skipped and overwritten tokens write (and load) nothing, the
 masked-in targets are unique, and the producers of the states (RMSNorm, RoPE, quantization) stay in that kernel,
 K and V together; it reads one index per element (the plan's output). ``chunk_metadata`` is planned per
-``(chunk, offset in its block)`` element (see :func:`_plan`), so no scan of the chunk lengths is needed. The
+``(chunk, offset in its block)`` element (see :func:`_plan`), so no scan of the chunk lengths is needed; the
+price is ``num_chunks * block_size`` elements instead of ``tokens`` (more when chunks are short, e.g. one token
+per chunk in large blocks), and the plan's comparisons grow with its square. The
 sort-and-free-slot lowering below took 9 to 11 kernels; the same plan written in ATen ops 3 (``cu_q_lens``) and
 4 (``chunk_metadata``). The cost of the plan grows as ``T**2`` comparisons (no sort, no free slot, no snapshot);
 exports (``torch.compiler.is_exporting()``) keep the lowering below, which uses ATen ops only.
