@@ -170,7 +170,8 @@ MUTATIONS = [
     # the store on the Triton path (slow: Inductor's Triton backend under Triton's interpreter; to run one case
     # only: KVPASS_TRITON_CASES='kv/slot_mapping/HND/fp32' python tests/mutate_guards.py triton)
     ("store (triton): skipped tokens write nothing", "kvpass/ops/_store.py",
-     "        slots = torch.where(valid, blk * bs + off, -1)", "        slots = blk * bs + off",
+     "_last_writer.last_writer_slots(torch.where(valid, blk * bs + off, -1))",
+     "_last_writer.last_writer_slots(blk * bs + off)",
      [T + "[kv/slot_mapping/HND/fp32]"]),
     ("store (triton): elements that lost their slot write nothing", "kvpass/ops/_store.py",
      "    write = winner >= 0\n", "    write = winner >= -1\n", [T + "[kv/slot_mapping/HND/fp32]"]),
