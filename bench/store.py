@@ -5,6 +5,7 @@ Usage::
     python bench/store.py                      # CPU, fp32, 8 kv heads x 128 head_dim, block size 16
     python bench/store.py --device cuda --dtype bfloat16
     python bench/store.py --quick              # fewer repetitions (a smoke run)
+    python bench/store.py --decode-step        # only the decode-step table (--layers layers in one compiled step)
 
 Cases: prefill of 4096 and 16384 new tokens (4 sequences with ragged, block-unaligned contexts) and decode of
 8 and 64 sequences (one token each). Every case stores K and V (``store_paged_kv``) into HND caches with room
@@ -26,7 +27,14 @@ the same prefill batch: block table, ``slot_mapping`` (vLLM addressing), int8 ca
 float8_e4m3fn cache with a per-tensor scale (both block-table addressed), each against ``copy_`` of the same
 bytes written (K+V in the cache's dtype: 1 byte per element for the quantized caches). Method: the same warm-up
 for every runner, interleaved rounds, the median and min-max per runner, and the ratio to ``copy_`` computed
-per round (median and min-max of those ratios); GB/s = bytes written / median time.
+per round (median and min-max of those ratios); GB/s = bytes written / median time. For the quantized caches,
+"quantize only" is the same quantization compiled into contiguous buffers (no scatter): the floor of an exact
+quantized store, which reads 4 bytes of float32 states and divides once per byte it writes.
+
+A decode-step table (``--decode-step``) times the store of ``--layers`` layers (one new token per sequence, one
+addressing for all layers) in one compiled function against ``2 * layers`` eager ``copy_`` of the same bytes and
+the same copies compiled as one function, and the standalone compiled call of one layer against its two
+``copy_`` (the floor of a standalone call: Dynamo's guards and the wrapper).
 
 A further table times the K path of a layer, RMSNorm + RoPE + ``store_paged_single``, as three separately compiled
 steps (K materialized between them) against one compiled graph (Inductor fuses the three into the scatter kernel).
@@ -47,6 +55,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 import kvpass  # noqa: E402
+from kvpass.ops._store import quantize  # noqa: E402
 from kvpass.ops.reference import loop_store_paged_kv, token_loop_store_paged_kv  # noqa: E402
 
 
@@ -161,7 +170,8 @@ def run_modes(args):
     gen = torch.Generator().manual_seed(2)
     rounds = 5 if args.quick else max(args.reps, 7)
     out = ["| case | mode | bytes written | compiled ms (median, min-max) | copy_ ms (median) "
-           "| compiled / copy_ per round (median, min-max) | compiled GB/s |", "|---|---|---|---|---|---|---|"]
+           "| compiled / copy_ per round (median, min-max) | compiled GB/s "
+           "| quantize only ms (median) | compiled / quantize only per round |", "|---|---|---|---|---|---|---|---|---|"]
     for n in ((4096,) if args.quick else (4096, 16384)):
         c = make_case("prefill", n, args.heads, args.head_dim, args.block_size, dtype, device, gen)
         idx = (c["block_table"], c["cu_q_lens"], c["context_kv_lens"])
@@ -187,7 +197,7 @@ def run_modes(args):
                                                                     context_kv_lens=idx[2], k_scale=v_scale,
                                                                     v_scale=v_scale)),
         }
-        runners, copies, nbytes = {}, {}, {}
+        runners, copies, nbytes, quantize_only = {}, {}, {}, {}
         for mode, (cdt, kw) in modes.items():
             kc, vc = c["key_cache"].to(cdt), c["value_cache"].to(cdt)
             fn = torch.compile(lambda k, v, kc, vc, kw=kw: kvpass.store_paged_kv(k, v, kc, vc, **kw), dynamic=False)
@@ -202,15 +212,121 @@ def run_modes(args):
             runners[mode] = lambda fn=fn, kc=kc, vc=vc: fn(*kv, kc, vc)
             copies[mode] = lambda src=src, dst=dst: (dst[0].copy_(src[0]), dst[1].copy_(src[1]))
             nbytes[mode] = 2 * src[0].numel() * src[0].element_size()
-        fns = {**{("store", m): f for m, f in runners.items()}, **{("copy", m): f for m, f in copies.items()}}
+            if "k_scale" in kw:  # the floor of an exact quantized store: the same quantization, no scatter
+                q = torch.compile(lambda k, v, kd, vd, kw=kw, cdt=cdt: (
+                    kd.copy_(quantize(k, kw["k_scale"], cdt)), vd.copy_(quantize(v, kw["v_scale"], cdt))),
+                    dynamic=False)
+                quantize_only[mode] = lambda q=q, dst=dst: q(*kv, *dst)
+        fns = {**{("store", m): f for m, f in runners.items()}, **{("copy", m): f for m, f in copies.items()},
+               **{("quantize", m): f for m, f in quantize_only.items()}}
         samples = timeit_rounds(fns, device, rounds)
         for mode in modes:
             s_, c_ = samples[("store", mode)], samples[("copy", mode)]
             ratios = [a / b for a, b in zip(s_, c_)]
             med = statistics.median(s_)
+            floor = "| - | - |"
+            if ("quantize", mode) in samples:
+                q_ = samples[("quantize", mode)]
+                qr = [a / b for a, b in zip(s_, q_)]
+                floor = (f"| {statistics.median(q_):.3f} | {statistics.median(qr):.2f}x "
+                         f"({min(qr):.2f}-{max(qr):.2f}) |")
             out.append(f"| prefill {n} tok | {mode} | {nbytes[mode] / 2**20:.2f} MiB | {med:.3f} ({min(s_):.3f}-"
                        f"{max(s_):.3f}) | {statistics.median(c_):.3f} | {statistics.median(ratios):.2f}x "
-                       f"({min(ratios):.2f}-{max(ratios):.2f}) | {nbytes[mode] / med / 1e6:.2f} |")
+                       f"({min(ratios):.2f}-{max(ratios):.2f}) | {nbytes[mode] / med / 1e6:.2f} {floor}")
+    return "\n".join(out)
+
+
+def run_decode_step(args):
+    """The decode store as it runs in a compiled decode step: ``--layers`` layers each storing one new K/V token per
+    sequence (one addressing for all of them) in one compiled function, against the same bytes moved by
+    ``2 * layers`` eager ``copy_`` and by the same copies compiled as one function; plus the standalone compiled
+    call of one layer (its floor: Dynamo's guards and the wrapper). Contexts are drawn below 256 (the caches of
+    every layer are held at once)."""
+    import re
+
+    from torch._inductor.utils import run_and_get_code
+
+    device, dtype = args.device, getattr(torch, args.dtype)
+    gen = torch.Generator().manual_seed(4)
+    rounds = 5 if args.quick else max(args.reps, 7)
+    layers = args.layers
+
+    def step(keys, values, kcs, vcs, block_table, ctx):
+        for k, v, kc, vc in zip(keys, values, kcs, vcs):
+            kvpass.store_paged_kv(k, v, kc, vc, block_table, None, ctx)
+
+    def copies(kds, vds, keys, values):
+        for kd, vd, k, v in zip(kds, vds, keys, values):
+            kd.copy_(k)
+            vd.copy_(v)
+
+    def plain_scatters(keys, values, kcs, vcs, block_table, ctx):
+        """What a hand-written decode store compiles to (no skipped rows, no duplicates: no plan)."""
+        rows_ = torch.arange(ctx.shape[0], device=ctx.device)
+        pos = ctx.long()
+        blk = block_table[rows_, pos // args.block_size].long()[:, None]
+        off = (pos % args.block_size)[:, None]
+        heads = torch.arange(args.heads, device=ctx.device)[None, :]
+        for k, v, kc, vc in zip(keys, values, kcs, vcs):
+            kc.index_put_((blk, heads, off), k)
+            vc.index_put_((blk, heads, off), v)
+
+    out = ["| sequences | layers | K+V bytes per step | compiled step ms (median, min-max) | eager copy_ ms | "
+           "compiled copy_ ms | compiled plain index_put_ ms | step / eager copy_ per round | "
+           "step / compiled copy_ per round | step / compiled plain index_put_ per round | "
+           "standalone store (1 layer) / copy_ (1 layer) per round | generated kernels + ATen calls per step |",
+           "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for n in (8, 64):
+        rows = n
+        ctx = torch.randint(0, 256, (rows,), generator=gen)
+        width = int(((ctx + 1 + args.block_size - 1) // args.block_size).max())
+        num_blocks = rows * width + 8
+        table = torch.randperm(num_blocks, generator=gen)[: rows * width].reshape(rows, width).to(torch.int32)
+        shape = (num_blocks, args.heads, args.block_size, args.head_dim)
+        keys = [torch.randn(rows, args.heads, args.head_dim, generator=gen).to(dtype).to(device)
+                for _ in range(layers)]
+        values = [torch.randn(rows, args.heads, args.head_dim, generator=gen).to(dtype).to(device)
+                  for _ in range(layers)]
+        kcs = [torch.randn(shape, generator=gen).to(dtype).to(device) for _ in range(layers)]
+        vcs = [torch.randn(shape, generator=gen).to(dtype).to(device) for _ in range(layers)]
+        table, ctx = table.to(device), ctx.to(torch.int32).to(device)
+        compiled_step = torch.compile(step, dynamic=False)
+        compiled_copies = torch.compile(copies, dynamic=False)
+        compiled_plain = torch.compile(plain_scatters, dynamic=False)
+        one = torch.compile(kvpass.store_paged_kv, dynamic=False)
+        # correctness first: the compiled step against eager kvpass
+        ek, ev = [c.clone() for c in kcs], [c.clone() for c in vcs]
+        ck, cv = [c.clone() for c in kcs], [c.clone() for c in vcs]
+        step(keys, values, ek, ev, table, ctx)
+        _, code = run_and_get_code(compiled_step, keys, values, ck, cv, table, ctx)
+        if not all(torch.equal(a, b) for a, b in zip(ek + ev, ck + cv)):
+            raise SystemExit(f"decode step {n}: compiled result differs from eager")
+        call = code[0][code[0].index("def call"):]
+        kernels = re.findall(r"\b(cpp_fused\w*|triton_\w+\.run)\(", call)
+        aten_calls = re.findall(r"= torch\.ops\.aten\.\w+", call)
+        kds, vds = [torch.empty_like(k) for k in keys], [torch.empty_like(v) for v in values]
+        samples = timeit_rounds({
+            "step": lambda: compiled_step(keys, values, kcs, vcs, table, ctx),
+            "copy_": lambda: copies(kds, vds, keys, values),
+            "compiled copy_": lambda: compiled_copies(kds, vds, keys, values),
+            "plain index_put_": lambda: compiled_plain(keys, values, kcs, vcs, table, ctx),
+            "one": lambda: one(keys[0], values[0], kcs[0], vcs[0], table, None, ctx),
+            "one copy_": lambda: (kds[0].copy_(keys[0]), vds[0].copy_(values[0])),
+        }, device, rounds)
+
+        def ratio(a, b):
+            r = [x / y for x, y in zip(samples[a], samples[b])]
+            return f"{statistics.median(r):.2f}x ({min(r):.2f}-{max(r):.2f})"
+
+        st = samples["step"]
+        nbytes = 2 * layers * keys[0].numel() * keys[0].element_size()
+        out.append(f"| {n} | {layers} | {nbytes / 2**10:.0f} KiB | {statistics.median(st):.3f} ({min(st):.3f}-"
+                   f"{max(st):.3f}) | {statistics.median(samples['copy_']):.3f} | "
+                   f"{statistics.median(samples['compiled copy_']):.3f} | "
+                   f"{statistics.median(samples['plain index_put_']):.3f} | {ratio('step', 'copy_')} | "
+                   f"{ratio('step', 'compiled copy_')} | {ratio('step', 'plain index_put_')} | "
+                   f"{ratio('one', 'one copy_')} | "
+                   f"{len(kernels)} + {len(aten_calls)} |")
     return "\n".join(out)
 
 
@@ -261,7 +377,7 @@ def run_fused(args):
             "unfused": unfused,
             "fused": lambda: fused_c(k, w, cos, sin, kc, *idx),
         }, device, reps)
-        rows.append((f"prefill {n} tok", times))
+        rows.append((f"prefill {n} tok", {k: statistics.median(v) for k, v in samples.items()}))
     out = ["| case | eager ms | 3 compiled steps ms | 1 compiled graph ms | unfused / fused |", "|---|---|---|---|---|"]
     for label, t in rows:
         out.append(f"| {label} | {t['eager']:.3f} | {t['unfused']:.3f} | {t['fused']:.3f} "
@@ -300,6 +416,9 @@ def main(argv=None):
     p.add_argument("--no-modes", action="store_true", help="skip the addressing / quantized modes table")
     p.add_argument("--only-modes", action="store_true", help="print only the modes table")
     p.add_argument("--decode-only", action="store_true", help="the store table's decode cases only")
+    p.add_argument("--decode-step", action="store_true",
+                   help="print only the decode-step table (the store of --layers layers in one compiled function)")
+    p.add_argument("--layers", type=int, default=8, help="layers of the decode-step table (default 8)")
     args = p.parse_args(argv)
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         print("bench/store.py --device cuda: no CUDA device here; nothing measured (bench/store_gpu.py measures the "
@@ -311,6 +430,10 @@ def main(argv=None):
     torch._functorch.config.enable_autograd_cache = False
     print(f"# torch {torch.__version__}, device {args.device}, {args.dtype}, {args.heads} kv heads x "
           f"{args.head_dim} head_dim, block size {args.block_size}, threads {torch.get_num_threads()}")
+    if args.decode_step:
+        print(f"Decode step: the store of {args.layers} layers in one compiled function")
+        print(run_decode_step(args))
+        return
     if not args.only_modes:
         print(fmt_table(run(args)))
     if not args.no_modes:

@@ -27,10 +27,9 @@ RoPE, quantization) stay in the kernel.
 
 from __future__ import annotations
 
+import functools
+
 import torch
-
-_LOWERING_REGISTERED = False
-
 
 @torch.library.custom_op("kvpass::_masked_index_put", mutates_args=("cache",))
 def _masked_index_put(cache: torch.Tensor, indices: list[torch.Tensor], values: torch.Tensor,
@@ -62,12 +61,10 @@ def triton_backend(device: torch.device) -> bool:
     return device.type in ("cuda", "xpu")
 
 
+@functools.cache
 def ensure_lowering() -> None:
     """Register the Inductor lowering of ``kvpass::_masked_index_put`` (once; called at trace time)."""
-    global _LOWERING_REGISTERED
-    if not _LOWERING_REGISTERED:
-        _register_lowering()
-        _LOWERING_REGISTERED = True
+    _register_lowering()
 
 
 def _register_lowering() -> None:

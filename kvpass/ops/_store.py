@@ -26,9 +26,9 @@ upstream loop (vLLM's ``reshape_and_cache`` leaves it unspecified).
 
 Implementation
 --------------
-Both modes reduce to one *plan*: for each of ``tokens`` elements ``e``, ``src[e]`` (the token to read),
-``blk[e]``/``off[e]`` (the slot to write) and ``valid[e]``: pure index arithmetic on the small int32 tensors
-(``searchsorted`` of the token index into ``cu_q_lens`` or into the cumulative chunk lengths, a gather from
+Every mode reduces to one *plan*: for each element ``e`` (a token; for ``chunk_metadata`` a ``(chunk, offset in its
+block)`` pair), ``src[e]`` (the token to read), ``blk[e]``/``off[e]`` (the slot to write) and ``valid[e]``: pure
+index arithmetic on the small int32 tensors (``searchsorted`` of the token index into ``cu_q_lens``, a gather from
 ``block_table``), with no Python loop over tokens, chunks or rows and no ``.tolist()``.
 
 * **Eager** (the registered kernel): validates everything, including the data-dependent facts (block ids in
@@ -41,21 +41,29 @@ Both modes reduce to one *plan*: for each of ``tokens`` elements ``e``, ``src[e]
   wrapping it in ``auto_functionalized``: the graph Inductor sees is the plan's index arithmetic plus one
   ``index_put`` per cache (re-inplaced by Inductor into the cache), which Inductor turns into a generated
   scatter kernel and fuses with the producers of the states (RMSNorm, RoPE). Only metadata (ranks, dtypes,
-  devices, shapes) is validated at trace time; the data-dependent checks cannot run without a host sync.
+  devices, shapes) is validated at trace time; the data-dependent checks cannot run without a host sync. The
+  plan depends on the addressing only: the stores of one trace that use the same addressing tensors, unchanged,
+  share it (``kvpass/ops/_plan_sharing.py``), so a decode step of L layers computes it once.
 
 Where Inductor generates Triton (GPUs; CPU with ``cpu_backend = "triton"``): a plan and a masked store
 -------------------------------------------------------------------------------------------------------
-:func:`_traced_store_masked`. The plan is one boolean per token, ``win[e]``: valid and not overwritten by a later
-valid token (:func:`_last_writer_mask`, a ``(T, T)`` comparison reduced by ``any`` in one generated kernel; it
-depends on the addressing only, so layers that store with the same addressing in one graph share it). The store is
-``kvpass::_masked_index_put`` (``kvpass/ops/_masked_store.py``), lowered by kvpass into Inductor's own scatter
-with its store under ``ops.masked``: Triton emits ``tl.store(ptr, value, win & xmask)``, so skipped and
-overwritten tokens write (and load) nothing, the masked-in targets are unique, and the producers of the states
-(RMSNorm, RoPE, quantization) stay in that kernel, K and V together: 2 generated kernels per call for
-``slot_mapping`` and decode, 3 with ``cu_q_lens`` (Inductor realizes the ``searchsorted`` row index in a kernel of
-its own), 4 with ``chunk_metadata`` (plus the ``cumsum`` of the chunk lengths); the lowering below took 9 to 11.
-The cost of the plan grows as ``T**2`` comparisons (no sort, no free slot, no snapshot); exports
-(``torch.compiler.is_exporting()``) keep the lowering below, which uses ATen ops only.
+:func:`_traced_store_masked`: two generated kernels per call, for every addressing mode. Each element's target
+slot (``-1`` where it writes nothing) goes to ``kvpass::_last_writer_slots`` (``kvpass/ops/_last_writer.py``),
+whose lowering is one reduction kernel: each element keeps its slot if no later element targets it, else ``-1``
+(a ``(T, T)`` comparison reduced by ``any``, the index arithmetic recomputed inline for both sides, with the row
+search ``kvpass::_searchsorted_inline`` (``kvpass/ops/_inline_search.py``): Inductor's own ``searchsorted``
+realizes its result in a kernel of its own). It depends on the addressing only, so layers that store with the
+same addressing in one graph share it. The store is ``kvpass::_masked_index_put`` (``kvpass/ops/_masked_store.py``),
+lowered by kvpass into Inductor's own scatter with its store under ``ops.masked``: Triton emits
+``tl.store(ptr, value, winner >= 0 & xmask)``, so skipped and overwritten tokens write (and load) nothing, the
+masked-in targets are unique, and the producers of the states (RMSNorm, RoPE, quantization) stay in that kernel,
+K and V together; it reads one index per element (the plan's output). ``chunk_metadata`` is planned per
+``(chunk, offset in its block)`` element (see :func:`_plan`), so no scan of the chunk lengths is needed; the
+price is ``num_chunks * block_size`` elements instead of ``tokens`` (more when chunks are short, e.g. one token
+per chunk in large blocks), and the plan's comparisons grow with its square. The
+sort-and-free-slot lowering below took 9 to 11 kernels; the same plan written in ATen ops 3 (``cu_q_lens``) and
+4 (``chunk_metadata``). The cost of the plan grows as ``T**2`` comparisons (no sort, no free slot, no snapshot);
+exports (``torch.compiler.is_exporting()``) keep the lowering below, which uses ATen ops only.
 
 Masking under Inductor's C++ backend (the choice, and why)
 ----------------------------------------------------------
@@ -112,7 +120,7 @@ from typing import Optional, Sequence
 import torch
 
 from ..errors import KVPassError
-from . import _masked_store
+from . import _inline_search, _last_writer, _masked_store, _plan_sharing
 
 __all__ = [
     "store_paged_kv", "store_paged_single", "gather_paged_kv", "quantize", "LAYOUTS", "QUANT_DTYPES",
@@ -381,15 +389,36 @@ def _validate_data(op: str, num_tokens: int, num_blocks: int, block_size: int,
 
 
 def _plan(num_tokens, num_blocks: int, block_size: int, device,
-          block_table, cu_q_lens, context_kv_lens, chunk_metadata, slot_mapping=None, index_dtype=torch.int64):
-    """``(src, blk, off, valid, src_is_identity)`` for ``num_tokens`` elements, or ``None`` if nothing can be written.
+          block_table, cu_q_lens, context_kv_lens, chunk_metadata, slot_mapping=None, index_dtype=torch.int64,
+          search=torch.searchsorted):
+    """``(src, blk, off, valid, src_is_identity)`` for the store's elements, or ``None`` if nothing can be written.
+
+    Elements are the tokens (``num_tokens`` of them) for ``slot_mapping`` and ``block_table``; for
+    ``chunk_metadata`` they are ``(chunk, offset in the block)`` pairs, chunk-major (``num_chunks * block_size``):
+    element ``(c, k)`` writes offset ``k`` of chunk ``c``'s block from token ``src_c + k - dst_offset_c`` if that
+    lies in the chunk. Element order is the order in which the last writer of a slot is decided (tokens; chunks,
+    then positions in a chunk, which never share a slot). Chunks need no scan of their lengths this way (a chunk
+    never crosses a block, so every element it stores has an offset of its block).
 
     Pure, shape-static index arithmetic (no host sync): usable in eager and under tracing. Every index used to
     address memory here is clamped into range first, so garbage metadata cannot read out of bounds; ``valid`` is
     False for padding rows, ``-1`` blocks, tokens past the table, and any out-of-range target. ``index_dtype``
-    is the dtype of the token index and of the row search.
+    is the dtype of the token index and of the row search; ``search`` is the row search
+    (``torch.searchsorted`` or :func:`~kvpass.ops._inline_search.searchsorted_inline`).
     """
     i64 = torch.int64
+    if chunk_metadata is not None:
+        num_chunks = chunk_metadata.shape[0]
+        if num_chunks == 0 or num_tokens == 0:
+            return None
+        src0, dblk, doff, ln = (x[:, None] for x in chunk_metadata.to(index_dtype).unbind(1))
+        k = torch.arange(block_size, device=device, dtype=index_dtype)[None, :]
+        j = k - doff  # position of offset k inside the chunk
+        src = src0 + j
+        valid = ((j >= 0) & (j < ln) & (src >= 0) & (src < num_tokens) & (dblk >= 0) & (dblk < num_blocks))
+        blk = dblk.expand(num_chunks, block_size)
+        return (src.clamp(0, num_tokens - 1).reshape(-1), blk.reshape(-1).to(i64),
+                k.expand(num_chunks, block_size).reshape(-1).to(i64), valid.reshape(-1), False)
     e = torch.arange(num_tokens, device=device, dtype=index_dtype)
     if slot_mapping is not None:  # element e is token e; tokens past the mapping are ignored
         n = slot_mapping.shape[0]
@@ -400,22 +429,6 @@ def _plan(num_tokens, num_blocks: int, block_size: int, device,
         slot = slot.clamp(0, num_blocks * block_size - 1)
         blk = torch.div(slot, block_size, rounding_mode="floor")
         return e, blk, slot - blk * block_size, valid, True
-    if chunk_metadata is not None:
-        num_chunks = chunk_metadata.shape[0]
-        if num_chunks == 0:
-            return None
-        src0, dblk, doff, ln = chunk_metadata.to(i64).unbind(1)
-        ln = torch.where((dblk >= 0) & (dblk < num_blocks), ln.clamp_min(0), 0)  # skipped chunks take no element
-        ends = torch.cumsum(ln, 0)
-        c = torch.searchsorted(ends, e, right=True)  # chunk of element e: the number of chunk ends <= e
-        cc = c.clamp(max=num_chunks - 1)
-        j = e - (ends[cc] - ln[cc])  # position inside the chunk
-        src = src0[cc] + j
-        blk = dblk[cc]
-        off = doff[cc] + j
-        valid = ((c < num_chunks) & (src >= 0) & (src < num_tokens) & (off >= 0) & (off < block_size)
-                 & (blk >= 0) & (blk < num_blocks))
-        return src.clamp(0, num_tokens - 1), blk, off, valid, False
 
     rows, width = block_table.shape
     if rows == 0 or width == 0:
@@ -427,7 +440,7 @@ def _plan(num_tokens, num_blocks: int, block_size: int, device,
         in_row = torch.ones_like(e, dtype=torch.bool)
     else:
         cu = cu_q_lens.to(index_dtype)
-        b = torch.searchsorted(cu[1:], e, right=True)  # row of token e: the number of row ends <= e
+        b = search(cu[1:], e, right=True)  # row of token e: the number of row ends <= e
         b = b.clamp(max=rows - 1)
         start = cu[b]
         t = e - start
@@ -542,6 +555,41 @@ def _first_free_slot(keys: torch.Tensor, nslots: int) -> torch.Tensor:
     return free.clamp(0, nslots - 1)
 
 
+def _traced_plan(T, nb, bs, h, layout, device, masked, block_table, cu_q_lens, context_kv_lens, chunk_metadata,
+                 slot_mapping):
+    """The addressing-only part of the traced store (shared by the stores of one trace that use the same
+    addressing, see :mod:`kvpass.ops._plan_sharing`), or ``None`` if nothing can be written.
+
+    Triton path (``masked``): ``(src, identity, winner)``. C++ path: ``("whole cache", keys, order, win, src)`` when
+    every slot may be written, else ``("free slot", src, identity, idx, write, free_blk, free_off)``."""
+    # Triton path: int32 token indices (the row search then reads cu_q_lens as it is: an int64 copy of it would be
+    # one more kernel), and a row search that each kernel does inline (Inductor realizes a searchsorted: a kernel)
+    plan = _plan(T, nb, bs, device, block_table, cu_q_lens, context_kv_lens, chunk_metadata, slot_mapping,
+                 index_dtype=torch.int32 if masked else torch.int64,
+                 search=_inline_search.searchsorted_inline if masked else torch.searchsorted)
+    if plan is None:
+        return None
+    src, blk, off, valid, identity = plan
+    if masked:
+        return src, identity, _last_writer.last_writer_slots(torch.where(valid, blk * bs + off, -1))
+    nslots = nb * bs
+    keys, order, win = _last_writer_wins(blk * bs + off, valid, nslots)
+    n = src.shape[0]  # elements: tokens, or (chunk, offset) pairs
+    if not identity:
+        src = _unsort(torch.arange(n, device=device), src)  # materialized once (see _unsort)
+    if n >= nslots:  # trace-time: every slot may be written, so there may be no free slot
+        return "whole cache", keys, order, win, src
+    free = _first_free_slot(keys, nslots)
+    # Every element's target slot in element order (materialized: the scatter loads one index per element);
+    # elements that write nothing go to the free slot, with the free slot's own contents as their value.
+    slot = _unsort(order, torch.where(win, keys, free))
+    write = _unsort(order, win)[:, None, None]
+    sb = torch.div(slot, bs, rounding_mode="floor")
+    free_blk = torch.div(free, bs, rounding_mode="floor")
+    return ("free slot", src, identity, _cache_index(layout, sb, slot - sb * bs, h), write, free_blk,
+            free - free_blk * bs)
+
+
 def _traced_store(op, pairs, block_table, cu_q_lens, context_kv_lens, chunk_metadata, layout, slot_mapping=None,
                   scales=None):
     """The decomposition: functional index arithmetic + one ``index_put_`` per cache (see "Masking under
@@ -555,65 +603,42 @@ def _traced_store(op, pairs, block_table, cu_q_lens, context_kv_lens, chunk_meta
         return
     device = states0.device
     masked = _masked_store.triton_backend(device) and not torch.compiler.is_exporting()
-    # int32 token indices on the Triton path: the row search then reads cu_q_lens as it is (an int64 copy of it
-    # would be one more kernel)
-    plan = _plan(T, nb, bs, device, block_table, cu_q_lens, context_kv_lens, chunk_metadata, slot_mapping,
-                 index_dtype=torch.int32 if masked else torch.int64)
+    addressing = (block_table, cu_q_lens, context_kv_lens, chunk_metadata, slot_mapping)
+    plan = _plan_sharing.shared(addressing, (T, nb, bs, h, layout, masked, str(device)),
+                                lambda: _traced_plan(T, nb, bs, h, layout, device, masked, *addressing))
     if plan is None:
         return
-    src, blk, off, valid, identity = plan
     if masked:
-        _traced_store_masked(pairs, scales, layout, src, blk, off, _last_writer_mask(blk * bs + off, valid),
-                             identity, h)
+        src, identity, winner = plan
+        _traced_store_masked(pairs, scales, layout, src, winner, identity, h, bs)
         return
-    nslots = nb * bs
-    keys, order, win = _last_writer_wins(blk * bs + off, valid, nslots)
-    if not identity:
-        src = _unsort(torch.arange(T, device=device), src)  # materialized once (see _unsort)
-    if T >= nslots:  # trace-time: every slot may be written, so there may be no free slot
-        _traced_store_whole_cache(pairs, scales, layout, keys, order, win, src, nslots, nb, bs)
+    if plan[0] == "whole cache":
+        _traced_store_whole_cache(pairs, scales, layout, *plan[1:], nb * bs, nb, bs)
         return
-    free = _first_free_slot(keys, nslots)
-    # Every element's target slot in element order (materialized: the scatter loads one index per element);
-    # elements that write nothing go to the free slot, with the free slot's own contents as their value.
-    slot = _unsort(order, torch.where(win, keys, free))
-    write = _unsort(order, win)[:, None, None]
-    sb = torch.div(slot, bs, rounding_mode="floor")
-    idx = _cache_index(layout, sb, slot - sb * bs, h)
-    free_blk = torch.div(free, bs, rounding_mode="floor")
-    free_off = free - free_blk * bs
+    _, src, identity, idx, write, free_blk, free_off = plan
     for (_, states, _, cache), (_, scale) in zip(pairs, scales):
         values = states if identity else states[src]
-        blend = scale is not None and cache.dtype != torch.int8  # an fp8 cache with a scale: _fp8_blend
-        fill = _slot_snapshot(cache, layout, free_blk, free_off, as_float=blend)
-        if not blend:  # pointwise: fuses with the producers of the states
-            codes = values if scale is None else quantize(values, scale, cache.dtype)
-            cache.index_put_(idx, torch.where(write, codes, fill))
+        fill = _slot_snapshot(cache, layout, free_blk, free_off, as_float=scale is not None)
+        # pointwise either way: fuses with the producers of the states
+        if scale is None:
+            cache.index_put_(idx, torch.where(write, values, fill))
         else:
-            cache.index_put_(idx, _fp8_blend(write, values, scale, fill, cache.dtype))
+            cache.index_put_(idx, _blend_codes(write, values, scale, fill, cache.dtype))
 
 
-def _last_writer_mask(flat: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-    """``win[e]``: element ``e`` is valid and no later valid element targets its slot ``flat[e]`` (the last
-    writer of each slot, in element order: the per-token reference's and the upstream loop's rule).
-
-    A ``(T, T)`` comparison reduced along its rows (``any``): one generated reduction kernel that never
-    materializes the square, computed from the addressing only (the same for every layer that stores with it,
-    so one graph holding several layers computes it once)."""
-    e = torch.arange(flat.shape[0], device=flat.device)
-    overwritten = ((flat[None, :] == flat[:, None]) & valid[None, :] & (e[None, :] > e[:, None])).any(1)
-    return valid & ~overwritten
-
-
-def _traced_store_masked(pairs, scales, layout, src, blk, off, win, identity, h):
-    """The lowering where Inductor generates Triton: the plan (:func:`_last_writer_mask`) and one masked scatter
-    per cache (``kvpass::_masked_index_put``), which Inductor fuses into one kernel with the producers of the
-    states and, for K and V of one head_dim, with each other: two generated kernels per call. Elements that write
+def _traced_store_masked(pairs, scales, layout, src, winner, identity, h, bs):
+    """The lowering where Inductor generates Triton: the plan (``winner``: each element's slot if it is the last
+    writer of it, else ``-1``; :mod:`kvpass.ops._last_writer`, one generated kernel) and one masked scatter per
+    cache (``kvpass::_masked_index_put``), which Inductor fuses into one kernel with the producers of the states
+    and, for K and V of one head_dim, with each other: two generated kernels per call. Elements that write
     nothing (skipped, out of range, or overwritten later) are masked out of the store; no free slot, snapshot or
     order of duplicate writes is involved."""
     _masked_store.ensure_lowering()
-    idx = list(_cache_index(layout, blk, off, h))
-    mask = win[:, None] if layout == "HND" else win
+    write = winner >= 0
+    slot = winner.clamp(min=0)
+    blk = torch.div(slot, bs, rounding_mode="floor")
+    idx = list(_cache_index(layout, blk, slot - blk * bs, h))
+    mask = write[:, None] if layout == "HND" else write
     for (_, states, _, cache), (_, scale) in zip(pairs, scales):
         values = states if identity else states[src]
         if scale is not None:
@@ -623,26 +648,29 @@ def _traced_store_masked(pairs, scales, layout, src, blk, off, win, identity, h)
         torch.ops.kvpass._masked_index_put(cache, idx, values.detach(), mask)
 
 
-def _quantize_scaled(x, scale_b, dtype):
-    """:func:`quantize` with a scale already shaped to broadcast against ``x``."""
-    y = x.float() / scale_b
-    if dtype == torch.int8:
-        return torch.round(y).clamp(-128, 127).to(dtype)
-    m = torch.finfo(dtype).max
-    return y.clamp(-m, m).to(dtype)
+def _blend_codes(write, values, scale, fill, dtype, scaled=False):
+    """``where(write, quantize(values), fill)`` for a quantized (int8 or fp8) cache, blended in float32 and
+    converted to ``dtype`` once.
 
+    The quantized values are computed in float32 as :func:`quantize` computes them (int8: ``round`` half to even,
+    then the clamp to ``[-128, 127]``; fp8: the clamp to the finite range), and ``fill.float()`` is the exact value
+    of each kept code; the one conversion then gives :func:`quantize`'s codes where ``write`` and the kept codes
+    elsewhere: an int8 code is an integer of ``[-128, 127]``, exact in float32 and converted back to itself by any
+    rounding mode, and an fp8 code's float32 value converts back to the same code (finite values and infinities;
+    a NaN stays a NaN, possibly with another sign bit).
 
-def _fp8_blend(write, values, scale, fill, dtype, scaled=False):
-    """``where(write, quantize(values), fill)`` for an fp8 cache, blended in float32 and converted once.
-
-    Inductor (torch 2.13, CPU) cannot type a ``where`` between fp8 tensors ("Promotion for Float8 Types is not
-    supported"), and its non-vectorized C++ turns a ``view(torch.uint8)`` of fp8 into a numeric conversion
-    instead of a bit cast (found by the ``default``-ISA run of tests/test_store_isa.py), so neither the codes
-    nor their bytes can be blended. ``fill.float()`` is the exact value of each kept code and converts back to
-    the same code (finite values and infinities; a NaN stays a NaN, possibly with another sign bit)."""
-    m = torch.finfo(dtype).max
+    Why not blend the codes: Inductor (torch 2.13, CPU) cannot type a ``where`` between fp8 tensors ("Promotion
+    for Float8 Types is not supported"), and its non-vectorized C++ turns a ``view(torch.uint8)`` of fp8 into a
+    numeric conversion instead of a bit cast (found by the ``default``-ISA run of tests/test_store_isa.py); an
+    int8 blend is tiled at int8's width while the quantization runs in float32 (measured 7x slower than this at
+    4096 tokens, see BENCHMARKS.md)."""
     s = scale if scaled else scale.view(1, -1, 1)
-    y = (values.float() / s).clamp(-m, m)
+    y = values.float() / s
+    if dtype == torch.int8:
+        y = torch.round(y).clamp(-128, 127)
+    else:
+        m = torch.finfo(dtype).max
+        y = y.clamp(-m, m)
     return torch.where(write, y, fill.float()).to(dtype)
 
 
@@ -652,11 +680,11 @@ def _slot_snapshot(cache, layout, sb, so, as_float=False):
     values of the cache scatter read the snapshot, not the cache: Inductor would otherwise realize all the
     values into a temporary (``index_put`` whose values read the destination), losing the fusion.
 
-    ``as_float``: the snapshot holds the float32 value of each code (exact for fp8), which is all that
-    :func:`_fp8_blend` reads (``fill.float()``). ATen has no CPU ``scatter`` for fp8, and this keeps the traced
+    ``as_float``: the snapshot holds the float32 value of each code (exact for int8 and fp8), which is all that
+    :func:`_blend_codes` reads (``fill.float()``). ATen has no CPU ``scatter`` for fp8, and this keeps the traced
     store runnable on ATen kernels (``backend="aot_eager"``, ``torch.library.opcheck``) without a
     ``view(torch.uint8)`` of fp8, which Inductor's non-vectorized C++ converts instead of bit-casting (see
-    :func:`_fp8_blend`)."""
+    :func:`_blend_codes`)."""
     snap = cache[sb, :, so, :] if layout == "HND" else cache[sb, so, :, :]  # (1, H, D) either way
     if as_float:
         snap = snap.float()
@@ -687,10 +715,8 @@ def _traced_store_whole_cache(pairs, scales, layout, keys, order, win, src, nslo
             head_axis_scale = None if scale is None else scale.view(1, 1, -1, 1)
         if scale is None:
             new = torch.where(mask, gathered, cache)
-        elif cache.dtype == torch.int8:
-            new = torch.where(mask, _quantize_scaled(gathered, head_axis_scale, cache.dtype), cache)
         else:
-            new = _fp8_blend(mask, gathered, head_axis_scale, cache, cache.dtype, scaled=True)
+            new = _blend_codes(mask, gathered, head_axis_scale, cache, cache.dtype, scaled=True)
         cache.copy_(new)
 
 
