@@ -438,7 +438,8 @@ def _held_list(tx, source):
     try:
         root = source.get_base().get_value(*scope, {})
         weakref.ref(root)
-    except Exception:  # noqa: BLE001 - a list, a dict: not weakly held
+        hash(root)
+    except Exception:  # noqa: BLE001 - a list, a dict, an unhashable object: not weakly held
         root = None
     return (value if isinstance(value, list) else None), root
 

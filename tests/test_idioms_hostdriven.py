@@ -404,3 +404,39 @@ def test_beam_reorder_forms_compile_exactly(name):
     m = measured(name)
     assert_steps_and_cache_match_eager(name, m)
     assert len(m.dynamo) == 2 and m.breaks == 0, (len(m.dynamo), m.breaks, m.recompiles)
+
+
+def test_row_list_in_an_unhashable_cache_object():
+    """The rows held by a cache object that defines ``__eq__`` (a dataclass: no ``__hash__``), whose methods Dynamo
+    traces as frames of their own once the caller runs eagerly: exact, bounded, and no crash in kvpass's
+    bookkeeping (it remembers lists per object it can weakly hold and hash, and otherwise goes by what one trace
+    shows)."""
+    import dataclasses
+
+    @dataclasses.dataclass
+    class Rows:
+        keys: list = dataclasses.field(default_factory=list)
+        values: list = dataclasses.field(default_factory=list)
+
+        def update(self, k, v):
+            for j in range(k.shape[1]):
+                self.keys.append(k[:, j].detach().cpu())
+                self.values.append(v[:, j].detach().cpu())
+            return torch.stack(self.keys, dim=1), torch.stack(self.values, dim=1)
+
+    class WithRows(ih.Model):
+        def init_cache(self, rng):
+            self.rows = Rows()
+
+        def forward(self, x):
+            at = self.layers[0]
+            q, k, v = at.qkv(x)
+            return at.out(q, *self.rows.update(k, v))
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        m = ih.measure_model(WithRows, ih.inputs("3f_list_rows_append"))
+    for g, w in zip(m.got, m.want):
+        torch.testing.assert_close(g, w, **TOL)
+    assert any("Python list" in w for w in _kvpass_warnings(caught))
+    assert len(m.dynamo) == 4, (len(m.dynamo), m.recompiles)  # forward, qkv and out; update never compiles twice
