@@ -439,4 +439,4 @@ def test_row_list_in_an_unhashable_cache_object():
     for g, w in zip(m.got, m.want):
         torch.testing.assert_close(g, w, **TOL)
     assert any("Python list" in w for w in _kvpass_warnings(caught))
-    assert len(m.dynamo) == 4, (len(m.dynamo), m.recompiles)  # forward, qkv and out; update never compiles twice
+    assert len(m.dynamo) == 4, (len(m.dynamo), m.recompiles)  # measured over prefill + 7 decode steps
