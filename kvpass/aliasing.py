@@ -25,7 +25,8 @@ from .opfacts import in_place_name, is_view_op
 
 __all__ = ["meta_value", "is_pure", "writes_an_argument", "is_view", "returned_views", "state_inputs", "grown_buffers",
            "reordered_buffers", "scatter_base", "overlapping_inputs", "external_inputs",
-           "copy_together", "aliased_inputs_message", "inputs_written", "is_side_effect", "SCATTER_OPS"]
+           "copy_together", "aliased_inputs_message", "inputs_written", "is_side_effect", "SCATTER_OPS",
+           "ReadsBeforeWrites"]
 
 aten = torch.ops.aten
 
@@ -207,6 +208,48 @@ def copy_together(inputs: Sequence[Any]) -> list:
                 raise ValueError(f"example_inputs[{k}]: overlaps another input at a misaligned address")
             out[k] = torch.as_strided(block.view(t.dtype), t.shape, t.stride(), offset // t.element_size())
     return out
+
+
+def _overlap(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether the memory of two real strided tensors may overlap (their address ranges intersect)."""
+    ra, rb = _memory_range(a), _memory_range(b)
+    return ra is not None and rb is not None and ra[0] < rb[1] and rb[0] < ra[1]
+
+
+def _same_view(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.data_ptr() == b.data_ptr() and a.shape == b.shape and a.stride() == b.stride() and a.dtype == b.dtype
+
+
+class ReadsBeforeWrites(torch.utils._python_dispatch.TorchDispatchMode):
+    """Run ops with numpy's meaning of a write whose source overlaps its destination: every value an op reads
+    is read before it writes anything (``buf[:, 1:] = buf[:, :-1]``: numpy copies the source first when the two
+    may share memory). Torch's ``copy_`` walks its elements in order and raises only where it *sees* the overlap
+    (one storage); numpy views of one pool reach a graph as separate storages, so the traced graph run as is
+    copies a right shift over itself (every slot gets the first value). Under this mode, each tensor argument of
+    a writing op (schema ``is_write``) that is not written and whose memory intersects a written argument's,
+    other than that very view (elementwise, safe), is replaced by a copy. Writes with no such overlap run
+    unchanged, so the mode changes a result only where torch's would depend on the order it writes in."""
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        schema = getattr(func, "_schema", None)
+        if schema is None or not schema.is_mutable:
+            return func(*args, **kwargs)
+        written, flat = [], []
+        for i, arg in enumerate(schema.arguments):
+            value = kwargs[arg.name] if arg.name in kwargs else args[i] if i < len(args) else None
+            if arg.alias_info is not None and arg.alias_info.is_write and isinstance(value, torch.Tensor):
+                written.append(value)
+
+        def snapshot(x):
+            if isinstance(x, (list, tuple)):
+                return type(x)(snapshot(y) for y in x)
+            if isinstance(x, torch.Tensor) and _host_tensor(x) and not any(x is w for w in written) and any(
+                    _host_tensor(w) and _overlap(x, w) and not _same_view(x, w) for w in written):
+                return x.clone()
+            return x
+
+        return func(*snapshot(list(args)), **{k: snapshot(v) for k, v in kwargs.items()})
 
 
 def aliased_inputs_message(first: str, second: str, line: str = "") -> str:

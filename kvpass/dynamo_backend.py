@@ -120,7 +120,7 @@ def _guard_aliased_inputs(compiled: Callable, fallback: Callable, gm: torch.fx.G
     as Dynamo traced it, run eagerly, with eager's aliasing), and a warning once with the user's line. Inputs
     the graph only reads (:func:`kvpass.aliasing.inputs_written`: a grown cache and a view of its recent tokens
     kept beside it) read the same values either way."""
-    from .aliasing import aliased_inputs_message, external_inputs, inputs_written, overlapping_inputs
+    from .aliasing import ReadsBeforeWrites, aliased_inputs_message, external_inputs, inputs_written, overlapping_inputs
 
     watched = external_inputs(example_inputs)
     if len(watched) < 2:
@@ -142,7 +142,8 @@ def _guard_aliased_inputs(compiled: Callable, fallback: Callable, gm: torch.fx.G
                 names = [placeholders[k].name if k < len(placeholders) else f"input {k}" for k in (i, j)]
                 line = next((user_source_line(u) for u in placeholders[i].users), "") if i < len(placeholders) else ""
                 warnings.warn(aliased_inputs_message(names[0], names[1], line), KVPassWarning, stacklevel=2)
-            return fallback(*args)
+            with ReadsBeforeWrites():  # numpy's meaning of a write from an overlapping view (a shift)
+                return fallback(*args)
         return compiled(*args)
 
     return run

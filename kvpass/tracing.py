@@ -57,6 +57,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import types
+import weakref
 
 import numpy as np
 import torch
@@ -291,7 +292,20 @@ def _cannot_be_made_writeable(value) -> bool:
     return False
 
 
-def _run_eagerly(tx, idiom: str, why: str):
+def _skip_root_frame(error):
+    """``error`` (Dynamo's ``Unsupported`` with ``skip_frame``) made to skip the frame Dynamo was asked to compile
+    even when raised in a function it inlines (Dynamo resets ``skip_frame`` at each inlined call: a graph break
+    at the call, then the callee as a frame of its own, a graph before and after it)."""
+    from torch._dynamo.exc import Unsupported
+
+    class SkipRootFrame(type(error) if isinstance(error, Unsupported) else Unsupported):
+        skip_frame = property(lambda self: True, lambda self, value: None)
+
+    error.__class__ = SkipRootFrame
+    return error
+
+
+def _run_eagerly(tx, idiom: str, why: str, root: bool = False):
     """Warn once per user line (``kvpass.KVPassWarning``, one line: the user's line and the idiom) and have Dynamo
     run the function being traced eagerly (``skip_frame``: it has not run yet, and Dynamo does not trace it again;
     the functions it calls are traced on their own)."""
@@ -309,7 +323,10 @@ def _run_eagerly(tx, idiom: str, why: str):
         _warned_lines.add(where)
         warnings.warn(f"kvpass: {idiom} at {where}: {text}: {why}; this function runs eagerly (keep K/V as an "
                       "array or a tensor to compile it).", KVPassWarning, stacklevel=2)
-    unimplemented(gb_type=f"kvpass: {idiom}", context=where, explanation=why, hints=[], skip_frame=True)
+    try:
+        unimplemented(gb_type=f"kvpass: {idiom}", context=where, explanation=why, hints=[], skip_frame=True)
+    except Exception as e:
+        raise (_skip_root_frame(e) if root else e) from None
 
 
 def untraceable_ndarray(self, value):
@@ -329,6 +346,182 @@ def untraceable_ndarray_call(self, tx, name, args, kwargs):
         _run_eagerly(tx, f"K/V kept as bytes (ndarray.{name}())",
                      "Dynamo guards on the value of bytes (a recompile for every new K/V)")
     return _ORIGINAL["ndarray_call"](self, tx, name, args, kwargs)
+
+
+def untraceable_float_tolist(self, tx, *args, **kwargs):
+    """Dynamo's ``TensorVariable.method_tolist``, except ``.tolist()`` of a floating-point (or complex) tensor of at
+    least one dim: K/V kept as Python lists of floats (llama2.c pure-Python ports: ``key_cache[l][pos] =
+    k.tolist()``, then ``torch.tensor(key_cache[l][:pos + 1])``). Stock Dynamo breaks the graph there, then traces
+    every float as a graph input and guards on the lists' lengths (a graph per step, 38 for 8 steps): instead
+    :func:`_run_eagerly`. Integer tensors (positions) and 0-d tensors (a loss, a flag) go to the original."""
+    dtype = getattr(self, "dtype", None)
+    ndim = getattr(self, "ndim", None)
+    if dtype is not None and (dtype.is_floating_point or dtype.is_complex) and ndim != 0:
+        _run_eagerly(tx, "K/V kept as Python lists of floats (tensor.tolist())",
+                     "Dynamo cannot trace float values that leave the tensor (a graph per step)", root=True)
+    return _ORIGINAL["tolist"](self, tx, *args, **kwargs)
+
+
+#: ``root object -> {list source: [(trace, what it saw)]}``: the lengths at which each trace found a Python list the
+#: model holds and the places it wrote into it, per object the list is reached from (a module, a cache: weakly
+#: held, so a cache a user drops is not kept alive); :data:`_ROW_LISTS_FLAGGED`: ``id(list) -> (weakref to its
+#: root, source)`` of lists found growing, valid while the root lives (in any frame that reaches the list)
+_ROW_LISTS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+_ROW_LISTS_FLAGGED: dict = {}
+
+
+def _python_type(vt):
+    """The Python type of a value, or of the value a Dynamo variable stands for (without realizing a lazy one);
+    ``None`` where Dynamo cannot say."""
+    from torch._dynamo.variables.base import VariableTracker
+    from torch._dynamo.variables.lazy import LazyVariableTracker
+
+    if not isinstance(vt, VariableTracker):
+        return type(vt)
+    try:
+        if isinstance(vt, LazyVariableTracker):
+            return vt.unwrap().python_type() if vt.is_realized() else vt.peek_type()
+        return vt.python_type()
+    except (NotImplementedError, AssertionError):
+        return None
+
+
+def _holds_rows(items) -> bool:
+    """A list (its Dynamo variables, or the real items) whose first item is a row of values: a tensor, a numpy
+    array, or a list (of floats)."""
+    kind = _python_type(items[0]) if items else None
+    return kind is not None and issubclass(kind, (torch.Tensor, np.ndarray, list))
+
+
+def _float_rows(items) -> bool:
+    """A list (variables or real items) whose first item is a list of Python floats (``k.tolist()`` rows): Dynamo
+    guards on every value."""
+    from torch._dynamo.variables.lazy import LazyVariableTracker
+    from torch._dynamo.variables.lists import ListVariable
+
+    if not items:
+        return False
+    first = items[0]
+    if isinstance(first, LazyVariableTracker):
+        if not first.is_realized():
+            first = first.peek_value()
+        else:
+            first = first.unwrap()
+    if isinstance(first, list):
+        return bool(first) and isinstance(first[0], float)
+    return isinstance(first, ListVariable) and bool(first.items) and _python_type(first.items[0]) is float
+
+
+def _list_written_at(items, name, args):
+    """The index a write into a Python list writes (``append`` / ``extend`` / ``insert`` write at the end), a
+    slice's bounds, ``"symbolic"`` for a position Dynamo would specialize, ``None`` for no write."""
+    if name in ("append", "extend", "insert"):
+        return len(items)
+    if name == "__setitem__" and args:
+        if not args[0].is_python_constant():
+            return "symbolic"
+        key = args[0].as_python_constant()
+        return (key.start, key.stop) if isinstance(key, slice) else key
+    return None
+
+
+def _held_list(tx, source):
+    """``(list, root)``: the real Python list ``source`` names in the frame being traced (``None`` if it cannot be
+    evaluated here) and the object it is reached from (``self``; ``None`` where it cannot be weakly held: the list
+    is then not remembered between traces)."""
+    root_tx = tx.output.root_tx
+    scope = ({"G": root_tx.f_globals, **root_tx.f_globals}, {"L": root_tx.f_locals})
+    try:
+        value = source.get_value(*scope, {})
+    except Exception:  # noqa: BLE001 - a source that cannot be evaluated here: not tracked
+        return None, None
+    try:
+        root = source.get_base().get_value(*scope, {})
+        weakref.ref(root)
+        hash(root)
+    except Exception:  # noqa: BLE001 - a list, a dict, an unhashable object: not weakly held
+        root = None
+    return (value if isinstance(value, list) else None), root
+
+
+def _flagged(held: list) -> bool:
+    entry = _ROW_LISTS_FLAGGED.get(id(held))
+    return entry is not None and entry[0]() is not None
+
+
+def _check_row_list(tx, var, name, args):
+    """:func:`untraceable_row_list`'s rule for one list variable ``var`` (the list a method is called on, or the
+    list an item access returned)."""
+    from torch._dynamo.variables.lists import ListVariable
+    from torch._dynamo.variables.tensor import NumpyNdarrayVariable, TensorVariable
+
+    from torch._dynamo.variables.lazy import LazyVariableTracker
+
+    source = getattr(var, "source", None)
+    if isinstance(var, LazyVariableTracker) and var.is_realized():
+        var = var.unwrap()
+    lazy = isinstance(var, LazyVariableTracker) and var.peek_type() is list  # not traced yet: the real list is it
+    if not (isinstance(var, ListVariable) or lazy) or source is None:
+        return
+    written = name in ("append", "extend", "insert", "__setitem__") and bool(args) and isinstance(
+        args[-1], (TensorVariable, NumpyNdarrayVariable))
+    held, root = _held_list(tx, source)
+    if held is None:
+        return
+    items = held if lazy else var.items
+    if not (_holds_rows(items) or written):
+        return
+    at = _list_written_at(items, name, args)
+    seen = {("len", len(items))} | ({("at", at)} if at is not None else set())
+    if name in ("append", "extend", "insert"):  # the length it leaves: what the next trace finds (layers at prefill)
+        seen.add(("len", len(items) + 1))
+    earlier: set = set()
+    if root is not None:
+        traces = _ROW_LISTS.setdefault(root, {}).setdefault(source.name, [])
+        if not traces or traces[-1][0] != id(tx.output):
+            traces.append((id(tx.output), set()))
+        earlier = set().union(*(seen for _trace, seen in traces[:-1]))
+        traces[-1][1].update(seen)
+    symbolic = at == "symbolic" or name == "__getitem__" and bool(args) and not args[0].is_python_constant()
+    floats = _float_rows(items)
+    if _flagged(held) or symbolic or floats or (earlier and not seen <= earlier):
+        if root is not None:
+            _ROW_LISTS_FLAGGED[id(held)] = (weakref.ref(root), source.name)
+        why = "rows of Python floats: it guards on every value" if floats else \
+            "indexed at a symbolic position" if symbolic else "a new length every step"
+        _run_eagerly(tx, "K/V kept as a Python list of rows that grows with the position",
+                     f"Dynamo specializes {source.name} ({why}: a graph per step)", root=True)
+
+
+def untraceable_row_list(self, tx, name, args, kwargs):
+    """Dynamo's ``ListVariable.call_method``, except on a Python list of K/V rows the model holds (a list reached
+    from the frame's inputs whose items are tensors, arrays or lists of floats) that grows with the position:
+    ``keys[l].append(k_row)``, ``key_cache[l][pos] = k_row`` or ``k.tolist()``, ``torch.stack(key_cache[l][:pos +
+    1])``. Dynamo guards on a list's length and on every index it is given, so each step is a new graph until the
+    recompile limit; instead :func:`_run_eagerly`, when the list is
+
+    - indexed or sliced at a symbolic position (``key_cache[l][:end]``, ``key_cache[l][pos] = row``),
+    - written at an index no earlier trace wrote it at (``append`` at a new length), or found at a length no
+      earlier trace found it at (a reader of a list others grow), or
+    - a list found growing before (in any frame: the functions that read or fill it run eagerly too); an item
+      access that returns such a list counts (``torch.stack(self.keys[layer])``).
+
+    A list written and found at the same places by every trace (one cache per layer, replaced each step; layers
+    appended once at the prefill) goes to the original, as does every list the frame created itself."""
+    _check_row_list(tx, self, name, args)
+    out = _ORIGINAL["list_call"](self, tx, name, args, kwargs)
+    if name == "__getitem__":
+        _check_row_list(tx, out, "", [])
+    return out
+
+
+def untraceable_row_list_item(self, tx, arg):
+    """Dynamo's ``ListVariable.getitem_const`` (``lst[i]``, ``lst[a:b]``) under :func:`untraceable_row_list`'s rule,
+    for the list read and for a list the read returns (``self.keys[layer]``)."""
+    _check_row_list(tx, self, "__getitem__", [arg])
+    out = _ORIGINAL["list_item"](self, tx, arg)
+    _check_row_list(tx, out, "", [])
+    return out
 
 
 def traceable_ndarray_getattr(self, tx, name):
@@ -384,6 +577,17 @@ def install_traceable() -> None:
     if TensorVariable.__dict__.get("method_item") is not integer_item_only:
         _ORIGINAL.setdefault("item", TensorVariable.__dict__["method_item"])
         TensorVariable.method_item = integer_item_only
+    if TensorVariable.__dict__.get("method_tolist") is not untraceable_float_tolist:
+        _ORIGINAL.setdefault("tolist", TensorVariable.__dict__["method_tolist"])
+        TensorVariable.method_tolist = untraceable_float_tolist
+    from torch._dynamo.variables.lists import ListVariable
+
+    if ListVariable.__dict__.get("call_method") is not untraceable_row_list:
+        _ORIGINAL.setdefault("list_call", ListVariable.__dict__["call_method"])
+        ListVariable.call_method = untraceable_row_list
+    if ListVariable.__dict__.get("getitem_const") is not untraceable_row_list_item:
+        _ORIGINAL.setdefault("list_item", ListVariable.getitem_const)  # inherited: restored by deleting ours
+        ListVariable.getitem_const = untraceable_row_list_item
     nd = _ndarray_variable()
     if nd.__dict__.get("var_getattr") is not traceable_ndarray_getattr:
         _ORIGINAL.setdefault("ndarray_getattr", nd.__dict__["var_getattr"])
@@ -425,6 +629,14 @@ def uninstall_traceable() -> None:
 
     if TensorVariable.__dict__.get("method_item") is integer_item_only:
         TensorVariable.method_item = _ORIGINAL["item"]
+    if TensorVariable.__dict__.get("method_tolist") is untraceable_float_tolist:
+        TensorVariable.method_tolist = _ORIGINAL["tolist"]
+    from torch._dynamo.variables.lists import ListVariable
+
+    if ListVariable.__dict__.get("call_method") is untraceable_row_list:
+        ListVariable.call_method = _ORIGINAL["list_call"]
+    if ListVariable.__dict__.get("getitem_const") is untraceable_row_list_item:
+        del ListVariable.getitem_const
     nd = _ndarray_variable()
     if nd.__dict__.get("var_getattr") is traceable_ndarray_getattr:
         nd.var_getattr = _ORIGINAL["ndarray_getattr"]

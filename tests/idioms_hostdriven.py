@@ -237,6 +237,73 @@ class BeamIndexSelect(BeamModel):
         return self.attend(q, self.k_buf[:, :, : p + t], self.v_buf[:, :, : p + t])
 
 
+class BeamInPlace(BeamModel):
+    """Beam reorders that keep the buffer object (more forms of ``_reorder_cache`` ported to the host), then the
+    step's write and the read: :meth:`reorder` is the form."""
+
+    def forward(self, x, beam_idx):
+        q, k, v = self.qkv(x)
+        t, p = k.shape[2], self.pos
+        self.reorder(beam_idx, p)
+        host = (lambda a: a.detach().cpu().numpy()) if isinstance(self.k_buf, np.ndarray) else (lambda a: a.detach().cpu())
+        self.k_buf[:, :, p : p + t] = host(k)
+        self.v_buf[:, :, p : p + t] = host(v)
+        self.pos = p + t
+        kh, vh = self.k_buf[:, :, : p + t], self.v_buf[:, :, : p + t]
+        if isinstance(kh, np.ndarray):
+            kh, vh = torch.from_numpy(kh), torch.from_numpy(vh)
+        return self.attend(q, kh, vh)
+
+
+class BeamTakeOut(BeamInPlace):
+    """5h. ``np.take(buf, idx, axis=0, out=spare)`` into a second buffer, then the two swapped."""
+
+    def init_cache(self, rng):
+        super().init_cache(rng)
+        self.k_spare, self.v_spare = np.empty_like(self.k_buf), np.empty_like(self.v_buf)
+
+    def reorder(self, beam_idx, p):
+        idx = beam_idx.numpy()
+        np.take(self.k_buf, idx, axis=0, out=self.k_spare)
+        np.take(self.v_buf, idx, axis=0, out=self.v_spare)
+        self.k_buf, self.k_spare = self.k_spare, self.k_buf
+        self.v_buf, self.v_spare = self.v_spare, self.v_buf
+
+
+class BeamFancyInPlace(BeamInPlace):
+    """5i. ``buf[:] = buf[idx]`` and ``buf[np.arange(B)] = buf[idx]`` (fancy-index assignment) in place."""
+
+    def reorder(self, beam_idx, p):
+        idx = beam_idx.numpy()
+        self.k_buf[:] = self.k_buf[idx]
+        self.v_buf[np.arange(BEAMS)] = self.v_buf[idx]
+
+
+class BeamFirstRows(BeamInPlace):
+    """5j. Only the rows written so far reordered: ``buf[:, :, :p] = buf[idx, :, :p]``."""
+
+    def reorder(self, beam_idx, p):
+        idx = beam_idx.numpy()
+        self.k_buf[:, :, :p] = self.k_buf[idx, :, :p]
+        self.v_buf[:, :, :p] = self.v_buf[idx, :, :p]
+
+
+class BeamTensorInPlace(BeamInPlace):
+    """5k. Host tensors reordered in place: ``buf.copy_(buf.index_select(0, beam_idx.to(buf.device)))`` and
+    ``buf[:, :, :p] = buf[beam_idx, :, :p]``."""
+
+    def init_cache(self, rng):
+        self.k_buf = torch.from_numpy(poison(rng, BEAMS, H, MAX, D))
+        self.v_buf = torch.from_numpy(poison(rng, BEAMS, H, MAX, D))
+
+    def cache_state(self):
+        return {"k_buf": self.k_buf.clone(), "v_buf": self.v_buf.clone()}
+
+    def reorder(self, beam_idx, p):
+        self.k_buf.copy_(self.k_buf.index_select(0, beam_idx.to(self.k_buf.device)))
+        self.v_buf[:, :, :p] = self.v_buf[beam_idx, :, :p]
+
+
 class BytesTransport(Model):
     """5c. K/V kept as ``bytes`` (``a.tobytes()``, as for a socket or a shared-memory hop) and rebuilt with
     ``np.frombuffer(b, dtype=np.float32).reshape(...)`` before the write into the buffer."""
@@ -250,6 +317,160 @@ class BytesTransport(Model):
         self.v_buf[:, p : p + t] = np.frombuffer(vb, dtype=np.float32).reshape(H, t, D)
         self.pos = p + t
         return at.out(q, torch.from_numpy(self.k_buf[:, : p + t]), torch.from_numpy(self.v_buf[:, : p + t]))
+
+
+# ---- 3, K/V kept in Python lists of rows (llama2.c pure-Python ports) ---------------------------------------------
+
+
+class ListRows(Model):
+    """Two layers; each keeps its K/V as a Python list of rows (``[H, D]`` per position): the forms below fill
+    and read them. ``forward`` returns the last layer's output."""
+
+    LAYERS = 2
+
+    def cache_state(self):
+        return {"keys": torch.stack([torch.as_tensor(r).reshape(H, D) for r in self.keys[0][: self.pos]])}
+
+    def forward(self, x):
+        p, t = self.pos, x.shape[0]
+        for layer, at in enumerate(self.layers):
+            q, k, v = at.qkv(x)
+            self.store(layer, p, k, v)
+            kh, vh = self.history(layer, p + t)
+            x = x + at.out(q, kh, vh)
+        self.pos = p + t
+        return x
+
+
+class ListRowsTolist(ListRows):
+    """3e. Rows as Python floats: ``key_cache[l][pos + j] = k[:, j].reshape(-1).tolist()`` into a preallocated list
+    of ``MAX`` rows, read with ``torch.tensor(key_cache[l][:end])`` (a pure-Python llama2.c port moved to torch)."""
+
+    def init_cache(self, rng):
+        self.keys = [[poison(rng, H * D).tolist() for _ in range(MAX)] for _ in range(self.LAYERS)]
+        self.values = [[poison(rng, H * D).tolist() for _ in range(MAX)] for _ in range(self.LAYERS)]
+
+    def store(self, layer, p, k, v):
+        for j in range(k.shape[1]):
+            self.keys[layer][p + j] = k[:, j].reshape(-1).tolist()
+            self.values[layer][p + j] = v[:, j].reshape(-1).tolist()
+
+    def history(self, layer, end):
+        def rows(cache):
+            return torch.tensor(cache[layer][:end]).view(end, H, D).transpose(0, 1)
+
+        return rows(self.keys), rows(self.values)
+
+
+class ListRowsAppend(ListRows):
+    """3f. Rows as tensors appended to a list per layer, ``keys[l].append(k[:, j].detach().cpu())``, read with
+    ``torch.stack(keys[l], dim=1)``."""
+
+    def init_cache(self, rng):
+        self.keys = [[] for _ in range(self.LAYERS)]
+        self.values = [[] for _ in range(self.LAYERS)]
+
+    def store(self, layer, p, k, v):
+        for j in range(k.shape[1]):
+            self.keys[layer].append(k[:, j].detach().cpu())
+            self.values[layer].append(v[:, j].detach().cpu())
+
+    def history(self, layer, end):
+        return torch.stack(self.keys[layer], dim=1), torch.stack(self.values[layer], dim=1)
+
+
+class ListRowsPreallocated(ListRowsAppend):
+    """3g. A preallocated list of ``MAX`` row tensors written at the position, ``keys[l][pos + j] = k[:, j].cpu()``,
+    read with ``torch.stack(keys[l][:end], dim=1)``."""
+
+    def init_cache(self, rng):
+        self.keys = [[torch.from_numpy(poison(rng, H, D))] * MAX for _ in range(self.LAYERS)]
+        self.values = [[torch.from_numpy(poison(rng, H, D))] * MAX for _ in range(self.LAYERS)]
+
+    def store(self, layer, p, k, v):
+        for j in range(k.shape[1]):
+            self.keys[layer][p + j] = k[:, j].detach().cpu()
+            self.values[layer][p + j] = v[:, j].detach().cpu()
+
+    def history(self, layer, end):
+        return torch.stack(self.keys[layer][:end], dim=1), torch.stack(self.values[layer][:end], dim=1)
+
+
+# ---- 5, numpy views of one buffer shifted against each other (a window of the last W tokens) --------------------
+
+W = 6  # window slots
+
+
+class ShiftModel(Model):
+    """A window of the last ``W`` tokens in ``[H, W, D]`` host buffers, attended whole (poisoned slots included:
+    they are the same in eager and compiled)."""
+
+    def init_cache(self, rng):
+        self.k_buf = poison(rng, H, W, D)
+        self.v_buf = poison(rng, H, W, D)
+
+    def forward(self, x):
+        at = self.layers[0]
+        q, k, v = at.qkv(x)
+        kn, vn = k.detach().cpu().numpy(), v.detach().cpu().numpy()
+        for j in range(kn.shape[1]):
+            self.shift(self.k_buf, kn[:, j], "k")
+            self.shift(self.v_buf, vn[:, j], "v")
+        return at.out(q, torch.from_numpy(self.k_buf), torch.from_numpy(self.v_buf))
+
+
+class ShiftLeft(ShiftModel):
+    """5d. Oldest first: ``buf[:, :-1] = buf[:, 1:]`` (the source starts after the destination), newest at ``-1``."""
+
+    def shift(self, buf, row, name):
+        buf[:, :-1] = buf[:, 1:]
+        buf[:, -1] = row
+
+
+class ShiftRight(ShiftModel):
+    """5e. Newest first: ``buf[:, 1:] = buf[:, :-1]`` (the source starts before the destination: a forward
+    element-by-element copy would smear the first slot over all), newest at ``0``."""
+
+    def shift(self, buf, row, name):
+        buf[:, 1:] = buf[:, :-1]
+        buf[:, 0] = row
+
+
+class ShiftViewsLeft(ShiftModel):
+    """5f. The two shifted views held as attributes beside the buffer, ``older = buf[:, :-1]``, ``newer =
+    buf[:, 1:]``; each step ``older[...] = newer``, then the newest at ``buf[:, -1]``."""
+
+    def init_cache(self, rng):
+        super().init_cache(rng)
+        self.k_older, self.k_newer = self.k_buf[:, :-1], self.k_buf[:, 1:]
+        self.v_older, self.v_newer = self.v_buf[:, :-1], self.v_buf[:, 1:]
+
+    def shift(self, buf, row, name):
+        getattr(self, f"{name}_older")[...] = getattr(self, f"{name}_newer")
+        buf[:, -1] = row
+
+
+class ShiftViewsRight(ShiftViewsLeft):
+    """5g. :class:`ShiftViewsLeft` the other way: ``newer[...] = older`` (overlapping, source before destination),
+    then the newest at ``buf[:, 0]``."""
+
+    def shift(self, buf, row, name):
+        getattr(self, f"{name}_newer")[...] = getattr(self, f"{name}_older")
+        buf[:, 0] = row
+
+
+#: more beam reorders (``out=``, in place, fancy-index assignment, the first ``pos`` rows only, host tensors)
+BEAM_FORMS = {"5h_beam_take_out": BeamTakeOut, "5i_beam_fancy_in_place": BeamFancyInPlace,
+              "5j_beam_first_rows": BeamFirstRows, "5k_beam_tensor_in_place": BeamTensorInPlace}
+
+#: K/V kept in Python lists that grow with the position: kvpass names the line and runs that function eagerly
+LIST_ROWS = {"3e_list_rows_tolist": ListRowsTolist, "3f_list_rows_append": ListRowsAppend,
+             "3g_list_rows_preallocated": ListRowsPreallocated}
+
+#: shifted windows: within one array (one graph input), and through two views of it held beside it (overlapping
+#: graph inputs: run as traced, every write reading its source first, as numpy does)
+SHIFTS = {"5d_shift_left": ShiftLeft, "5e_shift_right": ShiftRight, "5f_shift_views_left": ShiftViewsLeft,
+          "5g_shift_views_right": ShiftViewsRight}
 
 
 IDIOMS = {
@@ -268,11 +489,16 @@ IDIOMS = {
 UNTRACEABLE = {"5c_bytes_frombuffer": BytesTransport}
 
 
+def model_class(name):
+    """The model class of an idiom name, in any of the tables."""
+    return {**IDIOMS, **UNTRACEABLE, **LIST_ROWS, **SHIFTS, **BEAM_FORMS}[name]
+
+
 def inputs(name, decode=DECODE):
     """The step inputs: a prefill of ``PREFILL`` tokens, then ``decode`` one-token steps, fresh random hidden states;
     with the positions (``input_pos``) or a random beam permutation (``beam_idx``) where the model takes one."""
     g = torch.Generator().manual_seed(sum(map(ord, name)))
-    cls = IDIOMS.get(name) or UNTRACEABLE[name]
+    cls = model_class(name)
     lens = [PREFILL] + [1] * decode
     out, pos = [], 0
     for t in lens:
@@ -302,7 +528,7 @@ class Measured(ib.Measured):
 def measure(name, decode=DECODE, inner=None, compile=None) -> Measured:
     """Eager vs ``kvpass.compile(model, backend=kvpass.backend(inner=<recording eager>))`` (or ``compile(model,
     front)``, e.g. stock ``torch.compile``) over a prefill and ``decode`` steps of fresh random inputs."""
-    return measure_model(IDIOMS.get(name) or UNTRACEABLE[name], inputs(name, decode), inner, compile)
+    return measure_model(model_class(name), inputs(name, decode), inner, compile)
 
 
 def measure_model(cls, xs, inner=None, compile=None) -> Measured:

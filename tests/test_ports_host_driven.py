@@ -31,6 +31,7 @@ from torch import nn
 
 import idioms_buffer as ib
 import idioms_hostdriven as ih
+import kvpass
 
 HID, H, D, MAX = ib.HID, ib.H, ib.D, ib.MAX
 TOL = dict(rtol=1e-5, atol=1e-5)
@@ -215,6 +216,105 @@ class Llama2cPort(ih.Model):
             values = self.value_cache[loff : loff + MAX * kv_dim].reshape(MAX, H, D)[: pos + 1]
             x = x + at.out(q, torch.from_numpy(keys).transpose(0, 1), torch.from_numpy(values).transpose(0, 1))
         return x
+
+
+# ---- llama2.py: llama2.py, transformer() (tairov/llama2.py, pure-Python llama2.c), K/V as Python lists -----------
+
+
+class Llama2PyPort(ih.Model):
+    """A port of the pure-Python llama2.c, ``llama2.py``'s ``transformer(token, pos, conf, state, weights)`` cache
+    handling: ``RunState.key_cache`` / ``value_cache`` are Python lists ``[layer][position]`` of rows of floats,
+    written ``state.key_cache[l][pos] = state.k`` each step and read row by row for ``t in range(pos + 1)``. Moved
+    to torch, the row is ``k.reshape(-1).tolist()`` and the history ``torch.tensor(key_cache[l][: pos + 1])``;
+    one token a step, the prompt fed token by token as llama2.c does."""
+
+    LAYERS = 2
+
+    def init_cache(self, rng):
+        self.key_cache = [[[0.0] * (H * D) for _ in range(MAX)] for _ in range(self.LAYERS)]
+        self.value_cache = [[[0.0] * (H * D) for _ in range(MAX)] for _ in range(self.LAYERS)]
+
+    def cache_state(self):
+        return {"key_cache": torch.tensor(self.key_cache)}
+
+    def forward(self, x, pos):
+        for l, at in enumerate(self.layers):
+            q, k, v = at.qkv(x)
+            self.key_cache[l][pos] = k.reshape(-1).tolist()
+            self.value_cache[l][pos] = v.reshape(-1).tolist()
+            keys = torch.tensor(self.key_cache[l][: pos + 1]).view(pos + 1, H, D).transpose(0, 1)
+            values = torch.tensor(self.value_cache[l][: pos + 1]).view(pos + 1, H, D).transpose(0, 1)
+            x = x + at.out(q, keys, values)
+        return x
+
+
+# ---- microgpt: microgpt.py, gpt() (karpathy's microgpt), K/V rows appended to per-layer lists ---------------------
+
+
+def microgpt_step(model, x, keys, values):
+    """``gpt(token_id, pos_id, keys, values)`` of karpathy's ``microgpt.py``: per layer ``keys[li].append(k)``,
+    ``values[li].append(v)``, then attention over every row kept so far (``[ki[hs:hs + head_dim] for ki in
+    keys[li]]``); the lists are made by the caller for each sample and passed in. Rows here are ``[H * D]``
+    tensors, stacked for attention."""
+    for li, at in enumerate(model.layers):
+        q, k, v = at.qkv(x)
+        keys[li].append(k.reshape(-1))
+        values[li].append(v.reshape(-1))
+        n = len(keys[li])
+        kh = torch.stack(keys[li]).view(n, H, D).transpose(0, 1)
+        vh = torch.stack(values[li]).view(n, H, D).transpose(0, 1)
+        x = x + at.out(q, kh, vh)
+    return x
+
+
+class MicroGptPort(ih.Model):
+    """The model holding one sample's ``keys`` / ``values`` lists, calling :func:`microgpt_step` with them."""
+
+    LAYERS = 2
+
+    def init_cache(self, rng):
+        self.keys = [[] for _ in range(self.LAYERS)]
+        self.values = [[] for _ in range(self.LAYERS)]
+
+    def cache_state(self):
+        return {"keys": torch.stack(self.keys[0])}
+
+    def forward(self, x, pos):
+        return microgpt_step(self, x, self.keys, self.values)
+
+
+def token_by_token_inputs(decode=ih.DECODE):
+    """One token a step (llama2.c and microgpt feed the prompt that way) with its position as a Python int."""
+    g = torch.Generator().manual_seed(29)
+    return [(torch.randn(1, HID, generator=g), p) for p in range(1 + decode)]
+
+
+#: ports that keep K/V in Python lists of rows -> graphs over 8 one-token steps (the same over 13). Before this
+#: change (``kvpass.compile``, 8 and 13 steps): llama2.py 3 (the ``.tolist()`` graph break inside the layer loop
+#: already had Dynamo run ``forward`` eagerly, with nothing said), microgpt 8 (a graph per step up to the
+#: recompile limit, then eager, nothing said)
+LIST_PORTS = {"llama2py_list_rows": (Llama2PyPort, 3), "microgpt_appended_rows": (MicroGptPort, 4)}
+
+
+@pytest.mark.parametrize("name", sorted(LIST_PORTS))
+def test_list_row_port_runs_eagerly_and_says_so(name):
+    """K/V in Python lists of rows that grow with the position cannot be one Dynamo graph (it guards on every
+    list length and index, and on every float of a ``.tolist()`` row): kvpass names the idiom and the user's line,
+    runs the function holding the lists eagerly and compiles what it calls, so the graph count stays bounded;
+    every step equals eager."""
+    cls, graphs = LIST_PORTS[name]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        m = ih.measure_model(cls, token_by_token_inputs())
+    for i, (g, w) in enumerate(zip(m.got, m.want)):
+        torch.testing.assert_close(g, w, **TOL, msg=lambda s: f"{name} step {i}: {s}")
+    oracle = cls()
+    ih.run_steps(oracle, token_by_token_inputs())
+    for key, want in oracle.cache_state().items():
+        torch.testing.assert_close(m.model.cache_state()[key], want, **TOL)
+    ours = [str(w.message) for w in caught if issubclass(w.category, kvpass.KVPassWarning)]
+    assert ours and "Python list" in ours[0] and "test_ports_host_driven.py:" in ours[0] and "\n" not in ours[0], ours
+    assert len(m.dynamo) == graphs, (len(m.dynamo), m.recompiles)
 
 
 def llama2c_inputs():
