@@ -11,6 +11,8 @@ what each line does. A new torch line is supported by reading this module first:
   ``scaled_dot_product_attention`` on 3-D (unbatched) inputs into ``bmm`` + ``_safe_softmax`` + ``bmm`` (2.13)
   or keep one fused op on the inputs unsqueezed to 4-D (2.14 on: ``_scaled_dot_product_flash_attention_for_cpu``
   on CPU).
+- :data:`NDARRAY_GETATTR`: the method of Dynamo's ``NumpyNdarrayVariable`` that answers an attribute read of a
+  traced numpy array (``var_getattr`` on 2.13, ``tp_getattro_impl`` from 2.14 on; same ``(self, tx, name)``).
 - :func:`dynamo_attribute_writes`: the attribute assignments Dynamo recorded as side effects of the frame it is
   tracing (``torch._dynamo`` internals), without the closure cells a traced generator expression or lambda
   creates (recorded as ``cell_contents`` writes from 2.14 on; they are locals of the step, not model state).
@@ -22,7 +24,7 @@ from typing import Any, Iterator
 
 import torch
 
-__all__ = ["TORCH_LINE", "MAKE_FX_DETACH", "SDPA_UNBATCHED_DECOMPOSED", "dynamo_attribute_writes"]
+__all__ = ["TORCH_LINE", "MAKE_FX_DETACH", "SDPA_UNBATCHED_DECOMPOSED", "NDARRAY_GETATTR", "dynamo_attribute_writes"]
 
 
 def _line(version: str) -> tuple[int, int]:
@@ -41,6 +43,11 @@ MAKE_FX_DETACH = torch.ops.aten.detach.default if TORCH_LINE < (2, 14) else torc
 #: ``F.scaled_dot_product_attention`` on 3-D (unbatched) inputs into ``bmm`` + ``_safe_softmax`` + ``bmm``
 #: (torch 2.13); from 2.14 on it stays one fused ATen op whose query/key/value are the inputs ``unsqueeze``d to 4-D.
 SDPA_UNBATCHED_DECOMPOSED: bool = TORCH_LINE < (2, 14)
+
+#: The name of the ``torch._dynamo.variables.tensor.NumpyNdarrayVariable`` method, ``(self, tx, name)``, that
+#: Dynamo calls for ``array.name`` on a traced numpy array: ``var_getattr`` on torch 2.13; from 2.14 on Dynamo
+#: models CPython's ``tp_getattro`` and the method is ``tp_getattro_impl`` (``var_getattr`` is gone).
+NDARRAY_GETATTR: str = "var_getattr" if TORCH_LINE < (2, 14) else "tp_getattro_impl"
 
 
 def _is_trace_local_cell(item: Any) -> bool:

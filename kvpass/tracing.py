@@ -62,6 +62,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .compat import NDARRAY_GETATTR
+
 __all__ = ["traceable_np_pad", "traceable_tensor_setitem", "traceable_ndarray_getattr", "traceable_astype",
            "untraceable_ndarray", "untraceable_ndarray_call", "integer_item_only", "traceable_ndarray_copy",
            "install_traceable", "uninstall_traceable", "traceable_installed", "tracing_context", "stock_tracing",
@@ -332,7 +334,7 @@ def untraceable_ndarray_call(self, tx, name, args, kwargs):
 
 
 def traceable_ndarray_getattr(self, tx, name):
-    """Dynamo's ``NumpyNdarrayVariable.var_getattr`` with ``dtype`` answered: the numpy dtype of the traced tensor
+    """Dynamo's ``NumpyNdarrayVariable`` attribute read (:data:`kvpass.compat.NDARRAY_GETATTR`) with ``dtype`` answered: the numpy dtype of the traced tensor
     behind the array, as the constant numpy dtype Dynamo already traces (``np.dtype(...)`` objects: comparisons,
     ``.itemsize``, ``.name``, passing it to ``astype`` / ``np.zeros``). Every other attribute, and a dtype numpy
     has no name for, goes to the original (a graph break for ``dtype``, as in stock torch)."""
@@ -385,9 +387,9 @@ def install_traceable() -> None:
         _ORIGINAL.setdefault("item", TensorVariable.__dict__["method_item"])
         TensorVariable.method_item = integer_item_only
     nd = _ndarray_variable()
-    if nd.__dict__.get("var_getattr") is not traceable_ndarray_getattr:
-        _ORIGINAL.setdefault("ndarray_getattr", nd.__dict__["var_getattr"])
-        nd.var_getattr = traceable_ndarray_getattr
+    if nd.__dict__.get(NDARRAY_GETATTR) is not traceable_ndarray_getattr:
+        _ORIGINAL.setdefault("ndarray_getattr", nd.__dict__[NDARRAY_GETATTR])
+        setattr(nd, NDARRAY_GETATTR, traceable_ndarray_getattr)
     if nd.__dict__.get("call_method") is not untraceable_ndarray_call:
         _ORIGINAL.setdefault("ndarray_call", nd.__dict__["call_method"])
         nd.call_method = untraceable_ndarray_call
@@ -426,8 +428,8 @@ def uninstall_traceable() -> None:
     if TensorVariable.__dict__.get("method_item") is integer_item_only:
         TensorVariable.method_item = _ORIGINAL["item"]
     nd = _ndarray_variable()
-    if nd.__dict__.get("var_getattr") is traceable_ndarray_getattr:
-        nd.var_getattr = _ORIGINAL["ndarray_getattr"]
+    if nd.__dict__.get(NDARRAY_GETATTR) is traceable_ndarray_getattr:
+        setattr(nd, NDARRAY_GETATTR, _ORIGINAL["ndarray_getattr"])
     if nd.__dict__.get("call_method") is untraceable_ndarray_call:
         nd.call_method = _ORIGINAL["ndarray_call"]
     from torch._dynamo.variables.builder import VariableBuilder

@@ -62,3 +62,28 @@ def test_attribute_writes_leave_out_the_cells_a_step_creates():
     torch.compile(M(), backend=backend, fullgraph=True)(torch.randn(1, 4))
     torch._dynamo.reset()
     assert seen == [("hist", "TensorVariable")]
+
+
+def test_ndarray_getattr_is_the_method_dynamo_calls_for_an_array_attribute():
+    """kvpass.tracing answers ``array.dtype`` by replacing this method: Dynamo must call it for ``array.shape``."""
+    from unittest import mock
+
+    from torch._dynamo.variables.tensor import NumpyNdarrayVariable
+
+    original = NumpyNdarrayVariable.__dict__[compat.NDARRAY_GETATTR]
+    seen = []
+
+    def spy(self, tx, name):
+        seen.append(name)
+        return original(self, tx, name)
+
+    def fn(x):
+        return x + x.numpy().shape[0]
+
+    x = torch.randn(3, generator=torch.Generator().manual_seed(2))
+    torch._dynamo.reset()
+    with mock.patch.object(NumpyNdarrayVariable, compat.NDARRAY_GETATTR, spy):
+        y = torch.compile(fn, backend="eager", fullgraph=True)(x)
+    torch._dynamo.reset()
+    torch.testing.assert_close(y, fn(x))
+    assert "shape" in seen
