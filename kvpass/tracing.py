@@ -62,7 +62,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .compat import NDARRAY_GETATTR
+from .compat import NDARRAY_GETATTR, refresh_variable_builder_dispatch, set_tensor_method
 
 __all__ = ["traceable_np_pad", "traceable_tensor_setitem", "traceable_ndarray_getattr", "traceable_astype",
            "untraceable_ndarray", "untraceable_ndarray_call", "integer_item_only", "traceable_ndarray_copy",
@@ -384,8 +384,7 @@ def install_traceable() -> None:
     from torch._dynamo.variables.tensor import TensorVariable
 
     if TensorVariable.__dict__.get("method_item") is not integer_item_only:
-        _ORIGINAL.setdefault("item", TensorVariable.__dict__["method_item"])
-        TensorVariable.method_item = integer_item_only
+        _ORIGINAL.setdefault("item", set_tensor_method("item", integer_item_only))
     nd = _ndarray_variable()
     if nd.__dict__.get(NDARRAY_GETATTR) is not traceable_ndarray_getattr:
         _ORIGINAL.setdefault("ndarray_getattr", nd.__dict__[NDARRAY_GETATTR])
@@ -398,6 +397,7 @@ def install_traceable() -> None:
     if VariableBuilder.__dict__.get("wrap_numpy_ndarray") is not untraceable_ndarray:
         _ORIGINAL.setdefault("wrap_numpy_ndarray", VariableBuilder.__dict__["wrap_numpy_ndarray"])
         VariableBuilder.wrap_numpy_ndarray = untraceable_ndarray
+        refresh_variable_builder_dispatch()
     import torch._numpy as tnp
 
     if tnp.ndarray.__dict__.get("astype") is not traceable_astype:
@@ -426,7 +426,7 @@ def uninstall_traceable() -> None:
     from torch._dynamo.variables.tensor import TensorVariable
 
     if TensorVariable.__dict__.get("method_item") is integer_item_only:
-        TensorVariable.method_item = _ORIGINAL["item"]
+        set_tensor_method("item", _ORIGINAL["item"])
     nd = _ndarray_variable()
     if nd.__dict__.get(NDARRAY_GETATTR) is traceable_ndarray_getattr:
         setattr(nd, NDARRAY_GETATTR, _ORIGINAL["ndarray_getattr"])
@@ -436,6 +436,7 @@ def uninstall_traceable() -> None:
 
     if VariableBuilder.__dict__.get("wrap_numpy_ndarray") is untraceable_ndarray:
         VariableBuilder.wrap_numpy_ndarray = _ORIGINAL["wrap_numpy_ndarray"]
+        refresh_variable_builder_dispatch()
     import torch._numpy as tnp
 
     if tnp.ndarray.__dict__.get("astype") is traceable_astype:
