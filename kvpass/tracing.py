@@ -63,6 +63,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .compat import NDARRAY_GETATTR, refresh_variable_builder_dispatch, set_tensor_method
+
 __all__ = ["traceable_np_pad", "traceable_tensor_setitem", "traceable_ndarray_getattr", "traceable_astype",
            "untraceable_ndarray", "untraceable_ndarray_call", "integer_item_only", "traceable_ndarray_copy",
            "install_traceable", "uninstall_traceable", "traceable_installed", "tracing_context", "stock_tracing",
@@ -525,7 +527,7 @@ def untraceable_row_list_item(self, tx, arg):
 
 
 def traceable_ndarray_getattr(self, tx, name):
-    """Dynamo's ``NumpyNdarrayVariable.var_getattr`` with ``dtype`` answered: the numpy dtype of the traced tensor
+    """Dynamo's ``NumpyNdarrayVariable`` attribute read (:data:`kvpass.compat.NDARRAY_GETATTR`) with ``dtype`` answered: the numpy dtype of the traced tensor
     behind the array, as the constant numpy dtype Dynamo already traces (``np.dtype(...)`` objects: comparisons,
     ``.itemsize``, ``.name``, passing it to ``astype`` / ``np.zeros``). Every other attribute, and a dtype numpy
     has no name for, goes to the original (a graph break for ``dtype``, as in stock torch)."""
@@ -575,11 +577,9 @@ def install_traceable() -> None:
     from torch._dynamo.variables.tensor import TensorVariable
 
     if TensorVariable.__dict__.get("method_item") is not integer_item_only:
-        _ORIGINAL.setdefault("item", TensorVariable.__dict__["method_item"])
-        TensorVariable.method_item = integer_item_only
+        _ORIGINAL.setdefault("item", set_tensor_method("item", integer_item_only))
     if TensorVariable.__dict__.get("method_tolist") is not untraceable_float_tolist:
-        _ORIGINAL.setdefault("tolist", TensorVariable.__dict__["method_tolist"])
-        TensorVariable.method_tolist = untraceable_float_tolist
+        _ORIGINAL.setdefault("tolist", set_tensor_method("tolist", untraceable_float_tolist))
     from torch._dynamo.variables.lists import ListVariable
 
     if ListVariable.__dict__.get("call_method") is not untraceable_row_list:
@@ -589,9 +589,9 @@ def install_traceable() -> None:
         _ORIGINAL.setdefault("list_item", ListVariable.getitem_const)  # inherited: restored by deleting ours
         ListVariable.getitem_const = untraceable_row_list_item
     nd = _ndarray_variable()
-    if nd.__dict__.get("var_getattr") is not traceable_ndarray_getattr:
-        _ORIGINAL.setdefault("ndarray_getattr", nd.__dict__["var_getattr"])
-        nd.var_getattr = traceable_ndarray_getattr
+    if nd.__dict__.get(NDARRAY_GETATTR) is not traceable_ndarray_getattr:
+        _ORIGINAL.setdefault("ndarray_getattr", nd.__dict__[NDARRAY_GETATTR])
+        setattr(nd, NDARRAY_GETATTR, traceable_ndarray_getattr)
     if nd.__dict__.get("call_method") is not untraceable_ndarray_call:
         _ORIGINAL.setdefault("ndarray_call", nd.__dict__["call_method"])
         nd.call_method = untraceable_ndarray_call
@@ -600,6 +600,7 @@ def install_traceable() -> None:
     if VariableBuilder.__dict__.get("wrap_numpy_ndarray") is not untraceable_ndarray:
         _ORIGINAL.setdefault("wrap_numpy_ndarray", VariableBuilder.__dict__["wrap_numpy_ndarray"])
         VariableBuilder.wrap_numpy_ndarray = untraceable_ndarray
+        refresh_variable_builder_dispatch()
     import torch._numpy as tnp
 
     if tnp.ndarray.__dict__.get("astype") is not traceable_astype:
@@ -628,9 +629,9 @@ def uninstall_traceable() -> None:
     from torch._dynamo.variables.tensor import TensorVariable
 
     if TensorVariable.__dict__.get("method_item") is integer_item_only:
-        TensorVariable.method_item = _ORIGINAL["item"]
+        set_tensor_method("item", _ORIGINAL["item"])
     if TensorVariable.__dict__.get("method_tolist") is untraceable_float_tolist:
-        TensorVariable.method_tolist = _ORIGINAL["tolist"]
+        set_tensor_method("tolist", _ORIGINAL["tolist"])
     from torch._dynamo.variables.lists import ListVariable
 
     if ListVariable.__dict__.get("call_method") is untraceable_row_list:
@@ -638,14 +639,15 @@ def uninstall_traceable() -> None:
     if ListVariable.__dict__.get("getitem_const") is untraceable_row_list_item:
         del ListVariable.getitem_const
     nd = _ndarray_variable()
-    if nd.__dict__.get("var_getattr") is traceable_ndarray_getattr:
-        nd.var_getattr = _ORIGINAL["ndarray_getattr"]
+    if nd.__dict__.get(NDARRAY_GETATTR) is traceable_ndarray_getattr:
+        setattr(nd, NDARRAY_GETATTR, _ORIGINAL["ndarray_getattr"])
     if nd.__dict__.get("call_method") is untraceable_ndarray_call:
         nd.call_method = _ORIGINAL["ndarray_call"]
     from torch._dynamo.variables.builder import VariableBuilder
 
     if VariableBuilder.__dict__.get("wrap_numpy_ndarray") is untraceable_ndarray:
         VariableBuilder.wrap_numpy_ndarray = _ORIGINAL["wrap_numpy_ndarray"]
+        refresh_variable_builder_dispatch()
     import torch._numpy as tnp
 
     if tnp.ndarray.__dict__.get("astype") is traceable_astype:

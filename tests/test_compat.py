@@ -62,3 +62,73 @@ def test_attribute_writes_leave_out_the_cells_a_step_creates():
     torch.compile(M(), backend=backend, fullgraph=True)(torch.randn(1, 4))
     torch._dynamo.reset()
     assert seen == [("hist", "TensorVariable")]
+
+
+def test_ndarray_getattr_is_the_method_dynamo_calls_for_an_array_attribute():
+    """kvpass.tracing answers ``array.dtype`` by replacing this method: Dynamo must call it for ``array.shape``."""
+    from unittest import mock
+
+    from torch._dynamo.variables.tensor import NumpyNdarrayVariable
+
+    original = NumpyNdarrayVariable.__dict__[compat.NDARRAY_GETATTR]
+    seen = []
+
+    def spy(self, tx, name):
+        seen.append(name)
+        return original(self, tx, name)
+
+    def fn(x):
+        return x + x.numpy().shape[0]
+
+    x = torch.randn(3, generator=torch.Generator().manual_seed(2))
+    torch._dynamo.reset()
+    with mock.patch.object(NumpyNdarrayVariable, compat.NDARRAY_GETATTR, spy):
+        y = torch.compile(fn, backend="eager", fullgraph=True)(x)
+    torch._dynamo.reset()
+    torch.testing.assert_close(y, fn(x))
+    assert "shape" in seen
+
+
+def test_set_tensor_method_changes_what_dynamo_runs_for_item():
+    """kvpass.tracing keeps float ``.item()`` a graph break by replacing the ``item`` handler this way."""
+    from torch._dynamo.utils import counters
+
+    calls = []
+
+    def spy(self, tx, *args, **kwargs):
+        calls.append(self)
+        return previous(self, tx, *args, **kwargs)
+
+    previous = compat.set_tensor_method("item", spy)
+    try:
+        torch._dynamo.reset()
+        counters.clear()
+        s = torch.tensor(0.5)
+        assert torch.compile(lambda s: s * 2 + s.item(), backend="eager")(s).item() == 1.5
+    finally:
+        assert compat.set_tensor_method("item", previous) is spy
+        torch._dynamo.reset()
+    assert calls
+
+
+def test_refreshed_variable_builder_dispatch_calls_a_replaced_wrap_method():
+    """kvpass.tracing replaces ``VariableBuilder.wrap_numpy_ndarray``; Dynamo must call the replacement."""
+    import numpy as np
+    from unittest import mock
+
+    from torch._dynamo.variables.builder import VariableBuilder
+
+    original, seen = VariableBuilder.__dict__["wrap_numpy_ndarray"], []
+
+    def spy(self, value):
+        seen.append(value.shape)
+        return original(self, value)
+
+    a = np.arange(6, dtype=np.float32)
+    torch._dynamo.reset()
+    with mock.patch.object(VariableBuilder, "wrap_numpy_ndarray", spy):
+        compat.refresh_variable_builder_dispatch()
+        torch.compile(lambda a: torch.from_numpy(a) * 2, backend="eager")(a)
+    compat.refresh_variable_builder_dispatch()
+    torch._dynamo.reset()
+    assert seen == [(6,)]
