@@ -583,7 +583,9 @@ def install_traceable() -> None:
     from torch._dynamo.variables.lists import ListVariable
 
     if ListVariable.__dict__.get("call_method") is not untraceable_row_list:
-        _ORIGINAL.setdefault("list_call", ListVariable.__dict__["call_method"])
+        # its own on torch 2.13, inherited from VariableTracker (tp_methods dispatch) from 2.14 on
+        _ORIGINAL.setdefault("list_call_own", "call_method" in ListVariable.__dict__)
+        _ORIGINAL.setdefault("list_call", ListVariable.call_method)
         ListVariable.call_method = untraceable_row_list
     if ListVariable.__dict__.get("getitem_const") is not untraceable_row_list_item:
         _ORIGINAL.setdefault("list_item", ListVariable.getitem_const)  # inherited: restored by deleting ours
@@ -635,7 +637,10 @@ def uninstall_traceable() -> None:
     from torch._dynamo.variables.lists import ListVariable
 
     if ListVariable.__dict__.get("call_method") is untraceable_row_list:
-        ListVariable.call_method = _ORIGINAL["list_call"]
+        if _ORIGINAL["list_call_own"]:
+            ListVariable.call_method = _ORIGINAL["list_call"]
+        else:
+            del ListVariable.call_method
     if ListVariable.__dict__.get("getitem_const") is untraceable_row_list_item:
         del ListVariable.getitem_const
     nd = _ndarray_variable()
