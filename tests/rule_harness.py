@@ -68,7 +68,6 @@ def run_rule(fn, args, rule: str, *, mode: str = "real", seeds=(1, 2)) -> RuleRu
     check the rewritten graph against ``fn`` on fresh random inputs (``seeds``), outputs and inputs after the run
     bit for bit. ``mode="symbolic"`` makes every input size a symbol (the rule must prove its bounds for all)."""
     gm = make_fx(torch.func.functionalize(fn, remove="mutations"), tracing_mode=mode)(*_clone(args))
-    before = torch.fx.GraphModule(gm, _copy_graph(gm.graph))
     after, report = kvpass.rewrite(gm, patterns=[rule])
     for seed in seeds:
         inputs = fresh_like(args, seed)
@@ -82,11 +81,5 @@ def run_rule(fn, args, rule: str, *, mode: str = "real", seeds=(1, 2)) -> RuleRu
             if isinstance(a, torch.Tensor):
                 torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True,
                                            msg=lambda m: f"{rule}: input {i} after the run differs: {m}")
-    return RuleRun(before, after, report)
+    return RuleRun(report.before, after, report)  # the engine's snapshot of the graph before the rule
 
-
-def _copy_graph(graph: torch.fx.Graph) -> torch.fx.Graph:
-    new = torch.fx.Graph()
-    out = new.graph_copy(graph, {})
-    new.output(out)
-    return new
